@@ -1,0 +1,58 @@
+"""contentdownload: resumable, exactly-once bulk downloads over HTTP with pluggable stages.
+
+Start with :class:`Downloader` (one file at a time from a program),
+``contentdownload run`` (job lists from the command line), :func:`explain` and
+:func:`integration_status` (who answers each hook, and why).
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ContentDownloadError,
+    ConfigError,
+    JobAbort,
+    LeaseLostError,
+    NoPluginAnsweredError,
+    PluginLoadError,
+    UnknownPluginError,
+    UsageError,
+)
+from .hookspecs import HOOKSPEC_VERSION, hookimpl  # noqa: E402
+from .model import (  # noqa: E402
+    FinalizeContext,
+    FinalizeResult,
+    Job,
+    JobKey,
+    JobKeyContext,
+    ResumeContext,
+    ResumeDecision,
+    StreamContext,
+    StreamResult,
+)
+from .runtime import Runtime, explain, integration_status  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "HOOKSPEC_VERSION",
+    "hookimpl",
+    "ContentDownloadError",
+    "ConfigError",
+    "JobAbort",
+    "LeaseLostError",
+    "NoPluginAnsweredError",
+    "PluginLoadError",
+    "UnknownPluginError",
+    "UsageError",
+    "FinalizeContext",
+    "FinalizeResult",
+    "Job",
+    "JobKey",
+    "JobKeyContext",
+    "ResumeContext",
+    "ResumeDecision",
+    "StreamContext",
+    "StreamResult",
+    "Runtime",
+    "explain",
+    "integration_status",
+]

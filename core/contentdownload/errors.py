@@ -1,0 +1,66 @@
+"""The error tree.
+
+Every error the library raises on purpose derives from :class:`ContentDownloadError`
+and, like requests' and attrs' errors, also from the nearest builtin, so callers can
+catch either ``ContentDownloadError`` or the builtin they already expect.
+"""
+
+from __future__ import annotations
+
+
+class ContentDownloadError(Exception):
+    """Base of every error raised on purpose by contentdownload."""
+
+
+class UsageError(ContentDownloadError, ValueError):
+    """Bad flags, bad config or a bad input file, found before any download (CLI exit 2)."""
+
+
+class ConfigError(UsageError):
+    """A config file that cannot be read, has an unknown key or a value of the wrong type."""
+
+
+class UnknownPluginError(UsageError, LookupError):
+    """A plugin or hook name that is not installed; the message lists what is and the closest match."""
+
+
+class PluginLoadError(ContentDownloadError, ImportError):
+    """A plugin failed to import or failed validation, and strict loading was asked for."""
+
+
+class DuplicatePluginError(PluginLoadError):
+    """Two distributions register a plugin under the same name."""
+
+
+class NoPluginAnsweredError(ContentDownloadError, RuntimeError):
+    """Every plugin in a hook's chain declined or failed; ``attempts`` says who and why."""
+
+    def __init__(self, hook: str, attempts: list[tuple[str, str]]):
+        self.hook = hook
+        self.attempts = attempts
+        detail = "; ".join(f"{name}: {why}" for name, why in attempts) or "no plugin implements it"
+        super().__init__(f"no plugin answered hook {hook!r} ({detail})")
+
+
+class JobAbort(ContentDownloadError, RuntimeError):
+    """Stops one job without counting as a plugin fault: the dispatcher never falls back on it."""
+
+
+class LeaseLostError(JobAbort):
+    """This worker's lease on a job was taken over (its epoch is stale); it must not finalize."""
+
+
+class Cancelled(JobAbort):
+    """The run was interrupted (Ctrl-C); the job's part is kept for a later resume."""
+
+
+class StagingError(ContentDownloadError, OSError):
+    """The staging folder cannot be used (for instance it is on another filesystem than the output)."""
+
+
+class IllegalTransition(ContentDownloadError, ValueError):
+    """The job store was asked to move a job between two states that the transition table forbids."""
+
+
+class StoreError(ContentDownloadError, RuntimeError):
+    """The job store is unreachable, has an unknown schema version, or refused an operation."""
