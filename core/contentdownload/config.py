@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .flags import FlagLayer, check_hook, parse_ratio
 from .suggest import did_you_mean
 
@@ -140,7 +140,10 @@ def parse_config(data: Mapping[str, Any], where: str, path: Path | None = None) 
         _check_type(value, SELECTION_KEYS[key], key, where)
         if key == "plugins":
             for hook, name in value.items():
-                check_hook(hook, f"{where} [plugins]")
+                try:
+                    check_hook(hook, f"{where} [plugins]")
+                except UsageError as exc:
+                    raise ConfigError(str(exc)) from None
                 _check_type(name, (str,), f"plugins.{hook}", where)
                 pins[hook] = name
                 origin[f"pin:{hook}"] = f"{where} [plugins] {hook}"
@@ -154,7 +157,7 @@ def parse_config(data: Mapping[str, Any], where: str, path: Path | None = None) 
         elif key == "streaming_ratio":
             try:
                 values[key] = parse_ratio(value, f"{where}: streaming_ratio")
-            except Exception as exc:
+            except UsageError as exc:
                 raise ConfigError(str(exc)) from None
             origin[key] = f"{where} streaming_ratio"
         else:

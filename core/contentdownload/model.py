@@ -139,7 +139,9 @@ class PriorRecord:
     """What an earlier run recorded about a job (from the job store or a manifest).
 
     Used to skip finished files, to send conditional requests and to refuse a part
-    whose validators no longer match.
+    whose validators no longer match. ``path`` (relative to the output folder or
+    absolute), ``size``, ``sha256`` and ``mtime_ns`` describe the finished file;
+    ``etag``, ``last_modified``, ``final_url`` and ``content_type`` what the server said.
     """
 
     path: str | None = None
@@ -154,7 +156,8 @@ class PriorRecord:
 
 @attrs.frozen
 class StagePaths:
-    """Where a job's bytes live: the final path, the staging part and the part's sidecar."""
+    """Where a job's bytes live: ``final`` (the finished file), ``part`` (the staging file
+    being written) and ``sidecar`` (the part's JSON metadata)."""
 
     final: Path
     part: Path
@@ -168,19 +171,28 @@ class StagePaths:
 
 @attrs.frozen
 class TransferOptions:
-    """Per-run transfer settings a stage may read."""
+    """Per-run transfer settings a stage may read.
+
+    ``max_bytes``: abort a body larger than this. ``chunk_size``: read and write size.
+    ``checkpoint_bytes``: fsync the part and update its sidecar every so many bytes.
+    ``timeout``: (connect, read) seconds. ``revalidate``: send a conditional request
+    for finished files instead of skipping them.
+    """
 
     max_bytes: int | None = None
     chunk_size: int = 1 << 20
     checkpoint_bytes: int = 64 << 20
     timeout: tuple[float, float] = (10.0, 60.0)
     revalidate: bool = False
-    verify_existing: bool = False
 
 
 @attrs.frozen
 class JobKeyContext:
-    """Input of ``job_key``: the job and the output path it was planned to (relative to the output folder)."""
+    """Input of ``job_key``.
+
+    ``job`` is the job to key; ``relative_path`` the output path it was planned to,
+    relative to the output folder, with ``/`` separators.
+    """
 
     job: Job
     relative_path: str
@@ -190,7 +202,8 @@ class JobKeyContext:
 class ResumeContext:
     """Input of ``resume_decision``.
 
-    ``url`` is the candidate URL this attempt will request. ``paths`` are the final
+    ``job`` and ``job_key`` name the job. ``url`` is the candidate URL this attempt will
+    request. ``options`` are the run's transfer options. ``paths`` are the final
     file, the part and its sidecar. ``record`` is what earlier runs recorded, if
     anything. ``attempt`` counts attempts for this candidate from 1; ``previous`` is the
     :class:`StreamResult` of the attempt before, so a decision can react to it (for
@@ -216,7 +229,9 @@ class ResumeDecision:
     unusable part, then fetch fresh). ``headers`` are the request headers to add.
     ``offset`` is the byte the part will continue from (0 unless ``resume``).
     ``expected_total`` is the full size an earlier response announced, when known.
-    ``reason`` says why, in a few words (logged and counted).
+    ``reason`` says why, in a few words (logged and counted). ``etag`` and
+    ``last_modified`` are the validators the request carries (``If-Range``,
+    ``If-None-Match``, ``If-Modified-Since``), when any.
     """
 
     mode: ResumeMode = attrs.field(validator=attrs.validators.in_(RESUME_MODES))
@@ -232,7 +247,10 @@ class ResumeDecision:
 class StreamContext:
     """Input of ``stream_io``: the decision to carry out and everything needed to do it.
 
-    ``http`` is the worker's HTTP client (connection pooling, timeouts, redirect and
+    ``job``, ``job_key`` and ``url`` say what to fetch; ``paths`` where the part and its
+    sidecar live; ``decision`` is the ``resume_decision`` answer to carry out;
+    ``options`` the transfer options (``max_bytes``, chunk size, timeouts); ``record``
+    what an earlier run recorded. ``http`` is the worker's HTTP client (connection pooling, timeouts, redirect and
     retry rules already applied). ``progress`` is called with the number of new body
     bytes. ``lease`` must be heart-beaten at checkpoints. ``effects`` must be told of
     every byte written (see :class:`Effects`).
@@ -260,7 +278,11 @@ class StreamResult:
     (retryable: the part is kept for a resume; ``retry_after`` seconds when the server
     said so) or ``failed`` (final; ``reason`` such as ``http_404`` or ``too_large``).
     ``bytes_written`` counts bytes written in this attempt, ``resumed_from`` the offset it
-    continued from, ``total_size`` the size of the part afterwards.
+    continued from, ``total_size`` the size of the part afterwards. ``http_status`` is
+    the final response's status, ``url`` the URL requested and ``final_url`` the one
+    after redirects. ``content_type``, ``content_encoding``, ``etag`` and
+    ``last_modified`` come from the response headers. ``elapsed_ms`` is the time the
+    attempt took, ``ttfb_ms`` the time to the status line.
     """
 
     status: StreamStatus = attrs.field(validator=attrs.validators.in_(STREAM_STATUSES))
@@ -285,8 +307,10 @@ class StreamResult:
 class FinalizeContext:
     """Input of ``finalize``: a complete part to promote to ``paths.final``.
 
-    ``stream`` is the ``complete`` result of ``stream_io``. ``lease.assert_held()`` must
-    be called right before the rename. ``effects.mark_renamed()`` right after it.
+    ``job`` (with the expected ``size`` and ``sha256``, if any) and ``job_key`` name the
+    job; ``paths`` give the part and the final path; ``stream`` is the ``complete``
+    result of ``stream_io``. ``lease``: ``lease.assert_held()`` must be called right
+    before the rename. ``effects``: ``effects.mark_renamed()`` right after it.
     """
 
     job: Job
@@ -327,3 +351,44 @@ HOOK_CONTEXT_TYPES: dict[str, type] = {
     "stream_io": StreamContext,
     "finalize": FinalizeContext,
 }
+
+
+@attrs.frozen
+class JobResult:
+    """The outcome of one job, as the library returns it and the manifest records it.
+
+    ``outcome`` is ``downloaded``, ``resumed``, ``not_modified``, ``skipped`` or
+    ``failed`` (then ``reason`` says why, e.g. ``http_404``, ``sha256_mismatch``).
+    ``plugins`` maps each hook to the plugin that answered it and ``fallbacks`` each
+    hook to whether that was a fallback. ``bytes_downloaded`` counts body bytes received
+    in this run, ``resumed_from`` the offset the last transfer continued from.
+    ``job`` is the job and ``job_key`` its key. ``url`` is the candidate that answered and
+    ``final_url`` where redirects led; ``http_status`` the last status seen. ``path``,
+    ``size`` and ``sha256`` describe the finished file. ``content_type``, ``etag`` and
+    ``last_modified`` come from the server. ``attempts`` counts transfer attempts,
+    ``elapsed_ms`` the job's wall time.
+    """
+
+    outcome: Outcome = attrs.field(validator=attrs.validators.in_(OUTCOMES))
+    job: Job
+    job_key: str | None = None
+    reason: str = ""
+    url: str | None = None
+    final_url: str | None = None
+    http_status: int | None = None
+    path: Path | None = None
+    size: int | None = None
+    sha256: str | None = None
+    content_type: str | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    attempts: int = 0
+    elapsed_ms: float = 0.0
+    bytes_downloaded: int = 0
+    resumed_from: int = 0
+    plugins: Mapping[str, str] = attrs.field(factory=dict)
+    fallbacks: Mapping[str, bool] = attrs.field(factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != "failed"

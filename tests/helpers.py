@@ -1,0 +1,45 @@
+"""Helpers shared by the test modules (import as ``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_distribution(root: Path, dist: str, plugins: dict[str, str], version: str = "1.0") -> Path:
+    """Write a real installed distribution (``*.dist-info`` with entry points) under ``root``.
+
+    ``plugins`` maps an entry-point name to the source of its module; each module is
+    written as ``<dist>_<name>.py`` and registered in group ``contentdownload``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = ["[contentdownload]"]
+    for name, source in plugins.items():
+        module = f"{dist.replace('-', '_')}_{name}"
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+        lines.append(f"{name} = {module}")
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m contentdownload`` in a subprocess with a clean flag environment."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "contentdownload", *args],
+        env=base,
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,92 @@
+"""URL canonicalisation and deterministic job keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from contentdownload.errors import UsageError
+from contentdownload.keys import identity_key, operation_key, path_key
+from contentdownload.model import Job, JobKeyContext
+from contentdownload.urls import canonical_url, redact_url
+from contentdownload_legacy.job_key import job_key as legacy_job_key
+from contentdownload_streaming.job_key import job_key as streaming_job_key
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("HTTP://Example.COM/Path", "http://example.com/Path"),
+        ("http://example.com:80/a", "http://example.com/a"),
+        ("https://example.com:443/a", "https://example.com/a"),
+        ("https://example.com:8443/a", "https://example.com:8443/a"),
+        ("http://example.com/a#section-2", "http://example.com/a"),
+        ("http://example.com", "http://example.com/"),
+        ("http://example.com/%7euser/%41%62", "http://example.com/~user/Ab"),
+        ("http://example.com/a%2fb", "http://example.com/a%2Fb"),
+        ("http://example.com/a b", "http://example.com/a%20b"),
+        ("http://example.com/caf\u00e9", "http://example.com/caf%C3%A9"),
+        ("http://example.com/caf%c3%a9", "http://example.com/caf%C3%A9"),
+        ("http://example.com/?b=2&a=1", "http://example.com/?b=2&a=1"),
+        ("http://example.com/?q=a%20b&q=%7e", "http://example.com/?q=a%20b&q=~"),
+        ("http://B\u00fccher.example/x", "http://xn--bcher-kva.example/x"),
+        ("http://xn--bcher-kva.example/x", "http://xn--bcher-kva.example/x"),
+        ("http://example.com./x", "http://example.com/x"),
+        ("http://[::1]:80/x", "http://[::1]/x"),
+        ("http://example.com/100%", "http://example.com/100%25"),
+    ],
+)
+def test_canonical_url(url, expected):
+    assert canonical_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "file:///etc/passwd", "javascript:alert(1)", "example.com/x", "http:///nohost"])
+def test_canonical_url_refuses_other_schemes_and_hostless(url):
+    with pytest.raises(UsageError):
+        canonical_url(url)
+
+
+def test_query_order_is_kept_not_sorted():
+    assert canonical_url("http://h/?z=1&a=2") != canonical_url("http://h/?a=2&z=1")
+
+
+def test_streaming_key_ignores_url_spelling_but_not_identity():
+    a = Job(urls=("HTTP://Example.com:80/paper.pdf#page=2",), work_id="W1")
+    b = Job(urls=("http://example.com/paper.pdf",), work_id="W1")
+    c = Job(urls=("http://example.com/paper.pdf",), work_id="W2")
+    ka = streaming_job_key(JobKeyContext(a, "paper.pdf"))
+    kb = streaming_job_key(JobKeyContext(b, "other-name.pdf"))
+    kc = streaming_job_key(JobKeyContext(c, "paper.pdf"))
+    assert ka == kb
+    assert ka.key != kc.key
+    assert ka.scheme == "streaming-v1" and ka.canonical_url == "http://example.com/paper.pdf"
+    assert len(ka.key) == 64 and int(ka.key, 16) >= 0
+
+
+def test_legacy_key_is_the_output_path():
+    a = legacy_job_key(JobKeyContext(Job("http://a/x"), "docs/x.pdf"))
+    b = legacy_job_key(JobKeyContext(Job("http://b/y"), "docs/x.pdf"))
+    assert a == b and a.scheme == "legacy-v1"
+    assert a.key == path_key("docs/x.pdf") != path_key("docs/y.pdf")
+
+
+def test_keys_are_the_same_in_another_process():
+    job = Job(urls=("http://Example.com/a?x=1",), work_id="w", artifact_id="pdf")
+    code = (
+        "from contentdownload.keys import identity_key; from contentdownload.model import Job;"
+        "print(identity_key(Job(urls=('http://Example.com/a?x=1',), work_id='w', artifact_id='pdf'))[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == identity_key(job)[0]
+
+
+def test_operation_keys_differ_per_operation():
+    assert operation_key("k", "transfer") != operation_key("k", "finalize")
+    assert operation_key("k", "manifest") == operation_key("k", "manifest")
+
+
+def test_redact_url_drops_credentials():
+    assert redact_url("https://user:secret@h.example/x?y=1") == "https://h.example/x?y=1"
+    assert redact_url("https://h.example/x") == "https://h.example/x"
