@@ -9,6 +9,8 @@ to ``DIR/logs/download.log`` and warnings to stderr.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from pathlib import Path
 
 import structlog
@@ -24,9 +26,30 @@ _SHARED_PROCESSORS: list = [
 _handlers: list[logging.Handler] = []
 
 
+class EventCounter:
+    """A structlog processor counting events by name (for metrics such as decisions logged)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, logger: object, method: str, event: dict) -> dict:
+        with self._lock:
+            self.counts[str(event.get("event"))] += 1
+        return event
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self.counts[name]
+
+
+#: Counts every event logged through contentdownload's loggers since import.
+EVENTS = EventCounter()
+
+
 def _configure_structlog() -> None:
     structlog.configure(
-        processors=[structlog.stdlib.filter_by_level, *_SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[structlog.stdlib.filter_by_level, EVENTS, *_SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

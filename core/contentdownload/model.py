@@ -366,7 +366,8 @@ class JobResult:
     ``final_url`` where redirects led; ``http_status`` the last status seen. ``path``,
     ``size`` and ``sha256`` describe the finished file. ``content_type``, ``etag`` and
     ``last_modified`` come from the server. ``attempts`` counts transfer attempts,
-    ``elapsed_ms`` the job's wall time.
+    ``elapsed_ms`` the job's wall time. ``decisions`` lists the resume decision mode of
+    each attempt, in order (``fresh``, ``resume``, ``revalidate``, ``discard``).
     """
 
     outcome: Outcome = attrs.field(validator=attrs.validators.in_(OUTCOMES))
@@ -388,6 +389,7 @@ class JobResult:
     resumed_from: int = 0
     plugins: Mapping[str, str] = attrs.field(factory=dict)
     fallbacks: Mapping[str, bool] = attrs.field(factory=dict)
+    decisions: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
