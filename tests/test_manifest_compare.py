@@ -1,0 +1,64 @@
+"""Manifest rows and repair, and the rollout comparison."""
+
+from __future__ import annotations
+
+import json
+
+from contentdownload.commands import compare_metrics
+from contentdownload.manifest import ManifestWriter, iter_rows, read_manifest, repair_tail, result_row
+from contentdownload.model import HOOKS, Job, JobResult
+
+
+def test_rows_have_sorted_keys_and_every_field(tmp_path):
+    result = JobResult(outcome="downloaded", job=Job(urls=("http://h/a.pdf",), work_id="W"), job_key="k" * 64,
+                       path=tmp_path / "a.pdf", size=3, sha256="s" * 64, plugins={"job_key": "streaming"}, fallbacks={"job_key": False})
+    writer = ManifestWriter(tmp_path / "manifest.jsonl")
+    writer.write(result_row(result, "run1", tmp_path))
+    writer.close()
+    line = (tmp_path / "manifest.jsonl").read_text().splitlines()[0]
+    row = json.loads(line)
+    assert list(row) == sorted(row)
+    assert row["path"] == "a.pdf" and row["schema_version"] == 1 and row["run_id"] == "run1"
+    assert set(row["plugins"]) == set(HOOKS) and row["plugins"]["job_key"] == "streaming"
+    for field in ("job_key", "work_id", "url", "final_url", "outcome", "reason", "http_status", "size", "sha256",
+                  "content_type", "etag", "last_modified", "attempts", "elapsed_ms", "fallbacks"):
+        assert field in row
+
+
+def test_torn_last_line_is_cut_on_open(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
+    assert repair_tail(path) == len('{"c": ')
+    ManifestWriter(path).close()
+    assert [r for r in iter_rows(path)] == [{"a": 1}, {"b": 2}]
+
+
+def test_read_manifest_gives_records_by_key_and_url(tmp_path):
+    rows = [
+        {"job_key": "k1", "url": "HTTP://H/a.pdf", "outcome": "downloaded", "path": "a.pdf", "size": 3, "sha256": "s", "etag": '"e1"'},
+        {"job_key": "k2", "url": "http://h/b.pdf", "outcome": "failed", "path": None, "etag": None},
+    ]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    by_key, by_url = read_manifest(tmp_path / "manifest.jsonl")
+    assert by_key["k1"].etag == '"e1"' and by_key["k1"].path == str(tmp_path.resolve() / "a.pdf")
+    assert by_url["http://h/a.pdf"] == by_key["k1"]
+    assert by_key["k2"].path is None and by_key["k2"].sha256 is None
+
+
+def _metrics(**kw):
+    base = {"decision_log_share": 1.0, "conditional_requests": 10, "cache_hit_rate": 0.9, "not_modified_as_errors": 0,
+            "failed_fallbacks": 0, "sha256_mismatches": 0, "throughput_bytes_per_s": 100.0, "peak_rss_mb": 50.0, "outcomes": {}}
+    base.update(kw)
+    return base
+
+
+def test_compare_passes_and_reports_changes():
+    report = compare_metrics(_metrics(), _metrics(throughput_bytes_per_s=120.0, peak_rss_mb=40.0))
+    assert report["passed"]
+    assert report["throughput_change_pct"] == 20.0 and report["peak_memory_change_pct"] == -20.0
+
+
+def test_compare_fails_on_each_criterion():
+    for bad in (dict(decision_log_share=0.2), dict(cache_hit_rate=0.5), dict(not_modified_as_errors=1),
+                dict(failed_fallbacks=2), dict(sha256_mismatches=1)):
+        assert not compare_metrics(_metrics(), _metrics(**bad))["passed"], bad
