@@ -96,6 +96,18 @@ def plan_jobs(
     if not dry_run:
         store.plan(planned)
 
+    # A finished file an earlier manifest recorded at this very path: done, record it as such.
+    for key, item in list(items.items()):
+        prior = item.record
+        if prior is None or not prior.path or revalidate:
+            continue
+        final = ws.final_path(item.relative_path)
+        if Path(prior.path) == final and file_matches(final, prior.size, prior.sha256, prior.mtime_ns):
+            if not dry_run:
+                _record_finished(store, key, final, prior)
+            settled.append(_skipped(item, final, prior.size, prior.sha256, prior))
+            del items[key]
+
     # What earlier runs left: finished files, failures, leases of dead processes.
     existing = {rec.key: rec for rec in store.records() if rec.key in items}
     for key, rec in existing.items():
@@ -115,12 +127,7 @@ def plan_jobs(
                     store.reopen(key)
                 items[key] = attrs.evolve(item, record=stored, adopt_from=None)
             else:
-                settled.append(JobResult(
-                    outcome="skipped", job=item.job, job_key=key, reason="already_done", path=path,
-                    size=rec.size, sha256=rec.sha256, etag=rec.etag, last_modified=rec.last_modified,
-                    final_url=rec.final_url, content_type=rec.content_type, url=item.job.url,
-                    plugins={"job_key": item.job_key_answer.plugin}, fallbacks={"job_key": item.job_key_answer.fallback},
-                ))
+                settled.append(_skipped(item, path, rec.size, rec.sha256, rec))
                 del items[key]
         elif state == "failed":
             if retry_failed or not is_permanent(rec.last_error or ""):
@@ -133,6 +140,26 @@ def plan_jobs(
             store.release(key, rec.epoch)
             log.info("released the lease of a process that is gone", job_key=key, owner=rec.lease_owner)
     return Plan(items=items, settled=settled, keys=frozenset(items), order=[k for k in items])
+
+
+def _skipped(item: WorkItem, path: Path | None, size: int | None, sha256: str | None, info: Any) -> JobResult:
+    return JobResult(
+        outcome="skipped", job=item.job, job_key=item.key.key, reason="already_done", path=path,
+        size=size, sha256=sha256, etag=info.etag, last_modified=info.last_modified,
+        final_url=info.final_url, content_type=info.content_type, url=item.job.url,
+        plugins={"job_key": item.job_key_answer.plugin}, fallbacks={"job_key": item.job_key_answer.fallback},
+    )
+
+
+def _record_finished(store: Any, key: str, final: Path, prior: PriorRecord) -> None:
+    """Note in the store a job an earlier manifest already finished (so later runs need no manifest)."""
+    claim = store.claim_key(key, "planner", 30.0)
+    if claim is None:
+        return  # someone holds it or it is already finished
+    st = final.stat()
+    store.finish(key, claim.epoch, path=str(final), size=st.st_size, sha256=prior.sha256 or "",
+                 etag=prior.etag, last_modified=prior.last_modified, final_url=prior.final_url,
+                 content_type=prior.content_type, mtime_ns=st.st_mtime_ns)
 
 
 def remaining(store: Any, keys: Iterable[str]) -> set[str]:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
@@ -107,6 +107,8 @@ class Run:
         self.settings = runtime.settings
         self.ws = Workspace.open(out)
         self.entries = list(entries)
+        if resume_from is None and not runtime.policy.streaming_schema.enabled and self.ws.manifest.is_file():
+            resume_from = self.ws.manifest  # without the store, the manifest is the only record
         self.resume_from = read_manifest(resume_from) if resume_from else None
         self.show_progress = self.settings.progress if show_progress is None else show_progress
         self.install_signal_handlers = install_signal_handlers
@@ -156,7 +158,7 @@ class Run:
                 threading.Thread(target=self._work, args=(worker, plan, store, manifest, progress, leasing), name=f"worker-{i}", daemon=True)
                 for i in range(min(self.settings.workers, max(1, len(plan.items))))
             ]
-            self._queue = list(plan.order) if not leasing else []
+            self._queue = deque(plan.order) if not leasing else deque()
             for t in threads:
                 t.start()
             for t in threads:
@@ -191,7 +193,7 @@ class Run:
         """The next claim (leasing) or queued key; ``None`` when this run has nothing left to do."""
         if not leasing:
             with self._lock:
-                return plan.items[self._queue.pop(0)] if self._queue else None
+                return plan.items[self._queue.popleft()] if self._queue else None
         while not self.cancel.is_set():
             claim = store.claim(self.owner, self.settings.lease_ttl, keys=plan.keys)
             if claim is not None:
