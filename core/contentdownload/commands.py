@@ -87,10 +87,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         read_manifest(args.resume_from)  # a missing manifest is a usage error, before any download
     if args.dry_run:
         return _dry_run(runtime, args, entries)
-    out = Path(args.out)
-    configure_logging(runtime.settings.log_level, out / "logs" / "download.log")
+    from .workspace import Workspace
+
+    ws = Workspace.open(args.out)  # a bad --out is a usage error before anything is written
+    configure_logging(runtime.settings.log_level, ws.logs / "download.log")
     try:
-        report = Run(runtime, out, entries, resume_from=args.resume_from, install_signal_handlers=True).execute()
+        report = Run(runtime, ws.out, entries, resume_from=args.resume_from, install_signal_handlers=True).execute()
     finally:
         close_logging()
     print_summary(report)
