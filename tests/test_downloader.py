@@ -1,0 +1,87 @@
+"""The library API: Downloader.download from programs and threads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from contentdownload import Downloader, Job
+from contentdownload.testing.server import Fault, LoopbackServer
+
+
+@pytest.fixture
+def server(tmp_path):
+    with LoopbackServer(root=tmp_path / "served") as srv:
+        yield srv
+
+
+def test_download_then_again_makes_no_request(server, tmp_path):
+    data = os.urandom(300_000)
+    url = server.add_file("/doc.pdf", data)
+    with Downloader(environ={}) as dl:
+        first = dl.download(url, tmp_path / "out")
+        assert first.outcome == "downloaded" and first.path.read_bytes() == data
+        assert first.sha256 == hashlib.sha256(data).hexdigest()
+        assert first.plugins == {"job_key": "streaming", "resume_decision": "streaming", "stream_io": "streaming", "finalize": "streaming"}
+        assert not any(first.fallbacks.values())
+        server.reset_stats()
+        again = dl.download(url, tmp_path / "out")
+    assert again.outcome == "skipped" and server.stats("/doc.pdf").requests == 0
+
+
+def test_interrupted_transfer_resumes_within_one_call(server, tmp_path):
+    data = os.urandom(2_000_000)
+    url = server.add_file("/big.bin", data)
+    server.add_fault("/big.bin", Fault.cut_after(700_000))
+    with Downloader(environ={}, backoff_factor=0) as dl:
+        result = dl.download(Job(urls=(url,), sha256=hashlib.sha256(data).hexdigest()), tmp_path / "out")
+    assert result.outcome == "resumed" and result.resumed_from > 0
+    assert result.path.read_bytes() == data
+    assert server.stats("/big.bin").ranges[-1] == f"bytes={result.resumed_from}-"
+
+
+def test_candidates_are_tried_in_order(server, tmp_path):
+    server.add_status("/dead.pdf", 404)
+    good = server.add_file("/mirror.pdf", b"mirror bytes")
+    with Downloader(environ={}) as dl:
+        result = dl.download(Job(urls=(server.url("/dead.pdf"), good)), tmp_path / "out")
+    assert result.outcome == "downloaded" and result.url == good
+    assert result.path.read_bytes() == b"mirror bytes"
+
+
+def test_checksum_mismatch_fails_and_nothing_lands(server, tmp_path):
+    url = server.add_file("/doc.pdf", b"actual bytes")
+    with Downloader(environ={}) as dl:
+        result = dl.download(Job(urls=(url,), sha256="0" * 64), tmp_path / "out")
+    assert result.outcome == "failed" and result.reason == "sha256_mismatch"
+    assert not (tmp_path / "out" / "doc.pdf").exists()
+
+
+def test_streaming_off_goes_through_legacy(server, tmp_path):
+    url = server.add_file("/doc.pdf", b"x" * 50_000)
+    with Downloader(environ={"DOCSTOKG_ENABLE_STREAMING": "0"}) as dl:
+        result = dl.download(url, tmp_path / "out")
+    assert result.outcome == "downloaded"
+    assert result.plugins["stream_io"] == "legacy" and result.plugins["finalize"] == "legacy"
+
+
+def test_threads_share_a_downloader(server, tmp_path):
+    blobs = {f"/t/{i}.bin": os.urandom(20_000 + i) for i in range(24)}
+    urls = [server.add_file(p, d) for p, d in blobs.items()]
+    results = []
+    with Downloader(environ={}) as dl:
+        def fetch(u):
+            results.append(dl.download(u, tmp_path / "out"))
+
+        threads = [threading.Thread(target=fetch, args=(u,)) for u in urls + urls[:6]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 30 and all(r.ok for r in results)
+    for p, d in blobs.items():
+        assert (tmp_path / "out" / p.rsplit("/", 1)[1]).read_bytes() == d
+        assert server.stats(p).full_bodies == 1
