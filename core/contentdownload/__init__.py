@@ -24,6 +24,7 @@ from .model import (  # noqa: E402
     Job,
     JobKey,
     JobKeyContext,
+    JobResult,
     ResumeContext,
     ResumeDecision,
     StreamContext,
@@ -33,6 +34,8 @@ from .runtime import Runtime, explain, integration_status  # noqa: E402
 
 __all__ = [
     "__version__",
+    "Downloader",
+    "JobResult",
     "HOOKSPEC_VERSION",
     "hookimpl",
     "ContentDownloadError",
@@ -56,3 +59,12 @@ __all__ = [
     "explain",
     "integration_status",
 ]
+
+
+def __getattr__(name: str):
+    # The Downloader pulls in the HTTP stack; import it on first use only.
+    if name == "Downloader":
+        from .downloader import Downloader
+
+        return Downloader
+    raise AttributeError(f"module 'contentdownload' has no attribute {name!r}")
