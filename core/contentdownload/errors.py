@@ -54,6 +54,17 @@ class Cancelled(JobAbort):
     """The run was interrupted (Ctrl-C); the job's part is kept for a later resume."""
 
 
+class UnsafeRedirectError(ContentDownloadError, ValueError):
+    """A server redirected to a URL the HTTP client refuses to follow (a scheme other than http or https).
+
+    ``location`` is the refused target with any credentials removed.
+    """
+
+    def __init__(self, message: str, location: str | None = None):
+        self.location = location
+        super().__init__(message)
+
+
 class StagingError(ContentDownloadError, OSError):
     """The staging folder cannot be used (for instance it is on another filesystem than the output)."""
 
