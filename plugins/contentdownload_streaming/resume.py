@@ -1,0 +1,179 @@
+"""``resume_decision`` of the streaming plugin: RFC 9110 resume from the part's committed bytes.
+
+Order of preference:
+
+1. After a ``412`` the validators are stale: drop the part, go ``fresh`` without any.
+2. A part whose sidecar is sound (same URL, identity coding, a strong ETag or a
+   Last-Modified date, committed bytes within the announced total) is resumed:
+   ``Range: bytes=COMMITTED-`` with ``If-Range`` (the strong ETag, else the date) and
+   ``Accept-Encoding: identity``. Bytes past the committed count are cut off first.
+3. A finished file that still matches the earlier record is revalidated
+   (``If-None-Match`` / ``If-Modified-Since``).
+4. Any other part is unusable: ``discard`` (part and sidecar deleted), then fresh.
+5. Otherwise ``fresh``.
+
+Every decision carries a ``reason`` and is logged as ``streaming_resume_decision``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from contentdownload import ResumeContext, ResumeDecision, hookimpl
+from contentdownload.http import http_date, is_strong_etag
+from contentdownload.log import get_logger
+from contentdownload.model import PriorRecord
+from contentdownload.urls import redact_url
+
+from . import sidecar as sidecars
+
+log = get_logger("contentdownload.streaming")
+
+#: A previous attempt's reasons after which the part must not be trusted again.
+_DISTRUST_PART = frozenset({"bad_content_range", "part_changed"})
+
+
+def drop_part(part: Path, sidecar: Path) -> None:
+    """Delete a part and its sidecar, if present."""
+    part.unlink(missing_ok=True)
+    sidecars.remove(sidecar)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def final_matches_record(final: Path, record: PriorRecord | None) -> bool:
+    """Whether the finished file is the one ``record`` describes: same size, and same mtime or same SHA-256."""
+    if record is None or record.size is None:
+        return False
+    try:
+        st = final.stat()
+    except OSError:
+        return False
+    if st.st_size != record.size:
+        return False
+    if record.mtime_ns is not None and st.st_mtime_ns == record.mtime_ns:
+        return True
+    return record.sha256 is not None and _sha256(final) == record.sha256.lower()
+
+
+def _revalidation(ctx: ResumeContext, reason: str) -> ResumeDecision | None:
+    record = ctx.record
+    if record is None or not final_matches_record(ctx.paths.final, record):
+        return None
+    etag = record.etag.strip() if record.etag else None
+    date = http_date(record.last_modified)
+    if not etag and not date:
+        return None
+    headers = []
+    if etag:
+        headers.append(("If-None-Match", etag))
+    if date:
+        headers.append(("If-Modified-Since", date))
+    return ResumeDecision(mode="revalidate", reason=reason, headers=tuple(headers), etag=etag, last_modified=date)
+
+
+def _part_problem(ctx: ResumeContext, part_size: int) -> tuple[str | None, sidecars.Sidecar | None]:
+    """Why the part cannot be resumed (``None`` when it can), and its sidecar."""
+    previous = ctx.previous
+    if previous is not None and previous.reason in _DISTRUST_PART:
+        return f"previous_{previous.reason}", None
+    try:
+        meta = sidecars.load(ctx.paths.sidecar)
+    except FileNotFoundError:
+        return "no_sidecar", None
+    except (ValueError, OSError):
+        return "corrupt_sidecar", None
+    if meta.url != sidecars.url_identity(ctx.url):
+        return "different_url", meta
+    if meta.content_encoding or not meta.resumable:
+        return "encoded_content" if meta.content_encoding else "not_resumable", meta
+    if meta.committed <= 0:
+        return "nothing_committed", meta
+    if part_size < meta.committed:
+        return "part_shorter_than_committed", meta
+    if meta.expected_total is not None and meta.committed > meta.expected_total:
+        return "size_past_total", meta
+    if ctx.job.size is not None and meta.committed > ctx.job.size:
+        return "size_past_expected", meta
+    if ctx.options.max_bytes is not None and meta.committed > ctx.options.max_bytes:
+        return "size_past_max_bytes", meta
+    if not is_strong_etag(meta.etag) and http_date(meta.last_modified) is None:
+        return ("weak_etag_only" if meta.etag else "no_validator"), meta
+    return None, meta
+
+
+def decide(ctx: ResumeContext) -> ResumeDecision:
+    """The decision for ``ctx`` (see the module docstring); deletes a part it judges unusable."""
+    paths = ctx.paths
+    previous = ctx.previous
+    if previous is not None and previous.reason == "precondition_failed":
+        drop_part(paths.part, paths.sidecar)
+        return ResumeDecision(mode="fresh", reason="precondition_failed_dropped_validators")
+
+    try:
+        part_size: int | None = os.stat(paths.part).st_size
+    except FileNotFoundError:
+        part_size = None
+
+    if part_size is None:
+        sidecars.remove(paths.sidecar)  # an orphan (a crash right after a finalize)
+        revalidate = _revalidation(ctx, "finished_file_matches_record")
+        if revalidate is not None:
+            return revalidate
+        if paths.final.exists():
+            return ResumeDecision(mode="fresh", reason="final_file_not_recorded")
+        return ResumeDecision(mode="fresh", reason="no_part")
+
+    problem, meta = _part_problem(ctx, part_size)
+    if problem is None:
+        assert meta is not None
+        committed = meta.committed
+        if part_size > committed:
+            with open(paths.part, "r+b") as fh:  # bytes past the last checkpoint are not trusted
+                fh.truncate(committed)
+        if is_strong_etag(meta.etag):
+            validator, etag, date, kind = meta.etag, meta.etag, None, "strong_etag"
+        else:
+            date = http_date(meta.last_modified)
+            validator, etag, kind = date, None, "last_modified"
+        reason = f"part_with_{kind}" + ("_truncated_to_committed" if part_size > committed else "")
+        return ResumeDecision(
+            mode="resume",
+            reason=reason,
+            headers=(("Range", f"bytes={committed}-"), ("If-Range", validator), ("Accept-Encoding", "identity")),
+            offset=committed,
+            etag=etag,
+            last_modified=date,
+            expected_total=meta.expected_total,
+        )
+
+    drop_part(paths.part, paths.sidecar)
+    revalidate = _revalidation(ctx, f"finished_file_matches_record_part_dropped_{problem}")
+    if revalidate is not None:
+        return revalidate
+    return ResumeDecision(mode="discard", reason=problem)
+
+
+@hookimpl
+def resume_decision(ctx: ResumeContext) -> ResumeDecision:
+    """Decide between resume, revalidate, discard and fresh from the part, its sidecar and the record."""
+    decision = decide(ctx)
+    log.info(
+        "streaming_resume_decision",
+        plugin="streaming",
+        mode=decision.mode,
+        reason=decision.reason,
+        url=redact_url(ctx.url),
+        offset=decision.offset,
+        attempt=ctx.attempt,
+        job_key=ctx.job_key.key,
+    )
+    return decision
