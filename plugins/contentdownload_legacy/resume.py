@@ -1,0 +1,79 @@
+"""``resume_decision`` of the legacy plugin: never resume; revalidate only with a full, verified record.
+
+A broken transfer restarts from byte 0: any part (and sidecar) is deleted (``discard``).
+A conditional request is sent only when the earlier record has a path, a SHA-256 and a
+length, and the finished file on disk still has that length and that SHA-256
+(recomputed), and the record has a validator to send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from contentdownload import ResumeContext, ResumeDecision, hookimpl
+from contentdownload.log import get_logger
+from contentdownload.urls import redact_url
+
+log = get_logger("contentdownload.legacy")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 16):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified_record(ctx: ResumeContext) -> bool:
+    record = ctx.record
+    if record is None or not record.path or not record.sha256 or record.size is None:
+        return False
+    final = ctx.paths.final
+    try:
+        if final.stat().st_size != record.size:
+            return False
+        return _sha256(final) == record.sha256.lower()
+    except OSError:
+        return False
+
+
+def decide(ctx: ResumeContext) -> ResumeDecision:
+    """The legacy decision for ``ctx``; deletes any part and sidecar."""
+    paths = ctx.paths
+    had_part = paths.part.exists()
+    paths.part.unlink(missing_ok=True)
+    paths.sidecar.unlink(missing_ok=True)
+    previous = ctx.previous
+    if previous is not None and previous.reason == "precondition_failed":
+        return ResumeDecision(mode="fresh", reason="precondition_failed_dropped_validators")
+    record = ctx.record
+    if _verified_record(ctx) and record is not None and (record.etag or record.last_modified):
+        headers = []
+        if record.etag:
+            headers.append(("If-None-Match", record.etag))
+        if record.last_modified:
+            headers.append(("If-Modified-Since", record.last_modified))
+        return ResumeDecision(mode="revalidate", reason="finished_file_verified", headers=tuple(headers),
+                              etag=record.etag, last_modified=record.last_modified)
+    if had_part:
+        return ResumeDecision(mode="discard", reason="legacy_restarts_from_zero")
+    return ResumeDecision(mode="fresh", reason="no_part")
+
+
+@hookimpl
+def resume_decision(ctx: ResumeContext) -> ResumeDecision:
+    """Fresh (or discard of a leftover part), or revalidate a verified finished file."""
+    decision = decide(ctx)
+    log.info(
+        "streaming_resume_decision",
+        plugin="legacy",
+        mode=decision.mode,
+        reason=decision.reason,
+        url=redact_url(ctx.url),
+        offset=0,
+        attempt=ctx.attempt,
+        job_key=ctx.job_key.key,
+    )
+    return decision
