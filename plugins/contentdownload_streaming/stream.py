@@ -42,7 +42,6 @@ from contentdownload.http import (
     content_encoding,
     content_length,
     http_date,
-    is_strong_etag,
     parse_content_range,
     parse_retry_after,
     request_failure,
@@ -248,7 +247,7 @@ class _Transfer:
             last_modified=last_modified,
             expected_total=total,
             content_encoding=encoding,
-            resumable=encoding is None and accept_ranges != "none" and (is_strong_etag(etag) or last_modified is not None),
+            resumable=encoding is None and accept_ranges != "none",
             final_url=redact_url(response.url),
         )
         paths.part.parent.mkdir(parents=True, exist_ok=True)

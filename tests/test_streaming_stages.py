@@ -1,0 +1,518 @@
+"""The streaming plugin's transfer stages over real loopback sockets, case by case of SPEC section 3.
+
+Each test asserts the final bytes (and their SHA-256) and what went over the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import tracemalloc
+
+import pytest
+from structlog.testing import capture_logs
+
+from contentdownload.errors import Cancelled, LeaseLostError
+from contentdownload.model import Job, Lease, TransferOptions
+from contentdownload.testing.conformance import TransferRig, sha256_hex
+from contentdownload.testing.server import Fault, LoopbackServer
+from contentdownload_streaming import sidecar as sidecars
+
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def server():
+    with LoopbackServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def rig(tmp_path):
+    with TransferRig("streaming", tmp_path / "rig", retries=4) as r:
+        yield r
+
+
+def one_shot(tmp_path, **kwargs) -> TransferRig:
+    """A rig whose pipeline makes exactly one attempt, to look at the disk between attempts."""
+    kwargs.setdefault("retries", 0)
+    return TransferRig("streaming", tmp_path / "rig", **kwargs)
+
+
+def payload(seed: int, size: int = 400_000) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def header(record, name):
+    return record.headers.get(name)
+
+
+# -- resume --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cut_then_resume_sends_range_from_exactly_the_committed_part_size(tmp_path, server, seed):
+    data = payload(seed)
+    cut = random.Random(seed).randrange(1, len(data) - 1)
+    url = server.add_file("/doc.bin", data)
+    server.add_fault("/doc.bin", Fault.cut_after(cut))
+    with one_shot(tmp_path) as rig:
+        first = rig.run(Job(urls=(url,)), "doc.bin")
+        assert first.outcome == "failed" and first.reason == "short_body"
+        paths = rig.paths("doc.bin")
+        assert not paths.final.exists()
+        part_size = paths.part.stat().st_size
+        assert sidecars.load(paths.sidecar).committed == part_size
+        assert cut - CHUNK <= part_size <= cut
+
+        second = rig.run(Job(urls=(url,)), "doc.bin")
+    assert second.outcome == "resumed" and second.resumed_from == part_size
+    assert paths.final.read_bytes() == data and second.sha256 == sha256_hex(data)
+    stats = server.stats("/doc.bin")
+    assert stats.ranges == [None, f"bytes={part_size}-"]
+    assert stats.statuses == [200, 206]
+    assert len(data) <= stats.body_bytes <= len(data) + CHUNK
+    resume_request = server.requests[1]
+    assert header(resume_request, "If-Range") == server.etag("/doc.bin")
+    assert header(resume_request, "Accept-Encoding") == "identity"
+    assert not paths.part.exists() and not paths.sidecar.exists()
+
+
+def test_cut_and_resume_within_one_run(rig, server):
+    data = payload(4)
+    url = server.add_file("/one-run.bin", data)
+    server.add_fault("/one-run.bin", Fault.cut_after(123_457))
+    result = rig.run(Job(urls=(url,)), "one-run.bin")
+    assert result.outcome == "resumed" and result.decisions == ("fresh", "resume")
+    assert rig.paths("one-run.bin").final.read_bytes() == data
+    stats = server.stats("/one-run.bin")
+    assert stats.ranges == [None, f"bytes={result.resumed_from}-"]
+    assert stats.body_bytes == len(data) and result.bytes_downloaded == len(data)
+
+
+def test_full_body_to_a_range_request_restarts_the_part(rig, server):
+    data = payload(5)
+    url = server.add_file("/ignored.bin", data)
+    server.add_fault("/ignored.bin", Fault.cut_after(150_000))
+    server.add_fault("/ignored.bin", Fault.ignore_range())
+    result = rig.run(Job(urls=(url,)), "ignored.bin")
+    assert result.outcome == "downloaded" and result.resumed_from == 0
+    assert rig.paths("ignored.bin").final.read_bytes() == data and result.sha256 == sha256_hex(data)
+    stats = server.stats("/ignored.bin")
+    assert stats.statuses == [200, 200] and stats.ranges == [None, "bytes=150000-"]
+    assert stats.body_bytes == 150_000 + len(data)
+
+
+def test_a_changed_etag_discards_the_part(rig, server):
+    data = payload(6)
+    url = server.add_file("/changing.bin", data)
+    old_etag = server.etag("/changing.bin")
+    server.add_fault("/changing.bin", Fault.cut_after(200_000))
+    server.add_fault("/changing.bin", Fault.change_etag())
+    result = rig.run(Job(urls=(url,)), "changing.bin")
+    assert result.outcome == "downloaded"
+    assert rig.paths("changing.bin").final.read_bytes() == data
+    stats = server.stats("/changing.bin")
+    assert stats.statuses == [200, 200]
+    assert header(server.requests[1], "If-Range") == old_etag  # If-Range mismatch: the server sent it all
+    assert result.etag == server.etag("/changing.bin") != old_etag
+
+
+def test_changed_content_behind_a_new_etag_is_fetched_whole(rig, server):
+    old, new = payload(7), payload(8, 350_000)
+    url = server.add_file("/replaced.bin", old)
+    server.add_fault("/replaced.bin", Fault.cut_after(100_000))
+    server.add_fault("/replaced.bin", Fault.change_content(new))
+    result = rig.run(Job(urls=(url,)), "replaced.bin")
+    assert result.outcome == "downloaded" and result.sha256 == sha256_hex(new)
+    assert rig.paths("replaced.bin").final.read_bytes() == new
+
+
+def test_a_wrong_content_range_is_rejected_and_nothing_of_it_written(rig, server):
+    data = payload(9)
+    url = server.add_file("/shifted.bin", data)
+    server.add_fault("/shifted.bin", Fault.cut_after(100_000))
+    server.add_fault("/shifted.bin", Fault.wrong_content_range(7))
+    result = rig.run(Job(urls=(url,)), "shifted.bin")
+    assert result.outcome == "downloaded"
+    assert rig.paths("shifted.bin").final.read_bytes() == data and result.sha256 == sha256_hex(data)
+    stats = server.stats("/shifted.bin")
+    assert stats.statuses == [200, 206, 200]
+    assert stats.ranges == [None, "bytes=100000-", None]
+    assert result.bytes_downloaded == 100_000 + len(data)
+
+
+def test_a_short_body_is_not_finalized_and_is_resumed_next_attempt(tmp_path, server):
+    data = payload(10)
+    url = server.add_file("/short.bin", data)
+    server.add_fault("/short.bin", Fault.short_body(1000))
+    with one_shot(tmp_path) as rig:
+        first = rig.run(Job(urls=(url,)), "short.bin")
+        paths = rig.paths("short.bin")
+        assert first.outcome == "failed" and first.reason == "short_body"
+        assert not paths.final.exists()
+        assert paths.part.stat().st_size == len(data) - 1000
+        second = rig.run(Job(urls=(url,)), "short.bin")
+    assert second.outcome == "resumed" and paths.final.read_bytes() == data
+    assert server.stats("/short.bin").ranges == [None, f"bytes={len(data) - 1000}-"]
+
+
+def test_a_part_longer_than_its_committed_count_is_cut_back(tmp_path, server):
+    data = payload(11)
+    url = server.add_file("/crashed.bin", data)
+    with one_shot(tmp_path) as rig:
+        paths = rig.paths("crashed.bin")
+        paths.part.write_bytes(data[:120_000] + b"\0" * 5000)  # bytes after the last checkpoint: untrusted
+        sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=120_000,
+                                                      etag=server.etag("/crashed.bin"), expected_total=len(data)))
+        result = rig.run(Job(urls=(url,)), "crashed.bin")
+    assert result.outcome == "resumed" and result.decisions == ("resume",)
+    assert server.stats("/crashed.bin").ranges == ["bytes=120000-"]
+    assert paths.final.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    "sidecar_text, reason",
+    [(None, "no_sidecar"), ("{not json", "corrupt_sidecar"), (json.dumps({"version": 1, "url": "http://x/", "committed": 10}), "different_url")],
+)
+def test_an_unusable_part_is_discarded(tmp_path, server, sidecar_text, reason):
+    data = payload(12)
+    url = server.add_file("/unusable.bin", data)
+    with one_shot(tmp_path) as rig, capture_logs() as logs:
+        paths = rig.paths("unusable.bin")
+        paths.part.write_bytes(b"garbage" * 1000)
+        if sidecar_text is not None:
+            paths.sidecar.write_text(sidecar_text)
+        result = rig.run(Job(urls=(url,)), "unusable.bin")
+    assert result.outcome == "downloaded" and result.decisions == ("discard",)
+    assert paths.final.read_bytes() == data
+    assert server.stats("/unusable.bin").ranges == [None]
+    decision = next(e for e in logs if e["event"] == "streaming_resume_decision")
+    assert decision["mode"] == "discard" and decision["reason"] == reason and decision["url"] == url
+
+
+# -- validators ----------------------------------------------------------------------------
+
+
+def test_weak_etag_resume_uses_last_modified(rig, server):
+    data = payload(13)
+    url = server.add_file("/weak.bin", data, weak_etag=True)
+    server.add_fault("/weak.bin", Fault.cut_after(100_000))
+    result = rig.run(Job(urls=(url,)), "weak.bin")
+    assert result.outcome == "resumed"
+    assert rig.paths("weak.bin").final.read_bytes() == data
+    resume = server.requests[1]
+    assert header(resume, "If-Range") == server.last_modified("/weak.bin")
+    assert server.stats("/weak.bin").statuses == [200, 206]
+
+
+def test_weak_etag_without_last_modified_discards(rig, server):
+    data = payload(14)
+    url = server.add_file("/weak-only.bin", data, weak_etag=True, no_last_modified=True)
+    server.add_fault("/weak-only.bin", Fault.cut_after(100_000))
+    with capture_logs() as logs:
+        result = rig.run(Job(urls=(url,)), "weak-only.bin")
+    assert result.outcome == "downloaded" and result.decisions == ("fresh", "discard")
+    assert rig.paths("weak-only.bin").final.read_bytes() == data
+    assert server.stats("/weak-only.bin").ranges == [None, None]
+    reasons = [e["reason"] for e in logs if e["event"] == "streaming_resume_decision"]
+    assert reasons[-1] == "weak_etag_only"
+
+
+def test_304_keeps_the_file_and_reads_no_body(rig, server):
+    data = payload(15)
+    url = server.add_file("/cached.bin", data)
+    first = rig.run(Job(urls=(url,)), "cached.bin")
+    final = rig.paths("cached.bin").final
+    mtime = final.stat().st_mtime_ns
+    server.reset_stats()
+    second = rig.run(Job(urls=(url,)), "cached.bin", record=rig.record_of(first),
+                     options=TransferOptions(revalidate=True))
+    assert second.outcome == "not_modified" and second.decisions == ("revalidate",)
+    assert second.sha256 == sha256_hex(data) and second.size == len(data) and second.path == final
+    stats = server.stats("/cached.bin")
+    assert stats.statuses == [304] and stats.body_bytes == 0 and stats.conditional == 1
+    assert header(server.requests[0], "If-None-Match") == server.etag("/cached.bin")
+    assert final.read_bytes() == data and final.stat().st_mtime_ns == mtime
+
+
+def test_revalidation_answered_200_replaces_the_file(rig, server):
+    old, new = payload(16), payload(17)
+    url = server.add_file("/updated.bin", old)
+    first = rig.run(Job(urls=(url,)), "updated.bin")
+    server.set_content("/updated.bin", new)
+    second = rig.run(Job(urls=(url,)), "updated.bin", record=rig.record_of(first))
+    assert second.outcome == "downloaded" and second.decisions == ("revalidate",)
+    assert rig.paths("updated.bin").final.read_bytes() == new
+
+
+def test_412_drops_validators_and_fetches_fresh(rig, server):
+    data = payload(18)
+    url = server.add_file("/precondition.bin", data)
+    server.add_fault("/precondition.bin", Fault.cut_after(90_000))
+    server.add_fault("/precondition.bin", Fault.status(412, body=b"<html>precondition failed</html>"))
+    result = rig.run(Job(urls=(url,)), "precondition.bin")
+    assert result.outcome == "downloaded" and result.decisions == ("fresh", "resume", "fresh")
+    assert rig.paths("precondition.bin").final.read_bytes() == data
+    stats = server.stats("/precondition.bin")
+    assert stats.statuses == [200, 412, 200]
+    last = server.requests[2]
+    assert all(header(last, h) is None for h in ("Range", "If-Range", "If-None-Match", "If-Modified-Since"))
+
+
+def test_416_with_the_whole_file_in_the_part_finalizes_it(tmp_path, server):
+    data = payload(19)
+    url = server.add_file("/whole.bin", data)
+    with one_shot(tmp_path) as rig:
+        paths = rig.paths("whole.bin")
+        paths.part.write_bytes(data)
+        sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=len(data),
+                                                      etag=server.etag("/whole.bin"), expected_total=len(data)))
+        result = rig.run(Job(urls=(url,), sha256=sha256_hex(data)), "whole.bin")
+    assert result.outcome == "resumed" and result.bytes_downloaded == 0
+    assert server.stats("/whole.bin").statuses == [416]
+    assert paths.final.read_bytes() == data and result.sha256 == sha256_hex(data)
+
+
+def test_416_with_an_incomplete_part_drops_it_and_fetches_fresh(rig, server):
+    data = payload(20)
+    url = server.add_file("/shrunk.bin", data)
+    paths = rig.paths("shrunk.bin")
+    paths.part.write_bytes(b"x" * (len(data) + 10))
+    sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=len(data) + 10,
+                                                  etag=server.etag("/shrunk.bin"), expected_total=len(data) + 20))
+    result = rig.run(Job(urls=(url,)), "shrunk.bin")
+    assert result.outcome == "downloaded"
+    assert server.stats("/shrunk.bin").statuses == [416, 200]
+    assert paths.final.read_bytes() == data
+
+
+# -- statuses ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [404, 410, 403, 401, 400])
+def test_an_error_body_never_lands(rig, server, status):
+    marker = f"<html>ERROR PAGE {status}</html>".encode()
+    url = server.add_status(f"/err{status}", status, body=marker)
+    result = rig.run(Job(urls=(url,)), f"err{status}.pdf")
+    assert result.outcome == "failed" and result.reason == f"http_{status}" and result.http_status == status
+    assert server.stats(f"/err{status}").requests == 1  # no retry
+    assert not rig.paths(f"err{status}.pdf").final.exists()
+    assert not any(marker in p.read_bytes() for p in rig.root.rglob("*") if p.is_file())
+
+
+def test_an_error_on_resume_keeps_no_error_bytes(rig, server):
+    data = payload(21)
+    url = server.add_file("/vanishing.bin", data)
+    server.add_fault("/vanishing.bin", Fault.cut_after(50_000))
+    server.add_fault("/vanishing.bin", Fault.status(404, body=b"<html>GONE NOW</html>"))
+    result = rig.run(Job(urls=(url,)), "vanishing.bin")
+    assert result.outcome == "failed" and result.reason == "http_404"
+    part = rig.paths("vanishing.bin").part
+    assert not rig.paths("vanishing.bin").final.exists()
+    assert part.read_bytes() == data[:50_000]  # kept as it was, without the error page
+
+
+def test_503_retry_after_is_honoured_by_the_client(tmp_path, server):
+    data = payload(22, 20_000)
+    url = server.add_file("/busy.bin", data)
+    server.add_fault("/busy.bin", Fault.status(503, retry_after=1))
+    with TransferRig("streaming", tmp_path / "rig", http_retries=2) as rig:
+        result = rig.run(Job(urls=(url,)), "busy.bin")
+    assert result.outcome == "downloaded" and result.attempts == 1
+    first, second = server.requests
+    assert (first.status, second.status) == (503, 200) and second.time - first.time >= 0.9
+    assert rig.paths("busy.bin").final.read_bytes() == data
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured_by_the_pipeline(tmp_path, server, status):
+    data = payload(23, 20_000)
+    url = server.add_file("/limited.bin", data)
+    server.add_fault("/limited.bin", Fault.status(status, retry_after=2))
+    waits: list[float] = []
+    with TransferRig("streaming", tmp_path / "rig", http_retries=0, sleep=waits.append) as rig:
+        result = rig.run(Job(urls=(url,)), "limited.bin")
+    assert result.outcome == "downloaded" and result.attempts == 2
+    assert waits == [2.0]
+    assert server.stats("/limited.bin").statuses == [status, 200]
+
+
+def test_a_5xx_without_retry_after_backs_off_and_retries(tmp_path, server):
+    data = payload(24, 20_000)
+    url = server.add_file("/flaky.bin", data)
+    server.add_fault("/flaky.bin", Fault.status(502), times=2)
+    waits: list[float] = []
+    with TransferRig("streaming", tmp_path / "rig", http_retries=0, backoff_factor=0.5, sleep=waits.append) as rig:
+        result = rig.run(Job(urls=(url,)), "flaky.bin")
+    assert result.outcome == "downloaded" and result.attempts == 3
+    assert waits == [1.0]  # urllib3's backoff: no wait before the first retry, then factor * 2
+    assert server.stats("/flaky.bin").statuses == [502, 502, 200]
+
+
+# -- encodings and limits ------------------------------------------------------------------
+
+
+def test_gzip_yields_the_decoded_bytes(rig, server):
+    data = b"%PDF-1.7 " + b"compressible text " * 20_000
+    url = server.add_file("/doc.pdf", data, gzip=True)
+    result = rig.run(Job(urls=(url,), size=len(data), sha256=sha256_hex(data)), "doc.pdf")
+    assert result.outcome == "downloaded" and result.size == len(data)
+    assert rig.paths("doc.pdf").final.read_bytes() == data
+    assert result.etag == server.etag("/doc.pdf", gzip=True)  # the gzip variant was served
+    assert "gzip" in header(server.requests[0], "Accept-Encoding")
+    assert server.stats("/doc.pdf").body_bytes < len(data) // 10
+
+
+def test_a_cut_compressed_transfer_is_not_resumed(rig, server):
+    data = bytes(random.Random(25).choices(b"abcdefgh ", k=600_000))
+    url = server.add_file("/text.txt", data, gzip=True)
+    server.add_fault("/text.txt", Fault.cut_after(30_000))
+    with capture_logs() as logs:
+        result = rig.run(Job(urls=(url,)), "text.txt")
+    assert result.outcome == "downloaded" and result.decisions == ("fresh", "discard")
+    assert rig.paths("text.txt").final.read_bytes() == data
+    assert server.stats("/text.txt").ranges == [None, None]
+    assert [e["reason"] for e in logs if e["event"] == "streaming_resume_decision"][-1] == "encoded_content"
+
+
+def test_max_bytes_aborts_on_the_announced_length(rig, server):
+    data = payload(26)
+    url = server.add_file("/huge.bin", data)
+    result = rig.run(Job(urls=(url,)), "huge.bin", options=TransferOptions(max_bytes=100_000))
+    assert result.outcome == "failed" and result.reason == "too_large"
+    assert not rig.paths("huge.bin").final.exists() and not rig.leftovers("huge.bin")
+    assert server.stats("/huge.bin").requests == 1
+
+
+def test_max_bytes_aborts_a_decoded_body_that_grows_past_it(rig, server):
+    data = b"z" * 2_000_000  # a few KiB on the wire, 2 MB decoded
+    url = server.add_file("/bomb.txt", data, gzip=True)
+    result = rig.run(Job(urls=(url,)), "bomb.txt", options=TransferOptions(max_bytes=500_000, chunk_size=CHUNK))
+    assert result.outcome == "failed" and result.reason == "too_large"
+    assert not rig.paths("bomb.txt").final.exists() and not rig.leftovers("bomb.txt")
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/pub/file.pdf"])
+def test_redirect_to_another_scheme_is_refused(rig, server, location):
+    url = server.add_redirect("/moved.pdf", location)
+    result = rig.run(Job(urls=(url,)), "moved.pdf")
+    assert result.outcome == "failed" and result.reason == "unsafe_redirect"
+    assert server.stats("/moved.pdf").requests == 1
+    assert not any(p.is_file() for p in rig.out.rglob("*"))
+
+
+def test_a_redirect_to_http_is_followed_and_recorded(rig, server):
+    data = payload(27, 10_000)
+    target = server.add_file("/real.bin", data)
+    url = server.add_redirect("/alias.bin", "/real.bin")
+    result = rig.run(Job(urls=(url,)), "alias.bin")
+    assert result.outcome == "downloaded" and result.final_url == target and result.url == url
+    assert rig.paths("alias.bin").final.read_bytes() == data
+
+
+@pytest.mark.parametrize("field", ["sha256", "size"])
+def test_an_expected_checksum_or_size_mismatch_is_not_finalized(rig, server, field):
+    data = payload(28)
+    url = server.add_file("/checked.bin", data)
+    job = Job(urls=(url,), sha256="ab" * 32) if field == "sha256" else Job(urls=(url,), size=len(data) - 1)
+    result = rig.run(job, "checked.bin")
+    assert result.outcome == "failed" and result.reason == f"{field}_mismatch"
+    assert not rig.paths("checked.bin").final.exists() and not rig.leftovers("checked.bin")
+
+
+def test_a_matching_checksum_and_size_are_finalized(rig, server):
+    data = payload(29)
+    url = server.add_file("/good.bin", data)
+    result = rig.run(Job(urls=(url,), sha256=sha256_hex(data).upper(), size=len(data)), "good.bin")
+    assert result.outcome == "downloaded" and result.sha256 == sha256_hex(data)
+
+
+# -- durability, leases, cancellation, memory ------------------------------------------------
+
+
+class RecordingLease(Lease):
+    def __init__(self, paths, lose_at_finalize: bool = False):
+        self.paths, self.lose = paths, lose_at_finalize
+        self.heartbeats = 0
+        self.asserted_with: list[tuple[bool, bool]] = []
+
+    def heartbeat(self) -> None:
+        self.heartbeats += 1
+
+    def assert_held(self) -> None:
+        self.asserted_with.append((self.paths.part.exists(), self.paths.final.exists()))
+        if self.lose:
+            raise LeaseLostError("taken over")
+
+
+def test_checkpoints_heartbeat_and_the_lease_is_asserted_right_before_the_rename(tmp_path, server):
+    data = payload(30, 1_500_000)
+    url = server.add_file("/durable.bin", data)
+    options = TransferOptions(chunk_size=CHUNK, checkpoint_bytes=256 << 10)
+    with TransferRig("streaming", tmp_path / "rig", options=options) as rig:
+        lease = RecordingLease(rig.paths("durable.bin"))
+        result = rig.run(Job(urls=(url,)), "durable.bin", lease=lease)
+    assert result.outcome == "downloaded"
+    assert lease.heartbeats >= len(data) // (256 << 10)
+    assert lease.asserted_with == [(True, False)]
+
+
+def test_a_lost_lease_stops_the_rename(tmp_path, server):
+    data = payload(31)
+    url = server.add_file("/fenced.bin", data)
+    with one_shot(tmp_path) as rig:
+        lease = RecordingLease(rig.paths("fenced.bin"), lose_at_finalize=True)
+        with pytest.raises(LeaseLostError):
+            rig.run(Job(urls=(url,)), "fenced.bin", lease=lease)
+        paths = rig.paths("fenced.bin")
+    assert not paths.final.exists() and paths.part.read_bytes() == data
+
+
+def test_cancel_stops_between_chunks_and_keeps_a_resumable_part(tmp_path, server):
+    data = payload(32, 1_000_000)
+    url = server.add_file("/cancelled.bin", data)
+    cancel = threading.Event()
+    seen = []
+
+    def progress(n):
+        seen.append(n)
+        if sum(seen) >= 300_000:
+            cancel.set()
+
+    with one_shot(tmp_path, retries=2) as rig:
+        with pytest.raises(Cancelled):
+            rig.run(Job(urls=(url,)), "cancelled.bin", cancel=cancel, progress=progress)
+        paths = rig.paths("cancelled.bin")
+        committed = sidecars.load(paths.sidecar).committed
+        assert committed == paths.part.stat().st_size >= 300_000 and not paths.final.exists()
+        result = rig.run(Job(urls=(url,)), "cancelled.bin")
+    assert result.outcome == "resumed" and result.resumed_from == committed
+    assert paths.final.read_bytes() == data
+    assert server.stats("/cancelled.bin").ranges[-1] == f"bytes={committed}-"
+
+
+def test_memory_does_not_grow_with_the_file(tmp_path, server):
+    url, sha = server.add_large_file("/large.bin", 48 << 20, seed=3)
+    options = TransferOptions(chunk_size=1 << 20, checkpoint_bytes=16 << 20)
+    with TransferRig("streaming", tmp_path / "rig", options=options) as rig:
+        tracemalloc.start()
+        try:
+            result = rig.run(Job(urls=(url,)), "large.bin")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert result.outcome == "downloaded" and result.sha256 == sha
+    assert peak < 8 << 20, f"peak traced memory {peak / 2**20:.1f} MiB for a 48 MiB file"
+
+
+def test_every_decision_is_logged_with_mode_reason_and_url(rig, server):
+    data = payload(33)
+    url = server.add_file("/logged.bin", data)
+    server.add_fault("/logged.bin", Fault.cut_after(1000))
+    with capture_logs() as logs:
+        rig.run(Job(urls=(url,)), "logged.bin")
+    events = [e for e in logs if e["event"] == "streaming_resume_decision"]
+    assert [(e["mode"], e["reason"]) for e in events] == [("fresh", "no_part"), ("resume", "part_with_strong_etag")]
+    assert all(e["url"] == url and e["log_level"] == "info" for e in events)
