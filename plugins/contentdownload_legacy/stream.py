@@ -2,7 +2,8 @@
 
 It sends no ``Range`` (a ``Range``/``If-Range`` in the decision is ignored), writes the
 part from scratch, and still judges the status line before writing anything: ``304`` to
-a conditional request is ``not_modified``; ``412`` retries without validators; ``408``,
+a conditional request is ``not_modified``; ``412`` retries without validators; a ``206``
+(never asked for) is retried as ``bad_content_range``; ``408``,
 ``429`` and ``5xx`` retry; every other non-``200`` status fails with ``http_<code>`` and
 its body is never written. A body shorter than ``Content-Length`` (identity coding; for
 a compressed body, the raw bytes) or larger than ``max_bytes`` is never reported
@@ -65,6 +66,9 @@ def stream_io(ctx: StreamContext) -> StreamResult:
         if code == 416:
             ctx.paths.part.unlink(missing_ok=True)
             return result("retry", "range_not_satisfiable")
+        if code == 206:  # no Range was sent: a partial answer cannot be trusted as the whole body
+            ctx.paths.part.unlink(missing_ok=True)
+            return result("retry", "bad_content_range")
         if code in RETRY_STATUSES or code == 408:
             return result("retry", f"http_{code}", retry_after=parse_retry_after(response.headers.get("Retry-After")))
         if code not in (200, 203):
