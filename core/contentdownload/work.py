@@ -253,8 +253,8 @@ class JobWorker:
     def recover_finalized(self, item: WorkItem) -> JobResult | None:
         """A crash after the rename, before the store update: the file on disk finishes the job."""
         final = self.ws.final_path(item.relative_path)
-        if not self.leasing or not final.is_file():
-            return None
+        if not self.leasing or item.revalidate or not final.is_file():
+            return None  # a reopened job (revalidation) was finished on record: nothing to recover
         sha = sha256_file(final)
         op = self.store.op_get(self._intent_key(item.key.key, sha))
         if not op or op["status"] != "done" or not op.get("result"):
