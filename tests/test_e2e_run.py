@@ -163,7 +163,7 @@ def test_hostile_job_list_stays_inside_out(server, tmp_path):
     contents = sorted(p.read_bytes()[:1] for p in finals)
     assert contents == sorted([b"A", b"B", b"C", b"A", b"B", b"A", b"B"])
     same = sorted(p.name for p in finals if p.name.startswith("same"))
-    assert same[0] == "same.pdf" and len(same) == 2
+    assert "same.pdf" in same and len(same) == 2
 
 
 def test_bad_lines_fail_alone_and_bad_input_exits_2(server, tmp_path):
