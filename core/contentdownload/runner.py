@@ -25,7 +25,7 @@ from .http import HttpClient
 from .inputs import BadLine
 from .keys import operation_key
 from .log import EVENTS, get_logger
-from .manifest import ManifestWriter, read_manifest, result_row
+from .manifest import ManifestWriter, iter_rows, read_manifest, result_row
 from .metrics import DECISION_EVENT, build_metrics, write_metrics
 from .model import Job, JobResult, TransferOptions
 from .pipeline import Pipeline
@@ -48,6 +48,23 @@ class RunReport:
     metrics: dict
     exit_code: int
     workspace: Workspace
+
+
+def manifest_op(job_key: str, outcome: str, reason: str, run_id: str) -> str:
+    """The ledger key of a manifest row: a success once per job, a revalidation once per run, a failure once per reason."""
+    kind = {"not_modified": f"manifest:not_modified:{run_id}", "failed": f"manifest:failed:{reason}"}.get(outcome, "manifest")
+    return operation_key(job_key, kind)
+
+
+def rows_on_disk(path: Path) -> frozenset[str]:
+    """Ledger keys of the rows the manifest already holds (the file is the truth when the ledger lags)."""
+    if not path.is_file():
+        return frozenset()
+    return frozenset(
+        manifest_op(row["job_key"], row.get("outcome", ""), row.get("reason", ""), row.get("run_id", ""))
+        for row in iter_rows(path)
+        if row.get("job_key")
+    )
 
 
 class HostGate:
@@ -129,6 +146,7 @@ class Run:
             jobs = jobs[: self.settings.max_jobs]
         store = open_job_store(self.runtime, self.ws)
         manifest = ManifestWriter(self.ws.manifest)
+        self._rows_on_disk = rows_on_disk(self.ws.manifest)
         http = make_http(self.settings)
         interrupted = False
         previous_handler = self._install_sigint() if self.install_signal_handlers else None
@@ -233,10 +251,10 @@ class Run:
         with self._lock:
             self._results.append(result)
         if leasing and result.job_key:
-            # One row per outcome event: a success once per job (and a revalidation once per run),
-            # a failure once per reason, so replays after a crash never repeat a row.
-            kind = {"not_modified": f"manifest:not_modified:{self.run_id}", "failed": f"manifest:failed:{result.reason}"}.get(result.outcome, "manifest")
-            op = operation_key(result.job_key, kind)
+            op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id)
+            if op in self._rows_on_disk:  # written before a crash that came before the ledger update
+                store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome, "reconciled": True})
+                return
             if store.op_begin(op, result.job_key, "manifest", 0) == "done":
                 return
             manifest.write(result_row(result, self.run_id, self.ws.out))
