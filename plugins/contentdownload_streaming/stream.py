@@ -16,9 +16,10 @@ Nothing is written before the status line and headers are judged:
   with ``http_<code>``. Error bodies are never read into the part.
 
 The body is read with ``response.raw.read`` in ``options.chunk_size`` blocks (decoded for
-gzip/deflate/br, which makes the part not resumable), hashed with SHA-256 and written;
-every ``options.checkpoint_bytes`` the part is fsynced, the sidecar's committed count
-updated and the lease heart-beaten. A transfer that stops early (timeout, lost
+gzip/deflate/br, which makes the part not resumable), hashed with SHA-256 (in a second
+thread for large bodies) and written; every ``options.checkpoint_bytes`` (at most 16 MiB)
+the part is fsynced in the background, the sidecar's committed count updated and the
+lease heart-beaten. A transfer that stops early (timeout, lost
 connection, short body, cancellation) leaves the part and an up-to-date sidecar behind.
 """
 
@@ -27,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import queue
+import threading
 import time
 from typing import Any, BinaryIO
 
@@ -55,6 +58,11 @@ from .resume import drop_part
 log = get_logger("contentdownload.streaming")
 
 _HASH_BLOCK = 1 << 20
+#: Bodies at least this large (or of unknown length) are hashed in a second thread.
+_THREADED_HASH_MIN = 8 << 20
+#: Checkpoints come at least this often: each one is a background fsync, so dirty pages go
+#: to disk while the body streams and the fsync before the rename has little left to do.
+_WRITEBACK_BYTES = 16 << 20
 _TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, http.client.HTTPException, OSError)
 
 
@@ -272,22 +280,17 @@ class _Transfer:
                offset: int, expected_body: int | None, decode: bool) -> StreamResult:
         ctx, paths, options = self.ctx, self.ctx.paths, self.ctx.options
         chunk = max(1 << 16, int(options.chunk_size))
-        checkpoint_every = max(chunk, int(options.checkpoint_bytes))
+        checkpoint_every = max(chunk, min(int(options.checkpoint_bytes), _WRITEBACK_BYTES))
         max_bytes = options.max_bytes
-        wrote, progress, effects = ctx.effects.wrote, ctx.progress, ctx.effects
+        wrote, progress, effects, lease = ctx.effects.wrote, ctx.progress, ctx.effects, ctx.lease
         read = response.raw.read
         write = fh.write
-        update = digest.update
+        hasher = _Hasher(digest, threaded=expected_body is None or expected_body >= _THREADED_HASH_MIN)
+        update = hasher.feed
+        checkpoints = _Checkpoints(fh, paths.sidecar, meta)
         position = offset
         since_checkpoint = 0
         error: BaseException | None = None
-
-        def commit(durable: bool = True) -> None:
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-            sidecars.save(paths.sidecar, attrs.evolve(meta, committed=position), durable=durable)
-
         try:
             while True:
                 try:
@@ -299,6 +302,7 @@ class _Transfer:
                     break
                 n = len(data)
                 if max_bytes is not None and position + n > max_bytes:
+                    checkpoints.wait(raise_errors=False)
                     fh.close()
                     drop_part(paths.part, paths.sidecar)
                     log.warning("body larger than max_bytes, aborted", url=redact_url(ctx.url), max_bytes=max_bytes)
@@ -311,14 +315,15 @@ class _Transfer:
                 if progress is not None:
                     progress(n)
                 if since_checkpoint >= checkpoint_every:
-                    commit()
+                    checkpoints.request(position)
                     since_checkpoint = 0
-                    ctx.lease.heartbeat()
+                    lease.heartbeat()
         except BaseException:
             # Cancelled, lease lost, disk full...: leave a part the next attempt can trust.
+            hasher.abandon()
             if not fh.closed:
                 try:
-                    commit()
+                    checkpoints.commit(position)
                 except OSError:
                     pass
             raise
@@ -326,22 +331,111 @@ class _Transfer:
         received = position - offset
         fields = {"bytes_written": received, "resumed_from": offset, "total_size": position}
         if error is not None:
-            commit()
+            hasher.abandon()
+            checkpoints.commit(position)
             _, reason = request_failure(error)
             if _is_incomplete_read(error) or (expected_body is not None and received < expected_body and reason == "connection_lost"):
                 reason = "short_body"
             log.info("transfer interrupted", url=redact_url(ctx.url), reason=reason, committed=position, error=repr(error)[:200])
             return self.result("retry", reason, **fields)
-        if expected_body is not None and received != expected_body:
-            commit()
+        raw_length = content_length(response)
+        if (expected_body is not None and received != expected_body) or (
+            decode and raw_length is not None and response.raw.tell() != raw_length
+        ):
+            hasher.abandon()
+            checkpoints.commit(position)
             log.info("body shorter than announced", url=redact_url(ctx.url), received=received, expected=expected_body)
             return self.result("retry", "short_body", **fields)
-        raw_length = content_length(response)
-        if decode and raw_length is not None and response.raw.tell() != raw_length:
-            commit()
-            return self.result("retry", "short_body", **fields)
-        commit(durable=False)
-        return self.result("complete", "complete", sha256=digest.hexdigest(), **fields)
+        sha256 = hasher.hexdigest()
+        checkpoints.commit(position, durable=False)  # finalize fsyncs the part
+        return self.result("complete", "complete", sha256=sha256, **fields)
+
+
+class _Hasher:
+    """SHA-256 of the body: ``feed(block)`` hashes inline, or hands the block to a thread for large bodies.
+
+    ``hashlib`` releases the GIL while it hashes, so a hashing thread runs next to the
+    socket reads and file writes; the queue is bounded, so at most ``depth`` chunks wait.
+    """
+
+    def __init__(self, digest: Any, threaded: bool, depth: int = 4):
+        self.digest = digest
+        self.thread: threading.Thread | None = None
+        if threaded:
+            self.queue: queue.Queue[bytes | None] = queue.Queue(depth)
+            self.feed: Any = self.queue.put
+            self.thread = threading.Thread(target=self._run, name="contentdownload-sha256", daemon=True)
+            self.thread.start()
+        else:
+            self.feed = digest.update
+
+    def _run(self) -> None:
+        update, get = self.digest.update, self.queue.get
+        while (block := get()) is not None:
+            update(block)
+
+    def _stop(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def hexdigest(self) -> str:
+        """The digest once every queued chunk is hashed."""
+        self._stop()
+        return self.digest.hexdigest()
+
+    def abandon(self) -> None:
+        """Stop the thread (the digest is not used)."""
+        self._stop()
+
+
+class _Checkpoints:
+    """Make the part's bytes durable and record the committed count in the sidecar.
+
+    :meth:`request` flushes the file and fsyncs it in a background thread, then writes the
+    sidecar with the count the fsync covered, so the transfer does not wait for the disk;
+    a request while one is in flight is skipped. :meth:`commit` waits, then does it in
+    line (at the end, or when the transfer stops).
+    """
+
+    def __init__(self, fh: BinaryIO, path: Any, meta: sidecars.Sidecar):
+        self.fh, self.path, self.meta = fh, path, meta
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def _sync(self, position: int) -> None:
+        try:
+            os.fsync(self.fh.fileno())
+            sidecars.save(self.path, attrs.evolve(self.meta, committed=position))
+        except BaseException as exc:  # reported by wait()
+            self.error = exc
+
+    def request(self, position: int) -> None:
+        """Checkpoint ``position`` in the background, unless a checkpoint is still running."""
+        if self.thread is not None and self.thread.is_alive():
+            return
+        self.wait()
+        self.fh.flush()
+        self.thread = threading.Thread(target=self._sync, args=(position,), name="contentdownload-checkpoint", daemon=True)
+        self.thread.start()
+
+    def wait(self, raise_errors: bool = True) -> None:
+        """Wait for a running checkpoint; raise its error (``raise_errors``)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None and raise_errors:
+            raise error
+
+    def commit(self, position: int, durable: bool = True) -> None:
+        """Flush (and fsync when ``durable``) now, and record ``position`` as committed."""
+        self.wait()
+        self.fh.flush()
+        if durable:
+            os.fsync(self.fh.fileno())
+        sidecars.save(self.path, attrs.evolve(self.meta, committed=position), durable=durable)
 
 
 @hookimpl
