@@ -98,25 +98,43 @@ def iter_rows(path: Path) -> Iterator[dict]:
 
 
 class ManifestWriter:
-    """Appends rows to ``manifest.jsonl``; thread-safe."""
+    """Appends rows to ``manifest.jsonl``; thread-safe.
+
+    ``write`` returns once the row is on disk. Rows written by several threads at once
+    share one fsync (group commit): each writer waits until an fsync that started after
+    its row was written has finished.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         repair_tail(path)
         self._lock = threading.Lock()
-        self._fh = path.open("a", encoding="utf-8")
+        self._sync_lock = threading.Lock()
+        self._written = 0  # rows handed to the kernel
+        self._synced = 0  # rows known to be on disk
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, row: dict) -> None:
-        text = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+        data = (json.dumps(row, sort_keys=True, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         with self._lock:
-            self._fh.write(text)
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            os.write(self._fd, data)  # one O_APPEND write: rows of concurrent processes never interleave
+            self._written += 1
+            mine = self._written
+        with self._sync_lock:
+            if self._synced >= mine:
+                return  # another writer's fsync covered this row
+            with self._lock:
+                target = self._written
+            os.fsync(self._fd)
+            self._synced = target
 
     def close(self) -> None:
-        with self._lock:
-            self._fh.close()
+        with self._sync_lock, self._lock:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
 
 
 def row_record(row: dict, base: Path) -> PriorRecord:
