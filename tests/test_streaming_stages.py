@@ -516,3 +516,40 @@ def test_every_decision_is_logged_with_mode_reason_and_url(rig, server):
     events = [e for e in logs if e["event"] == "streaming_resume_decision"]
     assert [(e["mode"], e["reason"]) for e in events] == [("fresh", "no_part"), ("resume", "part_with_strong_etag")]
     assert all(e["url"] == url and e["log_level"] == "info" for e in events)
+
+
+def test_a_206_for_another_representation_is_rejected(tmp_path, server):
+    data = payload(34)
+    url = server.add_file("/other-rep.bin", data)
+    with one_shot(tmp_path, retries=2) as rig:
+        paths = rig.paths("other-rep.bin")
+        paths.part.write_bytes(data[:70_000])
+        # A decision that resumes on a date while the part was written under another ETag.
+        sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=70_000,
+                                                      etag='"not-the-served-one"', expected_total=len(data)))
+        result = rig.run(Job(urls=(url,)), "other-rep.bin")
+    assert result.outcome == "downloaded" and paths.final.read_bytes() == data
+    assert server.stats("/other-rep.bin").statuses == [200]  # If-Range did not match: the server sent it all
+
+
+def test_a_read_timeout_mid_body_keeps_the_part_and_resumes(tmp_path, server):
+    data = payload(35)
+    url = server.add_file("/stalled.bin", data)
+    server.add_fault("/stalled.bin", Fault.stall(2.0, after=150_000, close=True))
+    with TransferRig("streaming", tmp_path / "rig", timeout=(5.0, 0.3), retries=2) as rig:
+        result = rig.run(Job(urls=(url,)), "stalled.bin")
+    # A read cut short by the timeout loses at most the chunk it was filling.
+    assert result.outcome == "resumed" and 150_000 - CHUNK <= result.resumed_from <= 150_000
+    assert rig.paths("stalled.bin").final.read_bytes() == data
+    assert server.stats("/stalled.bin").ranges == [None, f"bytes={result.resumed_from}-"]
+
+
+def test_a_connection_reset_mid_body_is_resumed(rig, server):
+    data = payload(36)
+    url = server.add_file("/reset.bin", data)
+    server.add_fault("/reset.bin", Fault.cut_after(200_000, reset=True))
+    result = rig.run(Job(urls=(url,)), "reset.bin")
+    assert result.outcome in ("resumed", "downloaded")
+    assert rig.paths("reset.bin").final.read_bytes() == data and result.sha256 == sha256_hex(data)
+    ranges = server.stats("/reset.bin").ranges
+    assert len(ranges) == 2 and (ranges[1] is None or int(ranges[1][6:-1]) <= 200_000)

@@ -3,8 +3,9 @@
 Nothing is written before the status line and headers are judged:
 
 - ``206``: ``Content-Range`` must start at the resume offset, end at the last byte and
-  announce the total recorded in the sidecar; the part's prefix is hashed and the new
-  bytes appended. Anything else is ``bad_content_range`` (part dropped, retry).
+  announce the total recorded in the sidecar (and an ``ETag``, when sent, must be the one
+  resumed from); the part's prefix is hashed and the new bytes appended. Anything else
+  is ``bad_content_range`` (part dropped, retry).
 - ``200`` (also to a ranged request: validator changed or Range ignored): the part is
   truncated and written from byte 0.
 - ``304`` to a conditional request: ``not_modified``, no body read.
@@ -202,8 +203,11 @@ class _Transfer:
         announced = parse_content_range(response.headers.get("Content-Range"))
         expected = ctx.decision.expected_total
         length = content_length(response)
+        sent_etag = response.headers.get("ETag")
+        known_etag = ctx.decision.etag
         ok = (
             self.ranged
+            and (not sent_etag or not known_etag or sent_etag.strip() == known_etag.strip())
             and announced is not None
             and announced.start == self.offset
             and announced.total is not None
