@@ -519,17 +519,25 @@ def test_every_decision_is_logged_with_mode_reason_and_url(rig, server):
 
 
 def test_a_206_for_another_representation_is_rejected(tmp_path, server):
+    from contentdownload.http import HttpClient
+    from contentdownload.model import JobKey, ResumeDecision, StreamContext
+    from contentdownload_streaming.stream import stream_io
+
     data = payload(34)
     url = server.add_file("/other-rep.bin", data)
-    with one_shot(tmp_path, retries=2) as rig:
+    with one_shot(tmp_path) as rig, HttpClient(retries=0) as http:
         paths = rig.paths("other-rep.bin")
         paths.part.write_bytes(data[:70_000])
-        # A decision that resumes on a date while the part was written under another ETag.
-        sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=70_000,
-                                                      etag='"not-the-served-one"', expected_total=len(data)))
-        result = rig.run(Job(urls=(url,)), "other-rep.bin")
-    assert result.outcome == "downloaded" and paths.final.read_bytes() == data
-    assert server.stats("/other-rep.bin").statuses == [200]  # If-Range did not match: the server sent it all
+        # Resumed on the date, but the part was written under another ETag than the one served.
+        decision = ResumeDecision(
+            mode="resume", reason="test", offset=70_000, etag='"written-under-another"',
+            headers=(("Range", "bytes=70000-"), ("If-Range", server.last_modified("/other-rep.bin"))),
+        )
+        ctx = StreamContext(job=Job(urls=(url,)), job_key=JobKey("k", "t"), url=url, paths=paths, decision=decision, http=http)
+        result = stream_io(ctx)
+    assert result.status == "retry" and result.reason == "bad_content_range" and result.http_status == 206
+    assert result.bytes_written == 0 and ctx.effects.bytes_written == 0
+    assert not paths.part.exists()
 
 
 def test_a_read_timeout_mid_body_keeps_the_part_and_resumes(tmp_path, server):
