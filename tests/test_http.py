@@ -14,6 +14,7 @@ from contentdownload.http import (
     ContentRange,
     HttpClient,
     PatientRetry,
+    decodable,
     is_strong_etag,
     parse_content_range,
     parse_retry_after,
@@ -238,3 +239,8 @@ def test_strong_and_weak_etags():
     assert not is_strong_etag('W/"abc"')
     assert not is_strong_etag("abc")
     assert not is_strong_etag(None)
+
+
+def test_decodable_content_codings():
+    assert decodable(None) and decodable("gzip") and decodable("x-gzip, deflate")
+    assert not decodable("compress") and not decodable("gzip, compress")

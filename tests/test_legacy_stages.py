@@ -245,3 +245,10 @@ def test_the_streaming_flag_rolls_back_to_legacy_and_stays_correct(tmp_path, ser
     else:
         assert result.outcome in ("downloaded", "resumed")
         assert rig.paths(f"{name}.bin").final.read_bytes() == data and result.sha256 == sha256_hex(data)
+
+
+def test_a_content_coding_that_cannot_be_decoded_is_never_saved(rig, server):
+    url = server.add_status("/packed.bin", 200, body=b"\x1f\x9d compressed bytes", headers={"Content-Encoding": "compress"})
+    result = rig.run(Job(urls=(url,)), "packed.bin")
+    assert result.outcome == "failed" and result.reason == "unsupported_encoding"
+    assert not rig.paths("packed.bin").final.exists() and not rig.leftovers("packed.bin")

@@ -561,3 +561,10 @@ def test_a_connection_reset_mid_body_is_resumed(rig, server):
     assert rig.paths("reset.bin").final.read_bytes() == data and result.sha256 == sha256_hex(data)
     ranges = server.stats("/reset.bin").ranges
     assert len(ranges) == 2 and (ranges[1] is None or int(ranges[1][6:-1]) <= 200_000)
+
+
+def test_a_content_coding_that_cannot_be_decoded_is_never_saved(rig, server):
+    url = server.add_status("/packed.bin", 200, body=b"\x1f\x9d compressed bytes", headers={"Content-Encoding": "compress"})
+    result = rig.run(Job(urls=(url,)), "packed.bin")
+    assert result.outcome == "failed" and result.reason == "unsupported_encoding"
+    assert not rig.paths("packed.bin").final.exists() and not rig.leftovers("packed.bin")

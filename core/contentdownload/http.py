@@ -35,6 +35,7 @@ import attrs
 import requests
 import requests.adapters
 import urllib3
+import urllib3.response
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
@@ -51,6 +52,8 @@ SAFE_SCHEMES = frozenset({"http", "https"})
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: ``Accept-Encoding`` for full (non-ranged) requests: the codings urllib3 can decode here.
 ACCEPT_ENCODING: str = urllib3.util.make_headers(accept_encoding=True)["accept-encoding"]
+#: Content codings urllib3 can decode here (brotli and zstd only when their libraries are installed).
+DECODABLE_ENCODINGS = frozenset(c.lower() for c in urllib3.response.BaseHTTPResponse.CONTENT_DECODERS)
 #: Default cap on a server's ``Retry-After``, in seconds.
 DEFAULT_MAX_RETRY_AFTER = 120.0
 
@@ -157,6 +160,13 @@ def content_encoding(response: requests.Response) -> str | None:
     """The response's content coding, lower-cased, ``None`` for ``identity`` or none."""
     value = (response.headers.get("Content-Encoding") or "").strip().lower()
     return None if value in ("", "identity") else value
+
+
+def decodable(encoding: str | None) -> bool:
+    """Whether a ``Content-Encoding`` value (possibly a list such as ``gzip, deflate``) can be decoded here."""
+    if not encoding:
+        return True
+    return all(part.strip().lower() in DECODABLE_ENCODINGS for part in encoding.split(",") if part.strip())
 
 
 def request_failure(exc: BaseException) -> tuple[str, str]:

@@ -22,7 +22,7 @@ import urllib3
 
 from contentdownload import StreamContext, StreamResult, hookimpl
 from contentdownload.errors import JobAbort
-from contentdownload.http import RETRY_STATUSES, content_encoding, content_length, parse_retry_after, request_failure
+from contentdownload.http import RETRY_STATUSES, content_encoding, content_length, decodable, parse_retry_after, request_failure
 from contentdownload.log import get_logger
 from contentdownload.urls import redact_url
 
@@ -74,6 +74,8 @@ def stream_io(ctx: StreamContext) -> StreamResult:
         if code not in (200, 203):
             return result("failed", f"http_{code}")
 
+        if not decodable(content_encoding(response)):
+            return result("failed", "unsupported_encoding")
         announced = content_length(response)
         encoded = content_encoding(response) is not None
         max_bytes = ctx.options.max_bytes

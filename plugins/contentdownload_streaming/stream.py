@@ -45,6 +45,7 @@ from contentdownload.http import (
     RETRY_STATUSES,
     content_encoding,
     content_length,
+    decodable,
     http_date,
     parse_content_range,
     parse_retry_after,
@@ -168,6 +169,8 @@ class _Transfer:
         if status == 206:
             return self.partial(response)
         if status in (200, 203):
+            if not decodable(content_encoding(response)):
+                return self.result("failed", "unsupported_encoding")
             if self.ranged:
                 log.info("full body to a ranged request, restarting the part", url=redact_url(ctx.url), offset=self.offset)
             return self.body(response, offset=0, total=content_length(response) if content_encoding(response) is None else None)
