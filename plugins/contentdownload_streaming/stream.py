@@ -280,7 +280,8 @@ class _Transfer:
             fh = open(paths.part, "wb")
         self.info["resumed_from"] = offset
         with fh:
-            sidecars.save(paths.sidecar, meta)
+            # The count it records (``offset``) is already on disk; checkpoints make later ones durable.
+            sidecars.save(paths.sidecar, meta, durable=False)
             return self.stream(response, fh, digest, meta, offset=offset, expected_body=expected_body, decode=encoding is not None)
 
     def stream(self, response: requests.Response, fh: BinaryIO, digest: Any, meta: sidecars.Sidecar, *,
