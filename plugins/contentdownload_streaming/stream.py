@@ -55,6 +55,7 @@ from contentdownload.log import get_logger
 from contentdownload.urls import redact_url
 
 from . import sidecar as sidecars
+from .finalize import fsync_directory
 from .resume import drop_part
 
 log = get_logger("contentdownload.streaming")
@@ -277,6 +278,11 @@ class _Transfer:
                 fh.close()
                 raise
         else:
+            if paths.sidecar.exists():
+                # The old sidecar describes bytes about to be overwritten: make its removal
+                # durable first, so a power cut can never pair it with the new bytes.
+                sidecars.remove(paths.sidecar)
+                fsync_directory(paths.sidecar.parent)
             fh = open(paths.part, "wb")
         self.info["resumed_from"] = offset
         with fh:
