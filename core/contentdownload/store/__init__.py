@@ -1,0 +1,95 @@
+"""The job store: jobs, leases with fencing epochs, and the operation ledger.
+
+``open_store(url)`` picks the backend from the URL:
+
+- ``sqlite:///abs/path/jobs.db`` (also ``sqlite:////abs/...``) or ``sqlite:relative/jobs.db``:
+  :class:`~contentdownload.store.sqlite.SQLiteStore`, the default (a file in the output
+  folder's hidden subfolder);
+- ``postgresql://user:pass@host:port/db`` or ``postgres://...``:
+  :class:`~contentdownload.store.postgres.PostgresStore`, for many machines;
+- ``memory:``: :class:`~contentdownload.store.memory.MemoryStore`, nothing persisted.
+
+The database drivers are imported when a store of their kind is opened.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import IllegalTransition, LeaseLostError, StoreError, UsageError
+from .base import (
+    Claim,
+    JobRecord,
+    JobState,
+    JobStore,
+    PlannedJob,
+    SchemaVersionError,
+    UnknownJobError,
+    UnknownOperationError,
+)
+from .transitions import TRANSITIONS, check_transition
+
+if TYPE_CHECKING:
+    from .memory import MemoryStore
+    from .postgres import PostgresStore
+    from .sqlite import SQLiteStore
+
+__all__ = [
+    "Claim",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "PlannedJob",
+    "TRANSITIONS",
+    "check_transition",
+    "open_store",
+    "MemoryStore",
+    "PostgresStore",
+    "SQLiteStore",
+    "IllegalTransition",
+    "LeaseLostError",
+    "StoreError",
+    "SchemaVersionError",
+    "UnknownJobError",
+    "UnknownOperationError",
+]
+
+
+def open_store(url: str) -> JobStore:
+    """Open (creating or migrating its schema if needed) the job store at ``url``."""
+    text = str(url).strip()
+    scheme = text.split(":", 1)[0].lower() if ":" in text else ""
+    if scheme == "memory":
+        from .memory import MemoryStore
+
+        return MemoryStore(text)
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore, parse_sqlite_url
+
+        path = parse_sqlite_url(text)
+        if str(path) in ("", ".", ":memory:"):
+            raise UsageError(f"bad job store URL {text!r}: give a file, e.g. sqlite:///path/to/jobs.db (or 'memory:')")
+        if not path.parent.is_dir():
+            raise UsageError(f"bad job store URL {text!r}: folder {path.parent} does not exist")
+        return SQLiteStore(path)
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(text)
+    raise UsageError(f"unknown job store URL {text!r}: use sqlite:///path/jobs.db, postgresql://host/db or memory:")
+
+
+def __getattr__(name: str):
+    if name == "MemoryStore":
+        from .memory import MemoryStore
+
+        return MemoryStore
+    if name == "SQLiteStore":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

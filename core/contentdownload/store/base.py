@@ -1,0 +1,681 @@
+"""The job store interface, its records and states, and the SQL machinery both databases share.
+
+A job is a row keyed by its job key. Its life::
+
+    planned --claim--> leased --mark_streaming--> streaming --finish--> finalized
+       ^                 |  ^                        |    \\--fail--> failed (or planned: retry)
+       |                 |  '--takeover (expired)----'
+       '---- release / retryable fail / requeue (failed) / reopen (finalized)
+
+Every claim bumps the job's ``epoch`` (its fencing token). Heartbeat, mark_streaming,
+finish and fail name the epoch of the claim they act for, and are refused with
+:class:`~contentdownload.errors.LeaseLostError` once another worker has taken the job
+over (or the lease was released), so a worker that was paused past its lease cannot
+finalize a job someone else now owns.
+
+The operation ledger records each side effect of a job under an operation key
+(:func:`contentdownload.keys.operation_key`) so that a job replayed after a crash skips
+effects that completed (``done``) and redoes those that did not (``pending``/``failed``).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import json
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Collection, Iterator, Sequence
+
+import attrs
+
+from ..errors import IllegalTransition, LeaseLostError, StoreError
+
+
+class JobState(str, enum.Enum):
+    PLANNED = "planned"
+    LEASED = "leased"
+    STREAMING = "streaming"
+    FINALIZED = "finalized"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+from . import transitions  # noqa: E402  (the table needs JobState)
+
+
+class SchemaVersionError(StoreError):
+    """The store was written by a newer version of contentdownload (its schema version is unknown here)."""
+
+
+class UnknownJobError(StoreError, KeyError):
+    """An operation named a job key that was never planned in this store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown job"
+
+
+class UnknownOperationError(StoreError, KeyError):
+    """``op_done``/``op_failed`` named an operation that ``op_begin`` never started."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown operation"
+
+
+@attrs.frozen
+class PlannedJob:
+    """A job to record: its key, the key's scheme, and a JSON-able payload (urls, ids, relative path...)."""
+
+    key: str
+    scheme: str
+    payload: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class JobRecord:
+    """A job as the store has it. Times are unix seconds (the database's clock for PostgreSQL)."""
+
+    key: str
+    scheme: str
+    state: JobState
+    payload: dict
+    attempts: int  # failures recorded (reset by requeue)
+    claims: int  # how many times the job was claimed
+    epoch: int  # the fencing token of the current (or last) lease
+    lease_owner: str | None
+    lease_expires_at: float | None
+    etag: str | None
+    last_modified: str | None
+    size: int | None
+    sha256: str | None
+    path: str | None
+    final_url: str | None
+    content_type: str | None
+    mtime_ns: int | None
+    last_error: str | None
+    updated_at: float
+
+
+@attrs.frozen
+class Claim:
+    """A lease on one job: act for it with ``key`` and ``epoch``."""
+
+    key: str
+    epoch: int
+    owner: str
+    record: JobRecord
+
+
+OP_STATUSES = ("pending", "done", "failed")
+OP_KINDS_HINT = ("transfer", "finalize", "manifest")
+
+
+class JobStore(abc.ABC):
+    """Where jobs, leases and the operation ledger live. Thread-safe: share one per process."""
+
+    url: str
+
+    # -- jobs -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def plan(self, jobs: Sequence[PlannedJob]) -> int:
+        """Record new keys as ``planned``; keys already present are left alone. Returns how many were new."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> JobRecord | None: ...
+
+    @abc.abstractmethod
+    def claim(self, owner: str, ttl: float, keys: Collection[str] | None = None) -> Claim | None:
+        """Take one claimable job (planned, or held under an expired lease), optionally among ``keys``.
+
+        Pass the same ``frozenset`` object on every call of a run: the SQL backends load
+        the key set into a per-connection temporary table once and reuse it.
+        """
+
+    @abc.abstractmethod
+    def claim_key(self, key: str, owner: str, ttl: float) -> Claim | None:
+        """Claim this job if it is claimable now; ``None`` otherwise."""
+
+    @abc.abstractmethod
+    def heartbeat(self, key: str, epoch: int, ttl: float) -> None:
+        """Extend the lease to now + ``ttl``. Raises LeaseLostError when the lease is no longer this epoch's."""
+
+    @abc.abstractmethod
+    def mark_streaming(self, key: str, epoch: int) -> None:
+        """``leased -> streaming`` (no-op when already streaming). Fenced."""
+
+    @abc.abstractmethod
+    def finish(self, key: str, epoch: int, *, path: str, size: int, sha256: str, etag: str | None = None,
+               last_modified: str | None = None, final_url: str | None = None, content_type: str | None = None,
+               mtime_ns: int | None = None) -> None:
+        """``-> finalized`` with the file's facts; clears the lease. Fenced."""
+
+    @abc.abstractmethod
+    def fail(self, key: str, epoch: int, error: str, *, retryable: bool, max_attempts: int) -> JobState:
+        """Count a failure: back to ``planned`` while retryable and under ``max_attempts``, else ``failed``. Fenced."""
+
+    @abc.abstractmethod
+    def release(self, key: str, epoch: int) -> None:
+        """Give the job back (``planned``) without counting a failure. A stale epoch is ignored."""
+
+    @abc.abstractmethod
+    def reopen(self, key: str) -> None:
+        """``finalized -> planned`` (the file is gone, or revalidation is asked for); no-op in other states."""
+
+    @abc.abstractmethod
+    def requeue(self, key: str) -> bool:
+        """``failed -> planned`` for one job, attempts reset; ``False`` when it was not failed."""
+
+    @abc.abstractmethod
+    def requeue_failed(self) -> int:
+        """``failed -> planned`` for every failed job, attempts reset. Returns how many."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict:
+        """``{"by_state", "expired_leases", "oldest_in_flight_s", "failures_by_reason", "total"}``."""
+
+    @abc.abstractmethod
+    def records(self, state: JobState | str | None = None) -> Iterator[JobRecord]: ...
+
+    # -- the operation ledger ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def op_begin(self, op_key: str, job_key: str, kind: str, epoch: int) -> str:
+        """Start an operation; returns its status before: ``new``, ``pending``, ``done`` (skip it) or ``failed``."""
+
+    @abc.abstractmethod
+    def op_done(self, op_key: str, result: dict | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def op_failed(self, op_key: str, error: str) -> None: ...
+
+    @abc.abstractmethod
+    def op_get(self, op_key: str) -> dict | None:
+        """``{"status", "kind", "job_key", "result", "epoch", "updated_at", "error"}`` or ``None``."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {getattr(self, 'url', '?')}>"
+
+
+# -- shared helpers ---------------------------------------------------------------------
+
+HELD_STATES = tuple(s.value for s in transitions.HELD)
+
+
+def empty_stats() -> dict:
+    return {"by_state": {s.value: 0 for s in JobState}, "expired_leases": 0, "oldest_in_flight_s": None,
+            "failures_by_reason": {}, "total": 0}
+
+
+def dumps(obj: Any) -> str | None:
+    if obj is None:
+        return None
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def loads(value: Any) -> Any:
+    if value is None or isinstance(value, (dict, list)):
+        return value
+    return json.loads(value)
+
+
+def fenced_refusal(key: str, epoch: int, row: tuple | None, target: JobState | None) -> Exception:
+    """Why a fenced write matched no row: unknown job, stale epoch, or a move the table forbids.
+
+    ``row`` is ``(state, epoch)`` as stored now; ``target`` is the state the write wanted
+    (``None`` for a heartbeat, which moves nothing).
+    """
+    if row is None:
+        return UnknownJobError(f"unknown job key {key!r}")
+    state, current = JobState(row[0]), int(row[1])
+    if current != epoch:
+        return LeaseLostError(f"lease on job {key} was taken over (epoch {epoch} is stale; now {current})")
+    if target is not None and not transitions.is_allowed(state, target):
+        return IllegalTransition(f"illegal job transition: {state.value} -> {target.value} (job {key})")
+    return LeaseLostError(f"job {key} is {state.value}: no lease of epoch {epoch} to act for")
+
+
+def fail_target(attempts_after: int, retryable: bool, max_attempts: int) -> JobState:
+    return JobState.PLANNED if retryable and attempts_after < max_attempts else JobState.FAILED
+
+
+# -- the SQL layer (SQLite and PostgreSQL) ----------------------------------------------
+
+RECORD_COLUMNS = (
+    "key", "scheme", "state", "payload", "attempts", "claims", "epoch", "lease_owner", "lease_expires_at",
+    "etag", "last_modified", "size", "sha256", "path", "final_url", "content_type", "mtime_ns", "last_error",
+    "updated_at",
+)
+COLS = ", ".join(RECORD_COLUMNS)
+HELD_SQL = "('leased', 'streaming')"
+PAGE = 1000
+KEYSETS_PER_CONNECTION = 8
+
+
+@attrs.define
+class KeySet:
+    """A claim key set loaded into a connection's ``claim_keys`` table, and where its last claim was."""
+
+    set_id: int
+    cursor: str = ""
+
+
+def row_to_record(row: Sequence[Any]) -> JobRecord:
+    values = list(row)
+    values[2] = JobState(values[2])
+    values[3] = loads(values[3]) or {}
+    for i in (4, 5, 6):
+        values[i] = int(values[i])
+    for i in (8, 18):
+        values[i] = None if values[i] is None else float(values[i])
+    for i in (11, 16):
+        values[i] = None if values[i] is None else int(values[i])
+    return JobRecord(*values)
+
+
+class SqlJobStore(JobStore):
+    """Job store logic in SQL, written once for SQLite and PostgreSQL.
+
+    Statements use ``?`` placeholders and the ``cd_now()`` function (unix seconds; a Python
+    function on SQLite connections, a SQL function on the database's clock in PostgreSQL).
+    Subclasses provide connections, transactions, error translation, the bulk insert of
+    :meth:`plan` and the loading of claim key sets.
+    """
+
+    #: appended to the candidate SELECT of a claim (``FOR UPDATE ... SKIP LOCKED`` in PostgreSQL)
+    skip_locked = ""
+    #: appended to a SELECT that reads a row it is about to update (``FOR UPDATE`` in PostgreSQL)
+    for_update = ""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._keyset_ids = iter(range(1, 1 << 62))
+        self._keyset_lock = threading.Lock()
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def q(self, sql: str) -> str:
+        """The statement in the driver's placeholder style."""
+        return sql
+
+    @abc.abstractmethod
+    def _connection(self) -> Any:
+        """Context manager yielding a connection for this thread."""
+
+    @abc.abstractmethod
+    def _begin(self, conn: Any, write: bool) -> None: ...
+
+    @abc.abstractmethod
+    def _commit(self, conn: Any) -> None: ...
+
+    @abc.abstractmethod
+    def _rollback(self, conn: Any) -> None: ...
+
+    @abc.abstractmethod
+    def _translate(self, exc: BaseException) -> BaseException | None:
+        """The store error for a driver error (``None``: not a driver error, re-raise it as is)."""
+
+    def _retryable(self, exc: BaseException) -> bool:
+        """A transaction that failed this way was rolled back and can simply be run again."""
+        return False
+
+    @abc.abstractmethod
+    def _insert_planned(self, conn: Any, rows: list[tuple[str, str, str]]) -> int: ...
+
+    @abc.abstractmethod
+    def _keyset_cache(self, conn: Any) -> dict:
+        """Per-connection ``{frozenset: KeySet}`` of key sets loaded into the ``claim_keys`` temp table."""
+
+    @abc.abstractmethod
+    def _load_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None: ...
+
+    # -- transactions -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the job store {self.url} is closed")
+
+    def _relax(self, conn: Any) -> None:
+        """Let this transaction commit without waiting for its flush to disk (see :meth:`_run`)."""
+
+    def _run(self, fn: Callable[[Any], Any], *, write: bool, keys: frozenset[str] | None = None,
+             durable: bool = True) -> Any:
+        """Run ``fn(conn)`` (``fn(conn, keyset)`` with ``keys``) in one transaction, retrying transient conflicts.
+
+        ``durable=False`` marks writes whose loss in a crash of the database server is
+        harmless (heartbeats, ``mark_streaming``, starting an operation): they may commit
+        without waiting for the disk. Commits stay ordered, so any later durable commit
+        makes them durable too.
+        """
+        self._check_open()
+        for attempt in range(8):
+            try:
+                with self._connection() as conn:
+                    keyset = self._keyset(conn, keys) if keys is not None else None
+                    self._begin(conn, write)
+                    if not durable:
+                        self._relax(conn)
+                    try:
+                        result = fn(conn) if keys is None else fn(conn, keyset)
+                    except BaseException:
+                        self._rollback(conn)
+                        raise
+                    self._commit(conn)
+                    return result
+            except (StoreError, IllegalTransition, LeaseLostError):
+                raise
+            except Exception as exc:
+                if self._retryable(exc) and attempt < 7:
+                    time.sleep(0.005 * (2 ** attempt))
+                    continue
+                translated = self._translate(exc)
+                if translated is None:
+                    raise
+                raise translated from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _keyset(self, conn: Any, keys: frozenset[str]) -> "KeySet":
+        cache = self._keyset_cache(conn)
+        keyset = cache.get(keys)
+        if keyset is not None:
+            return keyset
+        with self._keyset_lock:
+            set_id = next(self._keyset_ids)
+        evict = []
+        while len(cache) >= KEYSETS_PER_CONNECTION:
+            evict.append(cache.pop(next(iter(cache))).set_id)
+        self._load_keyset(conn, set_id, keys, evict)
+        keyset = cache[keys] = KeySet(set_id)
+        return keyset
+
+    @staticmethod
+    def _fetchall(conn: Any, sql: str, params: Sequence[Any] = ()) -> list:
+        return conn.execute(sql, params).fetchall()
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def plan(self, jobs: Sequence[PlannedJob]) -> int:
+        unique: dict[str, tuple[str, str, str]] = {}
+        for job in jobs:
+            if job.key not in unique:
+                unique[job.key] = (job.key, job.scheme, dumps(job.payload or {}) or "{}")
+        if not unique:
+            self._check_open()
+            return 0
+        rows = [unique[k] for k in sorted(unique)]  # one lock order for every planner: no deadlocks
+        return self._run(lambda conn: self._insert_planned(conn, rows), write=True)
+
+    def get(self, key: str) -> JobRecord | None:
+        rows = self._run(lambda conn: self._fetchall(conn, self.q(f"SELECT {COLS} FROM jobs WHERE key = ?"), (key,)), write=False)
+        return row_to_record(rows[0]) if rows else None
+
+    def _claim_sql(self, where: str, restrict: str = "") -> str:
+        """One statement: pick a candidate (skipping rows other claimers hold locked) and lease it."""
+        return self.q(
+            "UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
+            "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() "
+            f"WHERE key = (SELECT key FROM jobs WHERE {where}{restrict} LIMIT 1{self.skip_locked}) RETURNING {COLS}")
+
+    def pick_among_sql(self) -> str:
+        """The first claimable job among a loaded key set (params: set_id, after), in key order."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _as_claim(rows: list, owner: str) -> Claim | None:
+        if not rows:
+            return None
+        record = row_to_record(rows[0])
+        return Claim(key=record.key, epoch=record.epoch, owner=owner, record=record)
+
+    #: planned jobs first, then jobs whose holder's lease expired
+    CLAIMABLE = ("state = 'planned'", f"state IN {HELD_SQL} AND lease_expires_at < cd_now()")
+
+    def claim(self, owner: str, ttl: float, keys: Collection[str] | None = None) -> Claim | None:
+        if keys is None:
+            def take(conn: Any) -> Claim | None:
+                for where in self.CLAIMABLE:
+                    claim = self._as_claim(self._fetchall(conn, self._claim_sql(where), (owner, float(ttl))), owner)
+                    if claim is not None:
+                        return claim
+                return None
+
+            return self._run(take, write=True)
+        wanted = keys if isinstance(keys, frozenset) else frozenset(keys)
+        if not wanted:
+            self._check_open()
+            return None
+
+        def take_among(conn: Any, keyset: KeySet) -> Claim | None:
+            # Walk the run's keys in key order from where this connection last found a job,
+            # then once from the start: finished keys are stepped over once, not at every claim.
+            sql = self.q(
+                "UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
+                "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() "
+                f"WHERE key = ({self.pick_among_sql()}) RETURNING {COLS}")
+            for after in dict.fromkeys((keyset.cursor, "")):
+                claim = self._as_claim(self._fetchall(conn, sql, (owner, float(ttl), keyset.set_id, after)), owner)
+                if claim is not None:
+                    keyset.cursor = claim.key
+                    return claim
+            return None
+
+        return self._run(take_among, write=True, keys=wanted)
+
+    def claim_key(self, key: str, owner: str, ttl: float) -> Claim | None:
+        def take(conn: Any) -> Claim | None:
+            rows = self._fetchall(conn, self.q(
+                f"SELECT state, lease_expires_at < cd_now() FROM jobs WHERE key = ?{self.for_update}"), (key,))
+            if not rows:
+                return None
+            state, expired = rows[0]
+            if state == "planned" or (state in HELD_STATES and expired):
+                return self._as_claim(self._fetchall(conn, self.q(
+                    "UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
+                    "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() "
+                    f"WHERE key = ? RETURNING {COLS}"), (owner, float(ttl), key)), owner)
+            return None
+
+        return self._run(take, write=True)
+
+    def _fenced(self, conn: Any, sql: str, params: tuple, key: str, epoch: int, target: JobState | None) -> list:
+        rows = self._fetchall(conn, self.q(sql), params)
+        if rows:
+            return rows
+        now = self._fetchall(conn, self.q("SELECT state, epoch FROM jobs WHERE key = ?"), (key,))
+        raise fenced_refusal(key, epoch, now[0] if now else None, target)
+
+    def heartbeat(self, key: str, epoch: int, ttl: float) -> None:
+        self._run(lambda conn: self._fenced(
+            conn,
+            "UPDATE jobs SET lease_expires_at = cd_now() + ?, updated_at = cd_now() "
+            f"WHERE key = ? AND epoch = ? AND state IN {HELD_SQL} RETURNING key",
+            (float(ttl), key, int(epoch)), key, epoch, None), write=True, durable=False)
+
+    def mark_streaming(self, key: str, epoch: int) -> None:
+        def mark(conn: Any) -> None:
+            rows = self._fetchall(conn, self.q(
+                "UPDATE jobs SET state = 'streaming', updated_at = cd_now() "
+                "WHERE key = ? AND epoch = ? AND state = 'leased' RETURNING key"), (key, int(epoch)))
+            if rows:
+                return
+            now = self._fetchall(conn, self.q("SELECT state, epoch FROM jobs WHERE key = ?"), (key,))
+            if now and now[0][0] == "streaming" and int(now[0][1]) == epoch:
+                return
+            raise fenced_refusal(key, epoch, now[0] if now else None, JobState.STREAMING)
+
+        self._run(mark, write=True, durable=False)
+
+    def finish(self, key: str, epoch: int, *, path: str, size: int, sha256: str, etag: str | None = None,
+               last_modified: str | None = None, final_url: str | None = None, content_type: str | None = None,
+               mtime_ns: int | None = None) -> None:
+        params = (str(path), None if size is None else int(size), sha256, etag, last_modified, final_url, content_type,
+                  None if mtime_ns is None else int(mtime_ns), key, int(epoch))
+        self._run(lambda conn: self._fenced(
+            conn,
+            "UPDATE jobs SET state = 'finalized', path = ?, size = ?, sha256 = ?, etag = ?, last_modified = ?, "
+            "final_url = ?, content_type = ?, mtime_ns = ?, lease_owner = NULL, lease_expires_at = NULL, "
+            f"updated_at = cd_now() WHERE key = ? AND epoch = ? AND state IN {HELD_SQL} RETURNING key",
+            params, key, epoch, JobState.FINALIZED), write=True)
+
+    def fail(self, key: str, epoch: int, error: str, *, retryable: bool, max_attempts: int) -> JobState:
+        def record(conn: Any) -> JobState:
+            rows = self._fetchall(conn, self.q(
+                "UPDATE jobs SET attempts = attempts + 1, last_error = ?, "
+                "state = CASE WHEN ? = 1 AND attempts + 1 < ? THEN 'planned' ELSE 'failed' END, "
+                "lease_owner = NULL, lease_expires_at = NULL, updated_at = cd_now() "
+                f"WHERE key = ? AND epoch = ? AND state IN {HELD_SQL} RETURNING state"),
+                (str(error), 1 if retryable else 0, int(max_attempts), key, int(epoch)))
+            if rows:
+                return JobState(rows[0][0])
+            now = self._fetchall(conn, self.q("SELECT state, epoch, attempts FROM jobs WHERE key = ?"), (key,))
+            target = fail_target(int(now[0][2]) + 1, retryable, max_attempts) if now else None
+            raise fenced_refusal(key, epoch, now[0][:2] if now else None, target)
+
+        return self._run(record, write=True)
+
+    def release(self, key: str, epoch: int) -> None:
+        self._run(lambda conn: conn.execute(self.q(
+            "UPDATE jobs SET state = 'planned', epoch = epoch + 1, lease_owner = NULL, lease_expires_at = NULL, "
+            f"updated_at = cd_now() WHERE key = ? AND epoch = ? AND state IN {HELD_SQL}"), (key, int(epoch))), write=True)
+
+    def reopen(self, key: str) -> None:
+        self._run(lambda conn: conn.execute(self.q(
+            "UPDATE jobs SET state = 'planned', updated_at = cd_now() WHERE key = ? AND state = 'finalized'"), (key,)), write=True)
+
+    def requeue(self, key: str) -> bool:
+        return bool(self._run(lambda conn: conn.execute(self.q(
+            "UPDATE jobs SET state = 'planned', attempts = 0, updated_at = cd_now() "
+            "WHERE key = ? AND state = 'failed'"), (key,)).rowcount, write=True))
+
+    def requeue_failed(self) -> int:
+        return int(self._run(lambda conn: conn.execute(
+            "UPDATE jobs SET state = 'planned', attempts = 0, updated_at = cd_now() WHERE state = 'failed'").rowcount,
+            write=True))
+
+    def stats(self) -> dict:
+        def read(conn: Any) -> dict:
+            out = empty_stats()
+            for state, n in self._fetchall(conn, "SELECT state, count(*) FROM jobs GROUP BY state"):
+                out["by_state"][state] = int(n)
+            out["total"] = sum(out["by_state"].values())
+            expired, oldest = self._fetchall(conn, (
+                "SELECT count(*) FILTER (WHERE lease_expires_at < cd_now()), cd_now() - min(leased_at) "
+                f"FROM jobs WHERE state IN {HELD_SQL}"))[0]
+            out["expired_leases"] = int(expired or 0)
+            out["oldest_in_flight_s"] = None if oldest is None else max(0.0, float(oldest))
+            out["failures_by_reason"] = {
+                reason or "unknown": int(n) for reason, n in self._fetchall(conn, (
+                    "SELECT last_error, count(*) AS n FROM jobs WHERE state = 'failed' "
+                    "GROUP BY last_error ORDER BY n DESC, last_error"))
+            }
+            return out
+
+        return self._run(read, write=False)
+
+    def records(self, state: JobState | str | None = None) -> Iterator[JobRecord]:
+        wanted = None if state is None else JobState(state).value
+        after = ""
+        while True:
+            if wanted is None:
+                sql, params = f"SELECT {COLS} FROM jobs WHERE key > ? ORDER BY key LIMIT {PAGE}", (after,)
+            else:
+                sql, params = f"SELECT {COLS} FROM jobs WHERE state = ? AND key > ? ORDER BY key LIMIT {PAGE}", (wanted, after)
+            rows = self._run(lambda conn: self._fetchall(conn, self.q(sql), params), write=False)
+            for row in rows:
+                yield row_to_record(row)
+            if len(rows) < PAGE:
+                return
+            after = rows[-1][0]
+
+    # -- the operation ledger ---------------------------------------------------------
+
+    def op_begin(self, op_key: str, job_key: str, kind: str, epoch: int) -> str:
+        def begin(conn: Any) -> str:
+            inserted = self._fetchall(conn, self.q(
+                "INSERT INTO operations (op_key, job_key, kind, status, epoch, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'pending', ?, cd_now(), cd_now()) ON CONFLICT (op_key) DO NOTHING RETURNING op_key"),
+                (op_key, job_key, kind, int(epoch)))
+            if inserted:
+                return "new"
+            rows = self._fetchall(conn, self.q(f"SELECT status FROM operations WHERE op_key = ?{self.for_update}"), (op_key,))
+            status = rows[0][0]
+            if status in ("pending", "failed"):
+                conn.execute(self.q(
+                    "UPDATE operations SET status = 'pending', epoch = ?, updated_at = cd_now() WHERE op_key = ?"),
+                    (int(epoch), op_key))
+            return status
+
+        return self._run(begin, write=True, durable=False)
+
+    def _op_set(self, op_key: str, sql: str, params: tuple) -> None:
+        def update(conn: Any) -> None:
+            if conn.execute(self.q(sql), params).rowcount == 0:
+                raise UnknownOperationError(f"unknown operation {op_key!r}: op_begin first")
+
+        self._run(update, write=True)
+
+    def op_done(self, op_key: str, result: dict | None = None) -> None:
+        self._op_set(op_key, "UPDATE operations SET status = 'done', result = ?, error = NULL, updated_at = cd_now() "
+                     "WHERE op_key = ?", (dumps(result), op_key))
+
+    def op_failed(self, op_key: str, error: str) -> None:
+        self._op_set(op_key, "UPDATE operations SET status = 'failed', error = ?, updated_at = cd_now() "
+                     "WHERE op_key = ?", (str(error), op_key))
+
+    def op_get(self, op_key: str) -> dict | None:
+        rows = self._run(lambda conn: self._fetchall(conn, self.q(
+            "SELECT status, kind, job_key, result, epoch, updated_at, error FROM operations WHERE op_key = ?"),
+            (op_key,)), write=False)
+        if not rows:
+            return None
+        status, kind, job_key, result, epoch, updated_at, error = rows[0]
+        return {"status": status, "kind": kind, "job_key": job_key, "result": loads(result), "epoch": int(epoch),
+                "updated_at": float(updated_at), "error": error}
+
+
+# -- schema ----------------------------------------------------------------------------
+
+
+def transition_rows_sql() -> str:
+    return ", ".join(f"('{old}', '{new}')" for old, new in transitions.pairs())
+
+
+def state_rows_sql() -> str:
+    return ", ".join(f"('{s.value}')" for s in JobState)
+
+
+def check_transition_table(found: set[tuple[str, str]], url: str) -> None:
+    """The database's copy of the transition table must be the code's: a difference means a missing migration."""
+    expected = set(transitions.pairs())
+    if found != expected:
+        extra, missing = sorted(found - expected), sorted(expected - found)
+        raise StoreError(
+            f"the job store {url} has a different transition table than this version "
+            f"(extra {extra}, missing {missing}); it needs a migration, not a repair"
+        )
+
+
+@contextmanager
+def translated(fn: Callable[[BaseException], BaseException | None]) -> Iterator[None]:
+    """Raise driver errors as store errors (used outside :meth:`SqlJobStore._run`, e.g. while opening)."""
+    try:
+        yield
+    except (StoreError, IllegalTransition, LeaseLostError):
+        raise
+    except Exception as exc:
+        mapped = fn(exc)
+        if mapped is None:
+            raise
+        raise mapped from exc

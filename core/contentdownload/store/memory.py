@@ -1,0 +1,291 @@
+"""The in-memory job store: the same contract as the databases, for one process and no file.
+
+Used when the persistent store is switched off: state lasts as long as the process.
+Every method takes one lock, so the store is safe to share between worker threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import Any, Collection, Iterator, Sequence
+
+from ..errors import StoreError
+from . import transitions
+from .base import (
+    Claim,
+    JobRecord,
+    JobState,
+    JobStore,
+    PlannedJob,
+    UnknownJobError,
+    UnknownOperationError,
+    dumps,
+    empty_stats,
+    fail_target,
+    fenced_refusal,
+    loads,
+)
+
+P, L, S, F, X = JobState.PLANNED, JobState.LEASED, JobState.STREAMING, JobState.FINALIZED, JobState.FAILED
+
+
+class MemoryStore(JobStore):
+    """Jobs and the ledger in dictionaries, behind one lock."""
+
+    def __init__(self, url: str = "memory:"):
+        self.url = url
+        self._lock = threading.RLock()
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._planned: dict[str, None] = {}  # planned keys in planning order (a claim takes the first)
+        self._held: dict[str, None] = {}  # leased or streaming keys
+        self._ops: dict[str, dict[str, Any]] = {}
+        self._closed = False
+
+    # -- internals --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"the job store {self.url} is closed")
+
+    def _job(self, key: str) -> dict[str, Any] | None:
+        self._check_open()
+        return self._jobs.get(key)
+
+    def _set_state(self, row: dict[str, Any], new: JobState) -> None:
+        transitions.check_transition(row["state"], new)
+        key = row["key"]
+        self._planned.pop(key, None)
+        self._held.pop(key, None)
+        if new is P:
+            self._planned[key] = None
+        elif new in transitions.HELD:
+            self._held[key] = None
+        row["state"] = new
+
+    @staticmethod
+    def _record(row: dict[str, Any]) -> JobRecord:
+        return JobRecord(
+            key=row["key"], scheme=row["scheme"], state=row["state"], payload=loads(row["payload"]),
+            attempts=row["attempts"], claims=row["claims"], epoch=row["epoch"], lease_owner=row["lease_owner"],
+            lease_expires_at=row["lease_expires_at"], etag=row["etag"], last_modified=row["last_modified"],
+            size=row["size"], sha256=row["sha256"], path=row["path"], final_url=row["final_url"],
+            content_type=row["content_type"], mtime_ns=row["mtime_ns"], last_error=row["last_error"],
+            updated_at=row["updated_at"],
+        )
+
+    def _take(self, row: dict[str, Any], owner: str, ttl: float, now: float) -> Claim:
+        self._set_state(row, L)
+        row.update(epoch=row["epoch"] + 1, claims=row["claims"] + 1, lease_owner=owner,
+                   lease_expires_at=now + float(ttl), leased_at=now, updated_at=now)
+        return Claim(key=row["key"], epoch=row["epoch"], owner=owner, record=self._record(row))
+
+    @staticmethod
+    def _expired(row: dict[str, Any], now: float) -> bool:
+        return row["lease_expires_at"] is not None and row["lease_expires_at"] < now
+
+    def _held_row(self, key: str, epoch: int, target: JobState | None) -> dict[str, Any]:
+        """The row, when ``epoch`` holds its lease; otherwise the same refusal the databases give."""
+        row = self._job(key)
+        if row is None or row["epoch"] != epoch or row["state"] not in transitions.HELD:
+            raise fenced_refusal(key, epoch, None if row is None else (row["state"].value, row["epoch"]), target)
+        return row
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def plan(self, jobs: Sequence[PlannedJob]) -> int:
+        with self._lock:
+            self._check_open()
+            now, added = time.time(), 0
+            for job in jobs:
+                if job.key in self._jobs:
+                    continue
+                self._jobs[job.key] = {
+                    "key": job.key, "scheme": job.scheme, "state": P, "payload": dumps(job.payload or {}),
+                    "attempts": 0, "claims": 0, "epoch": 0, "lease_owner": None, "lease_expires_at": None,
+                    "leased_at": None, "etag": None, "last_modified": None, "size": None, "sha256": None,
+                    "path": None, "final_url": None, "content_type": None, "mtime_ns": None, "last_error": None,
+                    "updated_at": now,
+                }
+                self._planned[job.key] = None
+                added += 1
+            return added
+
+    def get(self, key: str) -> JobRecord | None:
+        with self._lock:
+            row = self._job(key)
+            return None if row is None else self._record(row)
+
+    def claim(self, owner: str, ttl: float, keys: Collection[str] | None = None) -> Claim | None:
+        wanted = None if keys is None else (keys if isinstance(keys, (set, frozenset, dict)) else frozenset(keys))
+        with self._lock:
+            self._check_open()
+            now = time.time()
+            if wanted is not None and len(wanted) < len(self._planned):
+                candidates = (k for k in wanted if k in self._planned)
+            else:
+                candidates = (k for k in self._planned if wanted is None or k in wanted)
+            for key in candidates:
+                return self._take(self._jobs[key], owner, ttl, now)
+            for key in self._held:
+                row = self._jobs[key]
+                if self._expired(row, now) and (wanted is None or key in wanted):
+                    return self._take(row, owner, ttl, now)
+            return None
+
+    def claim_key(self, key: str, owner: str, ttl: float) -> Claim | None:
+        with self._lock:
+            row = self._job(key)
+            now = time.time()
+            if row is None:
+                return None
+            if row["state"] is P or (row["state"] in transitions.HELD and self._expired(row, now)):
+                return self._take(row, owner, ttl, now)
+            return None
+
+    def heartbeat(self, key: str, epoch: int, ttl: float) -> None:
+        with self._lock:
+            row = self._held_row(key, epoch, None)
+            now = time.time()
+            row.update(lease_expires_at=now + float(ttl), updated_at=now)
+
+    def mark_streaming(self, key: str, epoch: int) -> None:
+        with self._lock:
+            row = self._held_row(key, epoch, S)
+            if row["state"] is L:
+                self._set_state(row, S)
+                row["updated_at"] = time.time()
+
+    def finish(self, key: str, epoch: int, *, path: str, size: int, sha256: str, etag: str | None = None,
+               last_modified: str | None = None, final_url: str | None = None, content_type: str | None = None,
+               mtime_ns: int | None = None) -> None:
+        with self._lock:
+            row = self._held_row(key, epoch, F)
+            self._set_state(row, F)
+            row.update(path=str(path), size=None if size is None else int(size), sha256=sha256, etag=etag,
+                       last_modified=last_modified, final_url=final_url, content_type=content_type,
+                       mtime_ns=None if mtime_ns is None else int(mtime_ns), lease_owner=None,
+                       lease_expires_at=None, updated_at=time.time())
+
+    def fail(self, key: str, epoch: int, error: str, *, retryable: bool, max_attempts: int) -> JobState:
+        with self._lock:
+            row = self._job(key)
+            target = None if row is None else fail_target(row["attempts"] + 1, retryable, max_attempts)
+            row = self._held_row(key, epoch, target)
+            self._set_state(row, target)
+            row.update(attempts=row["attempts"] + 1, last_error=str(error), lease_owner=None,
+                       lease_expires_at=None, updated_at=time.time())
+            return target
+
+    def release(self, key: str, epoch: int) -> None:
+        with self._lock:
+            row = self._job(key)
+            if row is None or row["epoch"] != epoch or row["state"] not in transitions.HELD:
+                return
+            self._set_state(row, P)
+            row.update(epoch=row["epoch"] + 1, lease_owner=None, lease_expires_at=None, updated_at=time.time())
+
+    def reopen(self, key: str) -> None:
+        with self._lock:
+            row = self._job(key)
+            if row is not None and row["state"] is F:
+                self._set_state(row, P)
+                row["updated_at"] = time.time()
+
+    def requeue(self, key: str) -> bool:
+        with self._lock:
+            row = self._job(key)
+            if row is None or row["state"] is not X:
+                return False
+            self._set_state(row, P)
+            row.update(attempts=0, updated_at=time.time())
+            return True
+
+    def requeue_failed(self) -> int:
+        with self._lock:
+            self._check_open()
+            failed = [key for key, row in self._jobs.items() if row["state"] is X]
+            for key in failed:
+                self.requeue(key)
+            return len(failed)
+
+    def stats(self) -> dict:
+        with self._lock:
+            self._check_open()
+            out = empty_stats()
+            now = time.time()
+            oldest = None
+            reasons: dict[str, int] = {}
+            for row in self._jobs.values():
+                out["by_state"][row["state"].value] += 1
+                if row["state"] in transitions.HELD:
+                    if self._expired(row, now):
+                        out["expired_leases"] += 1
+                    if row["leased_at"] is not None and (oldest is None or row["leased_at"] < oldest):
+                        oldest = row["leased_at"]
+                elif row["state"] is X:
+                    reason = row["last_error"] or "unknown"
+                    reasons[reason] = reasons.get(reason, 0) + 1
+            out["total"] = len(self._jobs)
+            out["oldest_in_flight_s"] = None if oldest is None else max(0.0, now - oldest)
+            out["failures_by_reason"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+            return out
+
+    def records(self, state: JobState | str | None = None) -> Iterator[JobRecord]:
+        wanted = None if state is None else JobState(state)
+        with self._lock:
+            self._check_open()
+            snapshot = [self._record(row) for key, row in sorted(self._jobs.items())
+                        if wanted is None or row["state"] is wanted]
+        return iter(snapshot)
+
+    # -- the operation ledger ---------------------------------------------------------
+
+    def op_begin(self, op_key: str, job_key: str, kind: str, epoch: int) -> str:
+        with self._lock:
+            self._check_open()
+            op = self._ops.get(op_key)
+            now = time.time()
+            if op is None:
+                if job_key not in self._jobs:
+                    raise UnknownJobError(f"unknown job key (the job was never planned in this store): {job_key!r}")
+                self._ops[op_key] = {"status": "pending", "kind": kind, "job_key": job_key, "result": None,
+                                     "epoch": int(epoch), "updated_at": now, "error": None}
+                return "new"
+            status = op["status"]
+            if status in ("pending", "failed"):
+                op.update(status="pending", epoch=int(epoch), updated_at=now)
+            return status
+
+    def _op(self, op_key: str) -> dict[str, Any]:
+        self._check_open()
+        op = self._ops.get(op_key)
+        if op is None:
+            raise UnknownOperationError(f"unknown operation {op_key!r}: op_begin first")
+        return op
+
+    def op_done(self, op_key: str, result: dict | None = None) -> None:
+        with self._lock:
+            self._op(op_key).update(status="done", result=dumps(result), error=None, updated_at=time.time())
+
+    def op_failed(self, op_key: str, error: str) -> None:
+        with self._lock:
+            self._op(op_key).update(status="failed", error=str(error), updated_at=time.time())
+
+    def op_get(self, op_key: str) -> dict | None:
+        with self._lock:
+            self._check_open()
+            op = self._ops.get(op_key)
+            if op is None:
+                return None
+            out = copy.copy(op)
+            out["result"] = loads(op["result"])
+            return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+
+__all__ = ["MemoryStore"]

@@ -1,0 +1,278 @@
+"""The PostgreSQL job store: many processes on many machines share one database.
+
+psycopg 3 with a connection pool (1 to 8 connections per store, transactions, no
+autocommit). A claim selects one candidate ``FOR UPDATE SKIP LOCKED`` and updates it in
+the same transaction, so claimers never wait on each other nor pick the same job. Lease
+times are the database's clock (``cd_now()``, unix seconds of ``now()``), so machines
+with skewed clocks agree on when a lease expired.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import IllegalTransition, StoreError
+from .base import (
+    SchemaVersionError,
+    SqlJobStore,
+    UnknownJobError,
+    check_transition_table,
+    state_rows_sql,
+    transition_rows_sql,
+    translated,
+)
+
+TRANSITION_SQLSTATE = "CDX01"
+#: ``pg_advisory_xact_lock`` key that serialises schema migrations ("cdstore" in ASCII)
+MIGRATION_LOCK = 0x6364_7374_6F72_65
+
+
+def _migration_1() -> list[str]:
+    return [
+        "CREATE TABLE job_states (state text PRIMARY KEY)",
+        f"INSERT INTO job_states (state) VALUES {state_rows_sql()}",
+        """CREATE TABLE job_transitions (
+            from_state text NOT NULL REFERENCES job_states (state),
+            to_state text NOT NULL REFERENCES job_states (state),
+            PRIMARY KEY (from_state, to_state)
+        )""",
+        f"INSERT INTO job_transitions (from_state, to_state) VALUES {transition_rows_sql()}",
+        """CREATE OR REPLACE FUNCTION cd_now() RETURNS double precision LANGUAGE sql STABLE
+            AS $$ SELECT extract(epoch FROM now())::double precision $$""",
+        """CREATE TABLE jobs (
+            key text PRIMARY KEY,
+            scheme text NOT NULL,
+            state text NOT NULL DEFAULT 'planned' REFERENCES job_states (state),
+            payload jsonb NOT NULL DEFAULT '{}',
+            attempts integer NOT NULL DEFAULT 0,
+            claims integer NOT NULL DEFAULT 0,
+            epoch bigint NOT NULL DEFAULT 0,
+            lease_owner text,
+            lease_expires_at double precision,
+            leased_at double precision,
+            etag text,
+            last_modified text,
+            size bigint,
+            sha256 text,
+            path text,
+            final_url text,
+            content_type text,
+            mtime_ns bigint,
+            last_error text,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL
+        )""",
+        "CREATE INDEX jobs_claim ON jobs (state, lease_expires_at)",
+        """CREATE TABLE operations (
+            op_key text PRIMARY KEY,
+            job_key text NOT NULL REFERENCES jobs (key),
+            kind text NOT NULL,
+            status text NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+            epoch bigint NOT NULL DEFAULT 0,
+            result jsonb,
+            error text,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL
+        )""",
+        "CREATE INDEX operations_job ON operations (job_key)",
+        f"""CREATE OR REPLACE FUNCTION jobs_check_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM job_transitions t WHERE t.from_state = OLD.state AND t.to_state = NEW.state) THEN
+                RAISE EXCEPTION 'illegal job transition: % -> % (job %)', OLD.state, NEW.state, OLD.key
+                    USING ERRCODE = '{TRANSITION_SQLSTATE}';
+            END IF;
+            RETURN NEW;
+        END $$""",
+        """CREATE TRIGGER jobs_state_transition BEFORE UPDATE OF state ON jobs
+            FOR EACH ROW EXECUTE FUNCTION jobs_check_transition()""",
+    ]
+
+
+#: Forward migrations, in order: ``(version, statements)``. Never edit a released one; add the next.
+MIGRATIONS: list[tuple[int, Any]] = [(1, _migration_1)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs and ``store.url``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{netloc[1]}", parts.path, parts.query, parts.fragment))
+
+
+def translate(exc: BaseException) -> BaseException | None:
+    import psycopg
+    from psycopg import errors
+    from psycopg_pool import PoolTimeout
+
+    if isinstance(exc, PoolTimeout):
+        return StoreError(f"no PostgreSQL connection available for the job store: {exc}")
+    if not isinstance(exc, psycopg.Error):
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if getattr(exc, "sqlstate", None) == TRANSITION_SQLSTATE:
+        return IllegalTransition(f"{text} (refused by the database)")
+    if isinstance(exc, errors.ForeignKeyViolation):
+        return UnknownJobError(f"unknown job key (the job was never planned in this store): {text}")
+    return StoreError(f"PostgreSQL job store error: {type(exc).__name__}: {text}")
+
+
+class PostgresStore(SqlJobStore):
+    """A job store in a PostgreSQL database (``postgresql://user@host/db``)."""
+
+    skip_locked = " FOR UPDATE OF jobs SKIP LOCKED"
+    for_update = " FOR UPDATE"
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0,
+                 pool_timeout: float = 30.0):
+        super().__init__()
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._dsn = url
+        self.url = redact(url)
+        self._keysets: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+        self._q_cache: dict[str, str] = {}
+        with translated(translate):
+            try:
+                with psycopg.connect(url, autocommit=False, connect_timeout=int(connect_timeout)) as conn:
+                    self._migrate(conn)
+            except psycopg.OperationalError as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise StoreError(f"cannot connect to the job store {self.url}: {first}") from None
+            self._pool = ConnectionPool(
+                url, min_size=min_size, max_size=max_size, open=True, timeout=pool_timeout,
+                kwargs={"autocommit": False, "connect_timeout": int(connect_timeout)},
+                name="contentdownload-store",
+            )
+
+    def pick_among_sql(self) -> str:
+        # The LATERAL sub-select (it has a LIMIT, so it cannot be flattened) probes jobs by primary
+        # key once per key of the set, in key order, and locks the first claimable row it finds,
+        # skipping rows other claimers hold: the plan does not depend on table statistics.
+        return ("SELECT j.key FROM claim_keys c CROSS JOIN LATERAL ("
+                "SELECT jobs.key FROM jobs WHERE jobs.key = c.key "
+                f"AND ({self.CLAIMABLE[0]} OR ({self.CLAIMABLE[1]})) LIMIT 1 FOR UPDATE SKIP LOCKED) j "
+                "WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT 1")
+
+    # -- connections ------------------------------------------------------------------
+
+    def q(self, sql: str) -> str:
+        converted = self._q_cache.get(sql)
+        if converted is None:
+            converted = self._q_cache[sql] = sql.replace("?", "%s")
+        return converted
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        with self._pool.connection() as conn:
+            yield conn
+
+    def _begin(self, conn: Any, write: bool) -> None:
+        pass  # the first statement opens the transaction (autocommit is off)
+
+    def _relax(self, conn: Any) -> None:
+        conn.execute("SET LOCAL synchronous_commit TO off")
+
+    def _commit(self, conn: Any) -> None:
+        conn.commit()
+
+    def _rollback(self, conn: Any) -> None:
+        try:
+            conn.rollback()
+        except Exception:
+            pass
+
+    def _translate(self, exc: BaseException) -> BaseException | None:
+        return translate(exc)
+
+    def _retryable(self, exc: BaseException) -> bool:
+        from psycopg import errors
+
+        return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.close()
+
+    # -- schema -----------------------------------------------------------------------
+
+    @staticmethod
+    def _version(conn: Any) -> int:
+        if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        return int(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
+
+    def _migrate(self, conn: Any) -> None:
+        try:
+            if self._version(conn) != SCHEMA_VERSION:
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))  # one process migrates at a time
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, "
+                             "applied_at timestamptz NOT NULL DEFAULT now())")
+                current = self._version(conn)
+                if current > SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"the job store {self.url} has schema version {current}; this version of contentdownload "
+                        f"knows up to {SCHEMA_VERSION}: upgrade contentdownload to use it"
+                    )
+                for version, statements in MIGRATIONS:
+                    if version > current:
+                        for statement in statements():
+                            conn.execute(statement)
+                        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+            found = {(a, b) for a, b in conn.execute("SELECT from_state, to_state FROM job_transitions")}
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+        check_transition_table(found, self.url)
+
+    def schema_version(self) -> int:
+        return self._run(self._version, write=False)
+
+    # -- PostgreSQL specifics ---------------------------------------------------------
+
+    def _insert_planned(self, conn: Any, rows: list[tuple[str, str, str]]) -> int:
+        inserted = 0
+        for start in range(0, len(rows), 10_000):
+            chunk = rows[start:start + 10_000]
+            cur = conn.execute(
+                "INSERT INTO jobs (key, scheme, state, payload, created_at, updated_at) "
+                "SELECT k, s, 'planned', p::jsonb, cd_now(), cd_now() "
+                "FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t (k, s, p, n) ORDER BY n "
+                "ON CONFLICT (key) DO NOTHING",
+                ([r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk]),
+            )
+            inserted += cur.rowcount
+        return inserted
+
+    def _keyset_cache(self, conn: Any) -> dict:
+        cache = self._keysets.get(conn)
+        if cache is None:
+            cache = self._keysets[conn] = {}
+        return cache
+
+    def _load_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
+        try:
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS claim_keys (set_id bigint NOT NULL, key text NOT NULL, "
+                         "PRIMARY KEY (set_id, key))")
+            for old in evict:
+                conn.execute("DELETE FROM claim_keys WHERE set_id = %s", (old,))
+            with conn.cursor().copy("COPY claim_keys (set_id, key) FROM STDIN") as copy:
+                for key in keys:
+                    copy.write_row((set_id, key))
+            conn.execute("ANALYZE claim_keys")
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise

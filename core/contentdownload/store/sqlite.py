@@ -1,0 +1,288 @@
+"""The SQLite job store: one file, many threads and processes on one machine.
+
+Every connection runs in WAL mode with a 30 s busy timeout, foreign keys on and
+``synchronous=NORMAL`` (a committed transaction survives a crash of the process; WAL
+keeps readers and the writer out of each other's way). Each thread has its own
+connection. Writes, claims included, run in ``BEGIN IMMEDIATE`` transactions: the
+write lock is taken up front, so two claimers can never pick the same job and a
+transaction never has to be retried halfway. Times are this machine's clock.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import IllegalTransition, StoreError
+from .base import (
+    SchemaVersionError,
+    SqlJobStore,
+    UnknownJobError,
+    check_transition_table,
+    state_rows_sql,
+    transition_rows_sql,
+    translated,
+)
+
+BUSY_TIMEOUT_S = 30.0
+TRANSITION_ERROR = "illegal job transition"
+
+
+def _migration_1() -> list[str]:
+    return [
+        "CREATE TABLE job_states (state TEXT PRIMARY KEY) WITHOUT ROWID",
+        f"INSERT INTO job_states (state) VALUES {state_rows_sql()}",
+        """CREATE TABLE job_transitions (
+            from_state TEXT NOT NULL REFERENCES job_states (state),
+            to_state TEXT NOT NULL REFERENCES job_states (state),
+            PRIMARY KEY (from_state, to_state)
+        ) WITHOUT ROWID""",
+        f"INSERT INTO job_transitions (from_state, to_state) VALUES {transition_rows_sql()}",
+        """CREATE TABLE jobs (
+            key TEXT PRIMARY KEY,
+            scheme TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'planned' REFERENCES job_states (state),
+            payload TEXT NOT NULL DEFAULT '{}',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            claims INTEGER NOT NULL DEFAULT 0,
+            epoch INTEGER NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_expires_at REAL,
+            leased_at REAL,
+            etag TEXT,
+            last_modified TEXT,
+            size INTEGER,
+            sha256 TEXT,
+            path TEXT,
+            final_url TEXT,
+            content_type TEXT,
+            mtime_ns INTEGER,
+            last_error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX jobs_claim ON jobs (state, lease_expires_at)",
+        """CREATE TABLE operations (
+            op_key TEXT PRIMARY KEY,
+            job_key TEXT NOT NULL REFERENCES jobs (key),
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+            epoch INTEGER NOT NULL DEFAULT 0,
+            result TEXT,
+            error TEXT,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX operations_job ON operations (job_key)",
+        f"""CREATE TRIGGER jobs_state_transition BEFORE UPDATE OF state ON jobs FOR EACH ROW
+            WHEN NOT EXISTS (SELECT 1 FROM job_transitions t WHERE t.from_state = OLD.state AND t.to_state = NEW.state)
+            BEGIN SELECT RAISE(ABORT, '{TRANSITION_ERROR}'); END""",
+    ]
+
+
+#: Forward migrations, in order: ``(version, statements)``. Never edit a released one; add the next.
+MIGRATIONS: list[tuple[int, Any]] = [(1, _migration_1)]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def translate(exc: BaseException) -> BaseException | None:
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    text = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        if TRANSITION_ERROR in text:
+            return IllegalTransition(f"{TRANSITION_ERROR} refused by the database: {text}")
+        if "FOREIGN KEY" in text:
+            return UnknownJobError(f"unknown job key (the job was never planned in this store): {text}")
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        return StoreError(f"the SQLite job store is locked by another connection (waited up to {BUSY_TIMEOUT_S:.0f} s): {text}")
+    return StoreError(f"SQLite job store error: {type(exc).__name__}: {text}")
+
+
+def parse_sqlite_url(url: str) -> Path:
+    """``sqlite:///abs/path.db``, ``sqlite:////abs/path.db`` or ``sqlite:relative.db`` -> a path."""
+    rest = url[len("sqlite:"):]
+    if rest.startswith("//"):
+        rest = "/" + rest.lstrip("/")
+    return Path(rest)
+
+
+#: RETURNING (3.35), upserts (3.24) and aggregate FILTER clauses (3.30)
+MIN_SQLITE = (3, 35, 0)
+
+
+class _Local(threading.local):
+    conn: sqlite3.Connection | None = None
+    keysets: dict | None = None
+    pid: int = 0
+
+
+class SQLiteStore(SqlJobStore):
+    """A job store in one SQLite file (WAL). Safe for many threads and processes on one machine."""
+
+    def pick_among_sql(self) -> str:
+        # CROSS JOIN keeps the key set as the outer loop: one primary-key probe into jobs per key.
+        return ("SELECT c.key FROM claim_keys c CROSS JOIN jobs ON jobs.key = c.key "
+                f"WHERE c.set_id = ? AND c.key > ? AND ({self.CLAIMABLE[0]} OR ({self.CLAIMABLE[1]})) "
+                "ORDER BY c.key LIMIT 1")
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S):
+        super().__init__()
+        self.path = Path(path)
+        self.url = f"sqlite://{self.path}" if self.path.is_absolute() else f"sqlite:{self.path}"
+        self.busy_timeout = busy_timeout
+        self._local = _Local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(f"the SQLite job store needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; "
+                             f"this Python has {sqlite3.sqlite_version}")
+        if str(self.path) in ("", ":memory:"):
+            raise StoreError("an in-memory SQLite database cannot be shared between threads; use 'memory:'")
+        if not self.path.parent.is_dir():
+            raise StoreError(f"cannot open the job store {self.url}: folder {self.path.parent} does not exist")
+        with translated(translate):
+            self._migrate()
+
+    # -- connections ------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            mode = self._wal(conn)
+            if str(mode).lower() != "wal":
+                raise StoreError(f"cannot switch the job store {self.url} to WAL mode (it is in {mode!r} mode)")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.create_function("cd_now", 0, time.time)
+        except BaseException:
+            conn.close()
+            raise
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    def _wal(self, conn: sqlite3.Connection) -> str:
+        """Switch to WAL (once per file: the mode is persistent). Switching a new file while another
+        process does the same can fail at once with "locked" instead of waiting: retry until the busy timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                return str(mode)
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _thread_conn(self) -> sqlite3.Connection:
+        conn = self._local.conn
+        if conn is None or self._local.pid != os.getpid():  # a forked child never reuses its parent's connection
+            conn = self._connect()
+            self._local.conn = conn
+            self._local.keysets = {}
+            self._local.pid = os.getpid()
+        return conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        yield self._thread_conn()
+
+    def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        conn.execute("COMMIT")
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _translate(self, exc: BaseException) -> BaseException | None:
+        return translate(exc)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._local = _Local()
+
+    # -- schema -----------------------------------------------------------------------
+
+    def _version(self, conn: sqlite3.Connection) -> int:
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
+        if not exists:
+            return 0
+        return int(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        conn = self._thread_conn()
+        if self._version(conn) != SCHEMA_VERSION:  # the usual case skips the write lock
+            conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
+            try:
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+                current = self._version(conn)
+                if current > SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"the job store {self.url} has schema version {current}; this version of contentdownload "
+                        f"knows up to {SCHEMA_VERSION}: upgrade contentdownload to use it"
+                    )
+                for version, statements in MIGRATIONS:
+                    if version > current:
+                        for statement in statements():
+                            conn.execute(statement)
+                        conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback(conn)
+                raise
+        found = {(a, b) for a, b in conn.execute("SELECT from_state, to_state FROM job_transitions")}
+        check_transition_table(found, self.url)
+
+    def schema_version(self) -> int:
+        return self._run(self._version, write=False)
+
+    # -- SQLite specifics -------------------------------------------------------------
+
+    def _insert_planned(self, conn: sqlite3.Connection, rows: list[tuple[str, str, str]]) -> int:
+        before = conn.total_changes
+        now = time.time()
+        conn.executemany(
+            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, created_at, updated_at) VALUES (?, ?, 'planned', ?, ?, ?)",
+            [(key, scheme, payload, now, now) for key, scheme, payload in rows],
+        )
+        return conn.total_changes - before
+
+    def _keyset_cache(self, conn: sqlite3.Connection) -> dict:
+        if self._local.keysets is None:
+            self._local.keysets = {}
+        return self._local.keysets
+
+    def _load_keyset(self, conn: sqlite3.Connection, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS claim_keys (set_id INTEGER NOT NULL, key TEXT NOT NULL, "
+                     "PRIMARY KEY (set_id, key)) WITHOUT ROWID")
+        conn.execute("BEGIN")  # the temp database only: no lock on the store
+        try:
+            for old in evict:
+                conn.execute("DELETE FROM temp.claim_keys WHERE set_id = ?", (old,))
+            conn.executemany("INSERT OR IGNORE INTO temp.claim_keys (set_id, key) VALUES (?, ?)", ((set_id, k) for k in keys))
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
