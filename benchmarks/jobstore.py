@@ -1,6 +1,7 @@
 """Job store overhead per job: SQLite (a file on disk) and PostgreSQL (a throwaway local server).
 
     python benchmarks/jobstore.py [--jobs 2000] [--threads 1] [--backend sqlite|postgres|all]
+    python benchmarks/jobstore.py --runs [--tiny-jobs 5000] [--processes 3]
 
 Each job goes through what a worker does to the store around one download: planning
 (in one batch, as the runner plans a job list), claim among the run's keys, heartbeat,
@@ -104,14 +105,79 @@ def measure(name: str, url: str, n: int, threads: int, setting: str) -> float:
     return per_job
 
 
+def run_throughput(n: int, processes: int, workers: int, repeat: int) -> bool:
+    """Jobs per second of ``processes`` real ``contentdownload run`` processes over ``n`` tiny files.
+
+    Store on: every process gets the whole list and they split it through the shared
+    SQLite store (leases). Store off (``DOCSTOKG_ENABLE_STREAMING_SCHEMA=0``): there is
+    nothing to coordinate through, so the list is split by hand, one share per process.
+    Target: store on >= 0.7x store off.
+    """
+    import shutil
+    import statistics
+    import subprocess
+
+    from many_small import start_server
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
+    with tempfile.TemporaryDirectory(prefix="cd-runs-") as tmp:
+        work = __import__("pathlib").Path(tmp)
+        root = work / "www"
+        root.mkdir()
+        for i in range(n):
+            (root / f"t{i:05d}.bin").write_bytes(os.urandom(512))
+        server, base, server_name = start_server(root, work)
+        urls = [f"{base}/t{i:05d}.bin\n" for i in range(n)]
+        whole = work / "all.txt"
+        whole.write_text("".join(urls))
+        shares = []
+        for p in range(processes):
+            share = work / f"share{p}.txt"
+            share.write_text("".join(urls[p::processes]))
+            shares.append(share)
+        timings: dict[str, list[float]] = {"store on": [], "store off": []}
+        try:
+            for r in range(repeat):
+                for mode in ("store on", "store off"):
+                    out = work / f"out-{r}-{mode.replace(' ', '-')}"
+                    lists = [whole] * processes if mode == "store on" else shares
+                    extra = {} if mode == "store on" else {"DOCSTOKG_ENABLE_STREAMING_SCHEMA": "0"}
+                    started = time.perf_counter()
+                    procs = [subprocess.Popen([sys.executable, "-m", "contentdownload", "run", str(lst), "--out", str(out),
+                                               "--workers", str(workers), "--per-host", str(workers), "--no-progress",
+                                               "--log-level", "WARNING"], env={**env, **extra},
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for lst in lists]
+                    codes = [p.wait() for p in procs]
+                    timings[mode].append(time.perf_counter() - started)
+                    files = sum(1 for p in out.iterdir() if p.suffix == ".bin")
+                    if any(codes) or files != n:
+                        raise RuntimeError(f"{mode}: exit codes {codes}, {files} of {n} files")
+                    shutil.rmtree(out)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    rate = {mode: n / statistics.median(t) for mode, t in timings.items()}
+    ratio = rate["store on"] / rate["store off"]
+    print(f"runs      {processes} processes x {workers} workers, {n} tiny jobs ({server_name}), median of {repeat}: "
+          f"store on {rate['store on']:.0f} jobs/s, store off {rate['store off']:.0f} jobs/s, "
+          f"ratio {ratio:.2f} (target >= 0.7): {'OK' if ratio >= 0.7 else 'missed'}")
+    return ratio >= 0.7
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", choices=["sqlite", "postgres", "all"], default="all")
     parser.add_argument("--durable", action="store_true", help="PostgreSQL with fsync=on and synchronous_commit=on")
+    parser.add_argument("--runs", action="store_true", help="also: throughput of real runs with the store on and off")
+    parser.add_argument("--tiny-jobs", type=int, default=5000)
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args(argv)
     missed = False
+    if args.runs:
+        missed |= not run_throughput(args.tiny_jobs, args.processes, workers=4, repeat=args.repeat)
     if args.backend in ("sqlite", "all"):
         with tempfile.TemporaryDirectory(prefix="cd-jobstore-") as folder:
             per_job = measure("sqlite", f"sqlite:///{os.path.join(folder, 'jobs.db')}", args.jobs, args.threads,
