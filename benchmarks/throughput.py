@@ -20,7 +20,8 @@ Clients:
   ``time_total``, wget is timed from outside).
 
 Each output's SHA-256 is checked after the run (outside the timing). Peak RSS is the
-child's ``ru_maxrss`` (``os.wait4``). The table gives medians, MiB/s and the ratio of
+child's ``ru_maxrss`` (``os.wait4``), CPU its user + system time (the Python clients'
+include interpreter start-up). The table gives medians, MiB/s and the ratio of
 throughput to curl's in the same run; the targets are streaming >= 0.8x curl (while
 hashing), >= 1.0x the requests loop, and peak RSS < 100 MB.
 """
@@ -191,8 +192,8 @@ class Server:
                 self.proc.wait()
 
 
-def run_child(argv: list[str]) -> tuple[str, int, float, int]:
-    """Run ``argv``; returns (stdout, exit code, wall seconds, peak RSS in bytes) of that child alone."""
+def run_child(argv: list[str]) -> tuple[str, int, float, int, float]:
+    """Run ``argv``; returns (stdout, exit code, wall seconds, peak RSS in bytes, CPU seconds) of that child alone."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
@@ -202,7 +203,7 @@ def run_child(argv: list[str]) -> tuple[str, int, float, int]:
     if proc.returncode != 0:
         print(f"  {argv[0]} failed ({proc.returncode}): {stderr.strip()[-500:]}", file=sys.stderr)
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return stdout, proc.returncode, wall, rss
+    return stdout, proc.returncode, wall, rss, usage.ru_utime + usage.ru_stime
 
 
 def sha256_file(path: Path) -> str:
@@ -213,19 +214,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def one_run(client: str, url: str, out: Path) -> tuple[float, int]:
-    """Time one client; returns (seconds, peak RSS bytes). Raises on a wrong or failed download."""
+def one_run(client: str, url: str, out: Path) -> tuple[float, int, float]:
+    """Time one client; returns (seconds, peak RSS bytes, CPU seconds of the whole process). Raises on a failed download."""
     if client == "curl":
-        stdout, code, _, rss = run_child(["curl", "-sS", "--fail", "-o", str(out), "-w", "%{time_total}", url])
-        seconds = float(stdout.strip())
+        stdout, code, _, rss, cpu = run_child(["curl", "-sS", "--fail", "-o", str(out), "-w", "%{time_total}", url])
+        seconds = float(stdout.strip()) if code == 0 else float("nan")
     elif client == "wget":
-        _, code, seconds, rss = run_child(["wget", "-q", "-O", str(out), url])
+        _, code, seconds, rss, cpu = run_child(["wget", "-q", "-O", str(out), url])
     else:
-        stdout, code, _, rss = run_child([sys.executable, __file__, "--child", client, url, str(out)])
+        stdout, code, _, rss, cpu = run_child([sys.executable, __file__, "--child", client, url, str(out)])
         seconds = json.loads(stdout.strip().splitlines()[-1])["elapsed"] if code == 0 else float("nan")
     if code != 0:
         raise RuntimeError(f"{client} exited with {code}")
-    return seconds, rss
+    return seconds, rss, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"{server.base_url}/{FILE_NAME}"
     times: dict[str, list[float]] = {c: [] for c in clients}
     rss: dict[str, int] = {c: 0 for c in clients}
+    cpu: dict[str, list[float]] = {c: [] for c in clients}
     print(f"{size / 2**20:.0f} MiB over loopback from {kind}; {args.repeat} runs per client; {os.cpu_count()} CPUs", flush=True)
     try:
         one_run("curl" if "curl" in clients else clients[0], url, work / "warmup.bin")  # page cache warm
@@ -264,12 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                 outdir.mkdir(parents=True)
                 out = outdir / f"{client}.bin"
                 os.sync()
-                seconds, peak = one_run(client, url, out)
+                seconds, peak, used = one_run(client, url, out)
                 got = sha256_file(out)
                 if got != expected:
                     raise SystemExit(f"{client} wrote wrong bytes (sha256 {got})")
                 times[client].append(seconds)
                 rss[client] = max(rss[client], peak)
+                cpu[client].append(used)
                 print(f"  round {round_no + 1} {client:<10} {seconds:7.3f} s", flush=True)
     finally:
         server.stop()
@@ -278,12 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     medians = {c: statistics.median(v) for c, v in times.items()}
     base = medians.get("curl")
     print()
-    print(f"{'client':<10} {'median s':>9} {'MiB/s':>8} {'vs curl':>8} {'peak RSS MB':>12}  runs (s)")
+    print(f"{'client':<10} {'median s':>9} {'MiB/s':>8} {'vs curl':>8} {'peak RSS MB':>12} {'CPU s':>6}  runs (s)")
     for client in clients:
         m = medians[client]
         ratio = f"{base / m:.2f}x" if base else "-"
         runs = " ".join(f"{t:.2f}" for t in times[client])
-        print(f"{client:<10} {m:9.3f} {size / 2**20 / m:8.1f} {ratio:>8} {rss[client] / 1e6:12.1f}  {runs}")
+        used = statistics.median(cpu[client])
+        print(f"{client:<10} {m:9.3f} {size / 2**20 / m:8.1f} {ratio:>8} {rss[client] / 1e6:12.1f} {used:6.2f}  {runs}")
     if "streaming" in medians:
         s = medians["streaming"]
         print()
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"streaming vs requests: {medians['requests'] / s:.2f}x (target >= 1.0x)")
         print(f"streaming peak RSS:    {rss['streaming'] / 1e6:.1f} MB (target < 100 MB)")
     if args.json:
-        print(json.dumps({"size": size, "server": kind, "times": times, "medians": medians, "peak_rss": rss}, indent=2))
+        print(json.dumps({"size": size, "server": kind, "times": times, "medians": medians, "peak_rss": rss, "cpu": cpu}, indent=2))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
