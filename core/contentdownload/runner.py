@@ -171,6 +171,7 @@ class Run:
                 store, self.ws, transfer_options(self.settings),
                 owner=self.owner, lease_ttl=self.settings.lease_ttl, leasing=leasing, cancel=self.cancel,
                 host_gate=HostGate(self.settings.per_host), progress=progress.bytes,
+                on_result=lambda result: self._emit(result, manifest, store, leasing),
             )
             threads = [
                 threading.Thread(target=self._work, args=(worker, plan, store, manifest, progress, leasing), name=f"worker-{i}", daemon=True)
@@ -227,7 +228,8 @@ class Run:
             if item is None:
                 return
             try:
-                result = worker.process(item)
+                progress.done(worker.process(item))  # the worker emits the row before recording
+                continue
             except Cancelled:
                 if leasing:
                     store.release(item.key.key, item.epoch)

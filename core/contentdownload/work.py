@@ -221,6 +221,7 @@ class JobWorker:
         cancel: threading.Event | None = None,
         host_gate: Callable[[str], Any] | None = None,
         progress: Callable[[int], None] | None = None,
+        on_result: Callable[[JobResult], None] | None = None,
     ):
         self.runtime = runtime
         self.pipeline = pipeline
@@ -233,6 +234,7 @@ class JobWorker:
         self.cancel = cancel or threading.Event()
         self.host_gate = host_gate
         self.progress = progress
+        self.on_result = on_result
 
     # -- the operation ledger -------------------------------------------------------
 
@@ -261,7 +263,6 @@ class JobWorker:
             return None
         intent = op["result"]
         st = final.stat()
-        self._finish(item, path=final, size=st.st_size, sha256=sha, mtime_ns=st.st_mtime_ns, info=intent)
         log.info("recovered a finished file after a crash", job_key=item.key.key, path=str(final))
         return JobResult(
             outcome="downloaded", job=item.job, job_key=item.key.key, reason="recovered_after_crash",
@@ -284,10 +285,11 @@ class JobWorker:
         lease: Lease = StoreLease(self.store, key, item.epoch or 0, self.owner, self.lease_ttl) if self.leasing else NO_LEASE
         if self.leasing:
             self.store.mark_streaming(key, item.epoch)
+            self.store.op_begin(operation_key(key, "transfer"), key, "transfer", item.epoch)
             recovered = self.recover_finalized(item)
             if recovered is not None:
+                self._report_and_record(item, recovered)
                 return recovered
-            self.store.op_begin(operation_key(key, "transfer"), key, "transfer", item.epoch)
         if self.leasing:
             part_lock = FileLock(str(self.ws.staging / f"{key}.{item.epoch}.lock"))
             part_lock.acquire(timeout=0)  # the epoch is ours alone: this cannot be held
@@ -303,8 +305,19 @@ class JobWorker:
             if part_lock is not None:
                 part_lock.release()
                 Path(part_lock.lock_file).unlink(missing_ok=True)
-        self._record(item, result)
+        self._report_and_record(item, result)
         return result
+
+    def _report_and_record(self, item: WorkItem, result: JobResult) -> None:
+        """Hand the result on (the manifest row) first, then record it in the store.
+
+        In this order, a job the store calls finished always has its manifest row, so
+        another process planning the same list never writes a second one; a crash in
+        between is recovered from the finalize intent and the row already on disk.
+        """
+        if self.on_result is not None:
+            self.on_result(result)
+        self._record(item, result)
 
     def _transfer(self, item: WorkItem, paths: Any, lease: Lease) -> JobResult:
         selections = self.runtime.policy.plan(item.identity)
