@@ -67,7 +67,8 @@ def _pipeline_client(plugin: str, url: str, out: Path) -> dict:
     key = hashlib.sha256(url.encode()).hexdigest()
     paths = StagePaths.for_key(out, staging, key)
     with HttpClient(timeout=(10.0, 60.0), retries=0) as http:
-        pipeline = Pipeline(runtime, http, TransferOptions(), retries=0)
+        chunk = int(os.environ.get("CONTENTDOWNLOAD_BENCH_CHUNK") or TransferOptions().chunk_size)
+        pipeline = Pipeline(runtime, http, TransferOptions(chunk_size=chunk), retries=0)
         started = time.perf_counter()
         result = pipeline.run(Job(urls=(url,)), JobKey(key, "bench"), paths, runtime.policy.plan(key))
         elapsed = time.perf_counter() - started
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where the payload and outputs go (default: a temp folder)")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds to wait after the write-back before each run (default 2)")
+    parser.add_argument("--chunk-size", default=None,
+                        help="chunk size of the pipeline clients (default: TransferOptions' 1 MiB), e.g. 256K")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--child", nargs=3, metavar=("CLIENT", "URL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(*args.child)
 
     size = parse_size(args.size)
+    if args.chunk_size:
+        os.environ["CONTENTDOWNLOAD_BENCH_CHUNK"] = str(parse_size(args.chunk_size))
     kind = args.server if args.server != "auto" else ("nginx" if shutil.which("nginx") else "loopback")
     clients = [c for c in args.clients.split(",") if c and (c not in ("curl", "wget") or shutil.which(c))]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="contentdownload-bench-"))
