@@ -209,6 +209,7 @@ def _nothing_landed(rig: TransferRig, name: str, forbidden: bytes | None = None)
 
 
 def check_full_download(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """A plain download ends with the served bytes, their SHA-256 and size in the result, nothing left in staging."""
     data = _data(1)
     url = server.add_file(f"/{tag}/full.bin", data)
     result = rig.run(Job(urls=(url,)), f"{tag}-full.bin")
@@ -220,6 +221,7 @@ def check_full_download(rig: TransferRig, server: LoopbackServer, tag: str) -> N
 
 
 def check_cut_and_retry(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """A connection cut mid-body, then a retry: the final file is byte-identical."""
     data = _data(2)
     path = f"/{tag}/cut.bin"
     url = server.add_file(path, data)
@@ -231,6 +233,7 @@ def check_cut_and_retry(rig: TransferRig, server: LoopbackServer, tag: str) -> N
 
 
 def check_short_body_never_finalized(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """A body always shorter than Content-Length: the job fails and nothing reaches the final path."""
     data = _data(3)
     path = f"/{tag}/short.bin"
     url = server.add_file(path, data)
@@ -241,6 +244,7 @@ def check_short_body_never_finalized(rig: TransferRig, server: LoopbackServer, t
 
 
 def check_error_body_never_lands(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """A 404 fails with http_404 and its page is nowhere on disk."""
     marker = f"<html>conformance error page {tag}</html>".encode()
     url = server.add_status(f"/{tag}/missing.pdf", 404, body=marker)
     result = rig.run(Job(urls=(url,)), f"{tag}-missing.pdf")
@@ -249,6 +253,7 @@ def check_error_body_never_lands(rig: TransferRig, server: LoopbackServer, tag: 
 
 
 def check_retryable_status_retried(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """One 503, then the file: the job succeeds with the right bytes."""
     data = _data(4, 50_000)
     path = f"/{tag}/busy.bin"
     url = server.add_file(path, data)
@@ -259,6 +264,7 @@ def check_retryable_status_retried(rig: TransferRig, server: LoopbackServer, tag
 
 
 def check_not_modified_keeps_file(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """Revalidating a finished file answered 304: not_modified, no body byte, the file untouched."""
     data = _data(5)
     path = f"/{tag}/same.bin"
     url = server.add_file(path, data)
@@ -276,6 +282,7 @@ def check_not_modified_keeps_file(rig: TransferRig, server: LoopbackServer, tag:
 
 
 def check_max_bytes_aborts(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """A body past max_bytes: too_large, no final file, no part."""
     data = _data(6)
     url = server.add_file(f"/{tag}/big.bin", data)
     options = attrs.evolve(rig.options, max_bytes=len(data) // 3)
@@ -285,6 +292,7 @@ def check_max_bytes_aborts(rig: TransferRig, server: LoopbackServer, tag: str) -
 
 
 def check_sha256_mismatch_not_finalized(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """An expected SHA-256 that differs: sha256_mismatch, nothing promoted, no part left."""
     data = _data(7)
     url = server.add_file(f"/{tag}/wrong-sha.bin", data)
     result = rig.run(Job(urls=(url,), sha256="0" * 64), f"{tag}-wrong-sha.bin")
@@ -293,6 +301,7 @@ def check_sha256_mismatch_not_finalized(rig: TransferRig, server: LoopbackServer
 
 
 def check_size_mismatch_not_finalized(rig: TransferRig, server: LoopbackServer, tag: str) -> None:
+    """An expected size that differs: size_mismatch, nothing promoted, no part left."""
     data = _data(8)
     url = server.add_file(f"/{tag}/wrong-size.bin", data)
     result = rig.run(Job(urls=(url,), size=len(data) + 1), f"{tag}-wrong-size.bin")
