@@ -235,3 +235,27 @@ def test_sigint_keeps_parts_and_a_valid_manifest_then_rerun_completes(server, tm
     rows = _rows(out)
     assert len({r["job_key"] for r in rows}) == 24 and len(rows) == 24
     assert any(r["outcome"] == "resumed" for r in rows)
+
+
+@pytest.mark.parametrize("env", [{"DOCSTOKG_ENABLE_STREAMING_SCHEMA": "0"}, {"DOCSTOKG_ENABLE_STREAMING_INTEGRATION": "0"}],
+                         ids=["store-off", "full-rollback"])
+def test_without_the_store_a_later_list_never_takes_another_jobs_file(server, tmp_path, env):
+    server.add_file("/a/f.bin", b"A" * 1000)
+    server.add_file("/b/f.bin", b"B" * 1000)
+    out = tmp_path / "out"
+    (tmp_path / "one.txt").write_text(server.url("/a/f.bin") + "\n")
+    (tmp_path / "two.txt").write_text(server.url("/b/f.bin") + "\n")
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run_cli("run", str(tmp_path / "one.txt"), "--out", str(out), "--no-progress", env=env, cwd=tmp_path).returncode == 0
+    proc = run_cli("run", str(tmp_path / "two.txt"), "--out", str(out), "--no-progress", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "f.bin").read_bytes() == b"A" * 1000
+    second = [r for r in _rows(out) if r["url"].endswith("/b/f.bin")]
+    assert len(second) == 1 and second[0]["outcome"] == "downloaded" and second[0]["path"] != "f.bin"
+    assert (out / second[0]["path"]).read_bytes() == b"B" * 1000
+    assert (out / "notes.txt").read_text() == "mine"
+    # A rerun of the first list still finds its own file done.
+    server.reset_stats()
+    assert run_cli("run", str(tmp_path / "one.txt"), "--out", str(out), "--no-progress", env=env, cwd=tmp_path).returncode == 0
+    assert server.stats("/a/f.bin").requests == 0

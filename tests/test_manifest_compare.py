@@ -35,14 +35,27 @@ def test_torn_last_line_is_cut_on_open(tmp_path):
 
 def test_read_manifest_gives_records_by_key_and_url(tmp_path):
     rows = [
-        {"job_key": "k1", "url": "HTTP://H/a.pdf", "outcome": "downloaded", "path": "a.pdf", "size": 3, "sha256": "s", "etag": '"e1"'},
+        {"job_key": "k1", "identity": "i1", "url": "HTTP://H/a.pdf", "outcome": "downloaded", "path": "a.pdf", "size": 3, "sha256": "s", "etag": '"e1"'},
         {"job_key": "k2", "url": "http://h/b.pdf", "outcome": "failed", "path": None, "etag": None},
+        {"job_key": "k3", "identity": "i3", "url": "http://h/c.pdf", "outcome": "downloaded", "path": "/etc/passwd", "size": 1, "sha256": "t"},
+        {"job_key": "k4", "url": "http://h/d.pdf", "outcome": "downloaded", "path": "d.pdf", "size": 1},
     ]
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    by_key, by_url = read_manifest(tmp_path / "manifest.jsonl")
-    assert by_key["k1"].etag == '"e1"' and by_key["k1"].path == str(tmp_path.resolve() / "a.pdf")
-    assert by_url["http://h/a.pdf"] == by_key["k1"]
-    assert by_key["k2"].path is None and by_key["k2"].sha256 is None
+    records = read_manifest(tmp_path / "manifest.jsonl")
+    base = tmp_path.resolve()
+    assert records.by_key["k1"].etag == '"e1"' and records.by_key["k1"].path == str(base / "a.pdf")
+    assert records.by_url["http://h/a.pdf"] == records.by_key["k1"]
+    assert records.by_key["k2"].path is None and records.by_key["k2"].sha256 is None
+    assert records.by_key["k3"].path is None, "a path outside the manifest's folder is never trusted"
+    assert records.by_key["k4"].path is None, "a row without a SHA-256 does not prove a finished file"
+    assert records.names == {"i1": str(base / "a.pdf")}
+
+
+def test_rows_carry_no_credentials(tmp_path):
+    result = JobResult(outcome="failed", job=Job(urls=("https://user:s3cret@h.example/a.pdf",)), reason="http_404",
+                       url="https://user:s3cret@h.example/a.pdf", final_url="https://user:s3cret@h.example/b.pdf")
+    row = result_row(result, "r", tmp_path)
+    assert "s3cret" not in json.dumps(row)
 
 
 def _metrics(**kw):

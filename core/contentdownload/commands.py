@@ -101,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _dry_run(runtime: Any, args: argparse.Namespace, entries: list) -> int:
     from .inputs import BadLine
+    from .manifest import read_manifest
     from .model import Job
     from .planner import plan_jobs
     from .store import open_store
@@ -111,7 +112,8 @@ def _dry_run(runtime: Any, args: argparse.Namespace, entries: list) -> int:
     store = open_store(db if db and runtime.policy.streaming_schema.enabled else "memory:")
     try:
         jobs = [e for e in entries if isinstance(e, Job)][: runtime.settings.max_jobs]
-        plan = plan_jobs(runtime, store, ws, jobs, revalidate=runtime.settings.revalidate, dry_run=True)
+        resume_from = read_manifest(args.resume_from) if args.resume_from else None
+        plan = plan_jobs(runtime, store, ws, jobs, revalidate=runtime.settings.revalidate, resume_from=resume_from, dry_run=True)
     finally:
         store.close()
     rows = []

@@ -49,7 +49,7 @@ class RunSettings:
     db: str | None = None
     revalidate: bool = False
     retry_failed: bool = False
-    chunk_size: int = 1 << 20
+    chunk_size: int = 64 << 10
     lease_ttl: float = 60.0
     backoff_factor: float = 0.5
     verify_tls: bool = True

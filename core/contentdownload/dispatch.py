@@ -102,6 +102,9 @@ class Dispatcher:
                 continue
             if not isinstance(result, expected):
                 record(hook, name, "error", time.perf_counter_ns() - started)
+                if not fallback_safe(hook, ctx):
+                    error = TypeError(f"returned {type(result).__name__}, not {expected.__name__}")
+                    raise StageFailed(hook, name, error, getattr(ctx, "effects", None))
                 log.warning(
                     f"plugin {name} returned {type(result).__name__} from {hook}, not {expected.__name__}; falling back",
                     hook=hook,

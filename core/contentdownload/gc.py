@@ -9,7 +9,7 @@ from typing import Any
 from .workspace import Workspace
 
 LIVE_STATES = ("planned", "leased", "streaming")
-SUFFIXES = (".part.json", ".part.adopt", ".part", ".lock")
+SUFFIXES = (".part.json.tmp", ".part.json", ".part.adopt", ".part", ".lock")
 
 
 def _key_of(name: str) -> str | None:

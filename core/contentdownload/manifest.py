@@ -13,11 +13,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
+
+import attrs
 
 from .errors import UsageError
 from .model import HOOKS, JobResult, PriorRecord
-from .urls import canonical_url
+from .keys import identity_key
+from .urls import canonical_url, redact_url
 
 SCHEMA_VERSION = 1
 SUCCESS = frozenset({"downloaded", "resumed", "not_modified", "skipped"})
@@ -31,16 +34,21 @@ def result_row(result: JobResult, run_id: str, out_dir: Path) -> dict:
             path = Path(result.path).resolve().relative_to(out_dir.resolve()).as_posix()
         except ValueError:
             path = str(result.path)
+    try:
+        identity = identity_key(result.job)[0]
+    except UsageError:  # a bad input line has no usable URL
+        identity = None
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
+        "identity": identity,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "job_key": result.job_key,
         "work_id": result.job.work_id,
         "artifact_id": result.job.artifact_id,
         "line": result.job.line,
-        "url": result.url or result.job.url,
-        "final_url": result.final_url,
+        "url": redact_url(result.url or result.job.url),
+        "final_url": redact_url(result.final_url) if result.final_url else None,
         "outcome": result.outcome,
         "reason": result.reason,
         "http_status": result.http_status,
@@ -137,12 +145,19 @@ class ManifestWriter:
                 self._fd = -1
 
 
-def row_record(row: dict, base: Path) -> PriorRecord:
-    """A manifest row as a :class:`PriorRecord` (its path resolved against ``base``)."""
+def _row_path(row: dict, base: Path) -> str | None:
+    """The row's file, resolved against the manifest's folder; ``None`` unless it lies inside that folder."""
     path = row.get("path")
-    if path and not Path(path).is_absolute():
-        path = str(base / path)
-    done = row.get("outcome") in SUCCESS
+    if not path:
+        return None
+    resolved = (base / path).resolve()
+    return str(resolved) if base in resolved.parents else None
+
+
+def row_record(row: dict, base: Path) -> PriorRecord:
+    """A manifest row as a :class:`PriorRecord` (a finished file only when the row has its SHA-256)."""
+    path = _row_path(row, base)
+    done = row.get("outcome") in SUCCESS and bool(row.get("sha256")) and path is not None
     return PriorRecord(
         path=path if done else None,
         size=row.get("size") if done else None,
@@ -154,16 +169,30 @@ def row_record(row: dict, base: Path) -> PriorRecord:
     )
 
 
-def read_manifest(path: str | Path) -> tuple[dict[str, PriorRecord], dict[str, PriorRecord]]:
-    """Records from an earlier manifest, by job key and by canonical URL (the latest row wins)."""
+@attrs.frozen
+class ManifestRecords:
+    """What an earlier manifest says: records by job key and by canonical URL, and which
+    identity owns which file (absolute paths), the latest row winning."""
+
+    by_key: Mapping[str, PriorRecord]
+    by_url: Mapping[str, PriorRecord]
+    names: Mapping[str, str]
+
+
+def read_manifest(path: str | Path) -> ManifestRecords:
+    """Read an earlier manifest (``--resume-from``, or this folder's own without the store)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--resume-from: manifest not found: {path}")
     by_key: dict[str, PriorRecord] = {}
     by_url: dict[str, PriorRecord] = {}
+    names: dict[str, str] = {}
     base = path.resolve().parent
     for row in iter_rows(path):
         record = row_record(row, base)
+        owned = _row_path(row, base)
+        if row.get("identity") and owned and row.get("outcome") in SUCCESS:
+            names[row["identity"]] = owned
         if row.get("job_key"):
             by_key[row["job_key"]] = record
         url = row.get("url")
@@ -172,4 +201,4 @@ def read_manifest(path: str | Path) -> tuple[dict[str, PriorRecord], dict[str, P
                 by_url[canonical_url(url)] = record
             except UsageError:
                 pass
-    return by_key, by_url
+    return ManifestRecords(by_key=by_key, by_url=by_url, names=names)

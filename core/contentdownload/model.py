@@ -180,8 +180,8 @@ class TransferOptions:
     """
 
     max_bytes: int | None = None
-    chunk_size: int = 1 << 20
-    checkpoint_bytes: int = 64 << 20
+    chunk_size: int = 64 << 10
+    checkpoint_bytes: int = 16 << 20
     timeout: tuple[float, float] = (10.0, 60.0)
     revalidate: bool = False
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import posixpath
 import re
 import unicodedata
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
 
 from .model import Job
@@ -83,18 +83,25 @@ def with_suffix(name: str, identity: str) -> str:
     return f"{stem}{tag}{ext_part}"
 
 
-def plan_names(jobs: Sequence[tuple[Job, str]], recorded: Mapping[str, str] | None = None) -> list[str]:
+FOREIGN = "(a file no job recorded)"
+
+
+def plan_names(jobs: Sequence[tuple[Job, str]], recorded: Mapping[str, str] | None = None,
+               taken: Iterable[str] = ()) -> list[str]:
     """One output name per ``(job, identity)``, unique across different identities.
 
     ``recorded`` maps identities to names an earlier run gave them; those are kept.
-    The same identity always gets the same name. Comparison is case-insensitive so the
-    plan is safe on case-insensitive filesystems.
+    ``taken`` are names of files already in the folder that no identity recorded: no
+    job gets them. The same identity always gets the same name. Comparison is
+    case-insensitive so the plan is safe on case-insensitive filesystems.
     """
     recorded = recorded or {}
     owner: dict[str, str] = {}  # casefolded name -> identity
     by_identity: dict[str, str] = {}
     for identity, name in recorded.items():
         owner.setdefault(name.casefold(), identity)
+    for name in taken:
+        owner.setdefault(name.casefold(), FOREIGN)
     out: list[str] = []
     for job, identity in jobs:
         if identity in by_identity:

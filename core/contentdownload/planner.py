@@ -15,8 +15,10 @@ import attrs
 from .errors import NoPluginAnsweredError
 from .keys import identity_key
 from .log import get_logger
+from .manifest import ManifestRecords
 from .model import Job, JobKey, JobKeyContext, JobResult, PriorRecord
 from .naming import plan_names
+from .urls import redact_url
 from .work import WorkItem, file_matches, is_permanent, job_from_payload, job_payload, owner_is_dead_local_process, record_of
 from .workspace import Workspace
 
@@ -48,7 +50,7 @@ def plan_jobs(
     *,
     revalidate: bool = False,
     retry_failed: bool = False,
-    resume_from: tuple[Mapping[str, PriorRecord], Mapping[str, PriorRecord]] | None = None,
+    resume_from: ManifestRecords | None = None,
     dry_run: bool = False,
 ) -> Plan:
     """Key and name every job, record them in ``store``, and sort out what needs doing.
@@ -66,13 +68,19 @@ def plan_jobs(
         for rec in existing.values()
         if rec.payload.get("identity") and rec.payload.get("relative_path")
     }
+    for identity, owned in (resume_from.names.items() if resume_from else ()):
+        if Path(owned).parent == ws.out:
+            recorded_names.setdefault(identity, Path(owned).name)
+    mine = {name.casefold() for name in recorded_names.values()}
+    foreign = [p.name for p in ws.out.iterdir() if p.is_file() and p.name.casefold() not in mine] if ws.out.is_dir() else []
     ordered = list(identified.items())
-    names = plan_names([(job, identity) for identity, (job, _) in ordered], recorded_names)
+    names = plan_names([(job, identity) for identity, (job, _) in ordered], recorded_names, taken=foreign)
 
     items: dict[str, WorkItem] = {}
     settled: list[JobResult] = []
     planned = []
-    by_key, by_url = resume_from or ({}, {})
+    by_key = resume_from.by_key if resume_from else {}
+    by_url = resume_from.by_url if resume_from else {}
     from .store import PlannedJob  # the store package imports drivers lazily
 
     for (identity, (job, canonical)), relative in zip(ordered, names):
@@ -81,7 +89,7 @@ def plan_jobs(
             answer = runtime.dispatcher.call(selection, JobKeyContext(job=job, relative_path=relative))
         except NoPluginAnsweredError as exc:
             settled.append(JobResult(outcome="failed", job=job, reason="no_plugin", url=job.url))
-            log.error("no plugin keyed the job", url=job.url, error=str(exc))
+            log.error("no plugin keyed the job", url=redact_url(job.url), error=str(exc))
             continue
         key: JobKey = answer.result
         if key.key in items:
@@ -99,7 +107,7 @@ def plan_jobs(
     # A finished file an earlier manifest recorded at this very path: done, record it as such.
     for key, item in list(items.items()):
         prior = item.record
-        if prior is None or not prior.path or revalidate:
+        if prior is None or not prior.path or not prior.sha256 or revalidate:
             continue
         final = ws.final_path(item.relative_path)
         if Path(prior.path) == final and file_matches(final, prior.size, prior.sha256, prior.mtime_ns):

@@ -254,10 +254,10 @@ class Run:
             self._results.append(result)
         if leasing and result.job_key:
             op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id)
+            if store.op_begin(op, result.job_key, "manifest", 0) == "done":
+                return
             if op in self._rows_on_disk:  # written before a crash that came before the ledger update
                 store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome, "reconciled": True})
-                return
-            if store.op_begin(op, result.job_key, "manifest", 0) == "done":
                 return
             manifest.write(result_row(result, self.run_id, self.ws.out))
             store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome})

@@ -298,8 +298,8 @@ class JobWorker:
         else:
             part_lock, paths = None, self.ws.stage_paths(item.relative_path, key)
         try:
-            if item.adopt_from and not paths.final.exists():
-                self._adopt(Path(item.adopt_from), paths)
+            if item.adopt_from and item.record is not None and not paths.final.exists():
+                self._adopt(Path(item.adopt_from), item.record, paths)
             result = self._transfer(item, paths, lease)
         finally:
             if part_lock is not None:
@@ -343,9 +343,13 @@ class JobWorker:
                 raise Cancelled("interrupted while waiting for a connection slot")
             lease.heartbeat()
 
-    def _adopt(self, source: Path, paths: Any) -> None:
-        """Copy a finished file from an earlier output folder into place (atomically) so it can be revalidated."""
-        if not source.is_file():
+    def _adopt(self, source: Path, record: PriorRecord, paths: Any) -> None:
+        """Copy a finished file from an earlier output folder into place (atomically) so it can be revalidated.
+
+        Only a file that still is what the earlier manifest recorded (size and SHA-256) is copied.
+        """
+        if not record.sha256 or not source.is_file() or not file_matches(source, record.size, record.sha256):
+            log.info("earlier file is gone or changed, not reusing it", path=str(source))
             return
         tmp = paths.part.with_name(paths.part.name + ".adopt")
         try:

@@ -28,7 +28,6 @@ from contentdownload.urls import redact_url
 
 log = get_logger("contentdownload.legacy")
 
-CHUNK = 1 << 16
 _TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, http.client.HTTPException, OSError)
 _DROPPED_HEADERS = frozenset({"range", "if-range"})
 
@@ -86,7 +85,7 @@ def stream_io(ctx: StreamContext) -> StreamResult:
         ctx.paths.part.parent.mkdir(parents=True, exist_ok=True)
         with open(ctx.paths.part, "wb") as fh:
             try:
-                for chunk in response.iter_content(CHUNK):
+                for chunk in response.iter_content(ctx.options.chunk_size):
                     if max_bytes is not None and received + len(chunk) > max_bytes:
                         fh.close()
                         ctx.paths.part.unlink(missing_ok=True)

@@ -61,15 +61,8 @@ from .resume import drop_part
 log = get_logger("contentdownload.streaming")
 
 _HASH_BLOCK = 1 << 20
-#: Largest socket read (and write): blocks this size stay in the CPU caches on their way
-#: from the socket to the hash and the page cache; 1 MiB blocks measured 1.5-1.8x slower
-#: end to end (``benchmarks/throughput.py --chunk-size``). ``options.chunk_size`` may lower it.
-_READ_BLOCK = 64 << 10
 #: Bodies at least this large (or of unknown length) are hashed in a second thread.
 _THREADED_HASH_MIN = 8 << 20
-#: Checkpoints come at least this often: each one is a background fsync, so dirty pages go
-#: to disk while the body streams and the fsync before the rename has little left to do.
-_WRITEBACK_BYTES = 16 << 20
 _TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, http.client.HTTPException, OSError)
 
 
@@ -297,8 +290,8 @@ class _Transfer:
     def stream(self, response: requests.Response, fh: BinaryIO, digest: Any, meta: sidecars.Sidecar, *,
                offset: int, expected_body: int | None, decode: bool) -> StreamResult:
         ctx, paths, options = self.ctx, self.ctx.paths, self.ctx.options
-        chunk = max(4096, min(int(options.chunk_size), _READ_BLOCK))
-        checkpoint_every = max(chunk, min(int(options.checkpoint_bytes), _WRITEBACK_BYTES))
+        chunk = max(4096, int(options.chunk_size))
+        checkpoint_every = max(chunk, int(options.checkpoint_bytes))
         max_bytes = options.max_bytes
         wrote, progress, effects, lease = ctx.effects.wrote, ctx.progress, ctx.effects, ctx.lease
         read = response.raw.read
