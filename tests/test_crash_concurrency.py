@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from contentdownload.testing.pg import postgres_dsn  # noqa: F401  (fixture)
+from contentdownload.testing.pg import fresh_postgres_dsn  # noqa: F401  (fixture)
 from contentdownload.testing.server import Fault, LoopbackServer
-from helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -134,8 +133,8 @@ def test_three_processes_share_one_sqlite_store(server, tmp_path):
 
 
 @pytest.mark.postgres
-def test_three_processes_share_one_postgresql_store(server, tmp_path, postgres_dsn):  # noqa: F811
-    _concurrent_run(server, tmp_path, postgres_dsn)
+def test_three_processes_share_one_postgresql_store(server, tmp_path, fresh_postgres_dsn):  # noqa: F811
+    _concurrent_run(server, tmp_path, fresh_postgres_dsn)
 
 
 def test_paused_worker_loses_its_lease_and_cannot_finalize(server, tmp_path):

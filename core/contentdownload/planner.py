@@ -19,7 +19,8 @@ from .manifest import ManifestRecords
 from .model import Job, JobKey, JobKeyContext, JobResult, PriorRecord
 from .naming import plan_names
 from .urls import redact_url
-from .work import WorkItem, file_matches, is_permanent, job_from_payload, job_payload, owner_is_dead_local_process, record_of
+from .files import file_matches
+from .work import WorkItem, is_permanent, job_from_payload, job_payload, owner_is_dead_local_process, record_of
 from .workspace import Workspace
 
 log = get_logger(__name__)

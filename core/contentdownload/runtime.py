@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import attrs
 
 from . import __version__
 from .config import ConfigFile, RunSettings, load_config, run_settings

@@ -14,7 +14,6 @@ everything between the job store and the pipeline:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
@@ -28,6 +27,7 @@ import attrs
 from filelock import FileLock, Timeout
 
 from .errors import Cancelled
+from .files import file_matches, sha256_file
 from .keys import operation_key
 from .log import get_logger
 from .model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, StreamResult, TransferOptions
@@ -68,27 +68,6 @@ def owner_is_dead_local_process(owner: str | None) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_matches(path: Path, size: int | None, sha256: str | None, mtime_ns: int | None = None) -> bool:
-    """Whether the file at ``path`` is the recorded one: same size, and same mtime or same SHA-256."""
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    if size is not None and st.st_size != size:
-        return False
-    if mtime_ns is not None and st.st_mtime_ns == mtime_ns:
-        return True
-    return sha256 is None or sha256_file(path) == sha256
 
 
 def job_payload(job: Job, relative_path: str, identity: str) -> dict:

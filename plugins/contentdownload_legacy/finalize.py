@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from contentdownload import FinalizeContext, FinalizeResult, hookimpl
+from contentdownload.files import sha256_file
 from contentdownload.log import get_logger
 
 log = get_logger("contentdownload.legacy")
@@ -19,13 +19,7 @@ def finalize(ctx: FinalizeContext) -> FinalizeResult:
         size = os.stat(paths.part).st_size
     except FileNotFoundError:
         return FinalizeResult(ok=False, reason="part_missing")
-    sha256 = ctx.stream.sha256
-    if sha256 is None:
-        digest = hashlib.sha256()
-        with open(paths.part, "rb") as fh:
-            while block := fh.read(1 << 16):
-                digest.update(block)
-        sha256 = digest.hexdigest()
+    sha256 = ctx.stream.sha256 or sha256_file(paths.part)
     reason = ""
     if ctx.stream.total_size is not None and size != ctx.stream.total_size:
         reason = "part_changed"

@@ -8,35 +8,20 @@ length, and the finished file on disk still has that length and that SHA-256
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
+from contentdownload.files import file_matches
 from contentdownload.log import get_logger
 from contentdownload.urls import redact_url
 
 log = get_logger("contentdownload.legacy")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 16):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verified_record(ctx: ResumeContext) -> bool:
     record = ctx.record
     if record is None or not record.path or not record.sha256 or record.size is None:
         return False
-    final = ctx.paths.final
-    try:
-        if final.stat().st_size != record.size:
-            return False
-        return _sha256(final) == record.sha256.lower()
-    except OSError:
-        return False
+    return file_matches(ctx.paths.final, record.size, record.sha256)
 
 
 def decide(ctx: ResumeContext) -> ResumeDecision:

@@ -9,11 +9,11 @@ folder is fsynced afterwards so the rename itself survives a power cut.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from contentdownload import FinalizeContext, FinalizeResult, hookimpl
+from contentdownload.files import sha256_file
 from contentdownload.log import get_logger
 
 from . import sidecar as sidecars
@@ -51,14 +51,6 @@ def make_parents(folder: Path) -> None:
         fsync_directory(created.parent)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @hookimpl
 def finalize(ctx: FinalizeContext) -> FinalizeResult:
     """Check size and SHA-256, fsync the part, ``assert_held``, ``os.replace``, fsync the folder, drop the sidecar."""
@@ -75,7 +67,7 @@ def finalize(ctx: FinalizeContext) -> FinalizeResult:
         drop_part(paths.part, paths.sidecar)
         log.warning("size differs from the job's, not promoted", final=str(paths.final), size=size, expected=job.size)
         return FinalizeResult(ok=False, size=size, reason="size_mismatch")
-    sha256 = stream.sha256 or _sha256(paths.part)
+    sha256 = stream.sha256 or sha256_file(paths.part)
     if job.sha256 is not None and sha256 != job.sha256:
         drop_part(paths.part, paths.sidecar)
         log.warning("SHA-256 differs from the job's, not promoted", final=str(paths.final), sha256=sha256, expected=job.sha256)

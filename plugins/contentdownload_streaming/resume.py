@@ -17,11 +17,11 @@ Every decision carries a ``reason`` and is logged as ``streaming_resume_decision
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
+from contentdownload.files import file_matches
 from contentdownload.http import http_date, is_strong_etag
 from contentdownload.log import get_logger
 from contentdownload.model import PriorRecord
@@ -41,27 +41,11 @@ def drop_part(part: Path, sidecar: Path) -> None:
     sidecars.remove(sidecar)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def final_matches_record(final: Path, record: PriorRecord | None) -> bool:
     """Whether the finished file is the one ``record`` describes: same size, and same mtime or same SHA-256."""
     if record is None or record.size is None:
         return False
-    try:
-        st = final.stat()
-    except OSError:
-        return False
-    if st.st_size != record.size:
-        return False
-    if record.mtime_ns is not None and st.st_mtime_ns == record.mtime_ns:
-        return True
-    return record.sha256 is not None and _sha256(final) == record.sha256.lower()
+    return file_matches(final, record.size, record.sha256, record.mtime_ns)
 
 
 def _revalidation(ctx: ResumeContext, reason: str) -> ResumeDecision | None:
