@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from contentdownload.testing.pg import fresh_postgres_dsn  # noqa: F401  (fixture)
+from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
 from contentdownload.testing.server import Fault, LoopbackServer
 
 pytestmark = pytest.mark.slow
