@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -11,6 +12,7 @@ from .urls import canonical_url
 IDENTITY_VERSION = 1
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def identity_key(job: Job) -> tuple[str, str]:
     """The content identity of a job: ``(hex SHA-256, canonical URL)``.
 
