@@ -45,6 +45,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from contentdownload.files import sha256_file
+
 FILE_NAME = "payload.bin"
 BLOCK = 1 << 20
 
@@ -213,14 +215,6 @@ def run_child(argv: list[str]) -> tuple[str, int, float, int, float]:
         print(f"  {argv[0]} failed ({proc.returncode}): {stderr.strip()[-500:]}", file=sys.stderr)
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return stdout, proc.returncode, wall, rss, usage.ru_utime + usage.ru_stime
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def one_run(client: str, url: str, out: Path) -> tuple[float, int, float]:

@@ -297,6 +297,11 @@ class _JobRun:
             self.note("resume_decision", answer)
             decision = answer.result
             self.decisions.append(decision.mode)
+            log.info(
+                "streaming_resume_decision",
+                plugin=answer.plugin, fallback=answer.fallback, mode=decision.mode, reason=decision.reason,
+                url=redact_url(cand.url), offset=decision.offset, attempt=rctx.attempt, job_key=self.job_key.key,
+            )
             if decision.mode == "discard":
                 paths.part.unlink(missing_ok=True)
                 paths.sidecar.unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
 from contentdownload.files import file_matches
 from contentdownload.log import get_logger
-from contentdownload.urls import redact_url
 
 log = get_logger("contentdownload.legacy")
 
@@ -50,15 +49,4 @@ def decide(ctx: ResumeContext) -> ResumeDecision:
 @hookimpl
 def resume_decision(ctx: ResumeContext) -> ResumeDecision:
     """Fresh (or discard of a leftover part), or revalidate a verified finished file."""
-    decision = decide(ctx)
-    log.info(
-        "streaming_resume_decision",
-        plugin="legacy",
-        mode=decision.mode,
-        reason=decision.reason,
-        url=redact_url(ctx.url),
-        offset=0,
-        attempt=ctx.attempt,
-        job_key=ctx.job_key.key,
-    )
-    return decision
+    return decide(ctx)

@@ -25,7 +25,6 @@ from contentdownload.files import file_matches
 from contentdownload.http import http_date, is_strong_etag
 from contentdownload.log import get_logger
 from contentdownload.model import PriorRecord
-from contentdownload.urls import redact_url
 
 from . import sidecar as sidecars
 
@@ -149,15 +148,4 @@ def decide(ctx: ResumeContext) -> ResumeDecision:
 @hookimpl
 def resume_decision(ctx: ResumeContext) -> ResumeDecision:
     """Decide between resume, revalidate, discard and fresh from the part, its sidecar and the record."""
-    decision = decide(ctx)
-    log.info(
-        "streaming_resume_decision",
-        plugin="streaming",
-        mode=decision.mode,
-        reason=decision.reason,
-        url=redact_url(ctx.url),
-        offset=decision.offset,
-        attempt=ctx.attempt,
-        job_key=ctx.job_key.key,
-    )
-    return decision
+    return decide(ctx)
