@@ -568,3 +568,29 @@ def test_a_content_coding_that_cannot_be_decoded_is_never_saved(rig, server):
     result = rig.run(Job(urls=(url,)), "packed.bin")
     assert result.outcome == "failed" and result.reason == "unsupported_encoding"
     assert not rig.paths("packed.bin").final.exists() and not rig.leftovers("packed.bin")
+
+
+def test_a_resume_decision_without_a_validator_never_splices_two_versions(tmp_path):
+    """A third-party decision that asks for a range with no validator gets the whole file instead."""
+    from contentdownload import Downloader, ResumeDecision, hookimpl
+    from contentdownload.testing.server import Fault, LoopbackServer
+
+    class Careless:
+        @hookimpl
+        def resume_decision(self, ctx):
+            part = ctx.paths.part
+            if part.exists() and part.stat().st_size:
+                return ResumeDecision(mode="resume", reason="careless", offset=part.stat().st_size)
+            return ResumeDecision(mode="fresh", reason="careless")
+
+    import os
+
+    old, new = os.urandom(400_000), os.urandom(400_000)
+    with LoopbackServer(root=tmp_path / "served") as server:
+        url = server.add_file("/v.bin", old, no_etag=True, no_last_modified=True)
+        server.add_fault("/v.bin", Fault.cut_after(150_000))
+        server.add_fault("/v.bin", Fault.change_content(new))
+        with Downloader(environ={}, plugins={"careless": Careless()}, pins={"resume_decision": "careless"}, backoff_factor=0) as dl:
+            result = dl.download(url, tmp_path / "out")
+        assert result.outcome == "downloaded" and result.path.read_bytes() == new
+        assert server.stats("/v.bin").ranges[-1] is None

@@ -47,6 +47,7 @@ from contentdownload.http import (
     content_length,
     decodable,
     http_date,
+    is_strong_etag,
     parse_content_range,
     parse_retry_after,
     request_failure,
@@ -109,6 +110,15 @@ class _Transfer:
         if decision.mode == "resume" and not self.ranged and decision.offset > 0:
             self.headers["Range"] = f"bytes={decision.offset}-"
             self.ranged, self.offset = True, decision.offset
+        if self.ranged and not any(name.lower() == "if-range" for name in self.headers):
+            # A range without a validator could splice two versions of a file: add one, or fetch it whole.
+            validator = decision.etag if is_strong_etag(decision.etag) else http_date(decision.last_modified)
+            if validator:
+                self.headers["If-Range"] = validator
+            else:
+                for name in [n for n in self.headers if n.lower() == "range"]:
+                    del self.headers[name]
+                self.ranged, self.offset = False, 0
         if self.ranged:
             for name in [n for n in self.headers if n.lower() == "accept-encoding"]:
                 del self.headers[name]
