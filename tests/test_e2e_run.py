@@ -259,3 +259,17 @@ def test_without_the_store_a_later_list_never_takes_another_jobs_file(server, tm
     server.reset_stats()
     assert run_cli("run", str(tmp_path / "one.txt"), "--out", str(out), "--no-progress", env=env, cwd=tmp_path).returncode == 0
     assert server.stats("/a/f.bin").requests == 0
+
+
+def test_per_host_limit_bounds_concurrent_requests(server, tmp_path):
+    for i in range(8):
+        server.add_file(f"/h/{i}.bin", os.urandom(3000))
+        server.add_fault(f"/h/{i}.bin", Fault.delay(0.4))
+    jobs = tmp_path / "urls.txt"
+    jobs.write_text("".join(server.url(f"/h/{i}.bin") + "\n" for i in range(8)))
+    proc = run_cli("run", str(jobs), "--out", str(tmp_path / "out"), "--workers", "8", "--per-host", "2", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    starts = sorted(r.time for r in server.requests if r.path.startswith("/h/"))
+    assert len(starts) == 8
+    # Each request is held 0.4 s by the server: with two slots, no three starts fit in 0.3 s.
+    assert all(b - a >= 0.3 for a, b in zip(starts, starts[2:])), [round(b - a, 3) for a, b in zip(starts, starts[2:])]

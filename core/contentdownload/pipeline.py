@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Mapping, TYPE_CHECKING
 
 import attrs
 from urllib3.util.retry import RequestHistory, Retry
@@ -142,6 +142,7 @@ class Pipeline:
         job_key_answer: Answer | None = None,
         options: TransferOptions | None = None,
         before_finalize: Callable[[StreamResult], None] | None = None,
+        host_slot: Callable[[str], ContextManager[Any]] | None = None,
     ) -> JobResult:
         """Fetch ``job`` and return its :class:`JobResult`.
 
@@ -154,14 +155,16 @@ class Pipeline:
         :class:`~contentdownload.errors.Cancelled` (the part is kept). ``job_key_answer``
         is the dispatcher's answer for ``job_key``, recorded in ``plugins``/``fallbacks``.
         ``before_finalize(stream)`` runs right before ``finalize`` (the runner records its
-        finalize intent there).
+        finalize intent there). ``host_slot(url)`` is entered around the attempts on each
+        candidate URL (the runner's per-host connection limit, counted for the host
+        actually fetched).
 
         Raises :class:`~contentdownload.errors.JobAbort` (``Cancelled``, ``LeaseLostError``);
         every other failure is a ``failed`` result with a reason.
         """
         return _JobRun(self, job, job_key, paths_for_url, selections, record=record, lease=lease, progress=progress,
                        cancel=cancel, job_key_answer=job_key_answer, options=options or self.options,
-                       before_finalize=before_finalize).run()
+                       before_finalize=before_finalize, host_slot=host_slot).run()
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -198,12 +201,14 @@ class _JobRun:
     def __init__(self, pipeline: Pipeline, job: Job, job_key: JobKey, paths_for_url: Any, selections: Mapping[str, Selection], *,
                  record: PriorRecord | None, lease: Lease, progress: Callable[[int], None] | None,
                  cancel: threading.Event | None, job_key_answer: Answer | None, options: TransferOptions,
-                 before_finalize: Callable[[StreamResult], None] | None):
+                 before_finalize: Callable[[StreamResult], None] | None,
+                 host_slot: Callable[[str], ContextManager[Any]] | None = None):
         self.p = pipeline
         self.dispatcher = pipeline.runtime.dispatcher
         self.job, self.job_key, self.paths_for_url, self.selections = job, job_key, paths_for_url, selections
         self.record, self.lease, self.cancel, self.options = record, lease, cancel, options
         self.user_progress, self.before_finalize = progress, before_finalize
+        self.host_slot = host_slot or (lambda url: contextlib.nullcontext())
         self.started = time.monotonic()
         self.plugins: dict[str, str] = {}
         self.fallbacks: dict[str, bool] = {}
@@ -274,7 +279,8 @@ class _JobRun:
 
     def run(self) -> JobResult:
         for url in self.job.urls:
-            outcome = self.candidate(_Candidate(url))
+            with self.host_slot(url):
+                outcome = self.candidate(_Candidate(url))
             if outcome is not None:
                 return outcome
         return self.failed(self.failure or "failed", self.failure_url)

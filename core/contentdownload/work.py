@@ -14,13 +14,14 @@ everything between the job store and the pipeline:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import attrs
 
@@ -301,26 +302,26 @@ class JobWorker:
     def _transfer(self, item: WorkItem, paths: Any, lease: Lease) -> JobResult:
         selections = self.runtime.policy.plan(item.identity)
         options = attrs.evolve(self.options, revalidate=self.options.revalidate or item.revalidate)
-        gate = self.host_gate(item.job.url) if self.host_gate else None
-        if gate is not None:
-            self._enter_gate(gate, lease)
-        try:
-            return self.pipeline.run(
-                item.job, item.key, paths, selections,
-                record=item.record, lease=lease, progress=self.progress, cancel=self.cancel,
-                job_key_answer=item.job_key_answer, options=options,
-                before_finalize=(lambda stream: self._record_intent(item, stream)) if self.leasing else None,
-            )
-        finally:
-            if gate is not None:
-                gate.release()
+        return self.pipeline.run(
+            item.job, item.key, paths, selections,
+            record=item.record, lease=lease, progress=self.progress, cancel=self.cancel,
+            job_key_answer=item.job_key_answer, options=options,
+            before_finalize=(lambda stream: self._record_intent(item, stream)) if self.leasing else None,
+            host_slot=(lambda url: self._host_slot(url, lease)) if self.host_gate else None,
+        )
 
-    def _enter_gate(self, gate: threading.Semaphore, lease: Lease) -> None:
-        """Wait for a per-host connection slot, heartbeating the lease and honouring Ctrl-C."""
+    @contextlib.contextmanager
+    def _host_slot(self, url: str, lease: Lease) -> Iterator[None]:
+        """Hold one of ``url``'s host's connection slots; wait heartbeating the lease and honouring Ctrl-C."""
+        gate = self.host_gate(url)
         while not gate.acquire(timeout=0.5):
             if self.cancel.is_set():
                 raise Cancelled("interrupted while waiting for a connection slot")
             lease.heartbeat()
+        try:
+            yield
+        finally:
+            gate.release()
 
     def _adopt(self, source: Path, record: PriorRecord, paths: Any) -> None:
         """Copy a finished file from an earlier output folder into place (atomically) so it can be revalidated.
