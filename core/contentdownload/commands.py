@@ -120,8 +120,8 @@ def _dry_run(runtime: Any, args: argparse.Namespace, entries: list) -> int:
     for result in plan.settled:
         rows.append([result.outcome, result.reason, result.job.url, str(result.path or "-")])
     for item in plan.items.values():
-        parts = sorted(ws.staging.glob(f"{item.key.key}*.part")) if ws.staging.is_dir() else []
-        action = "revalidate" if item.revalidate and item.record else f"resume from {parts[-1].stat().st_size} bytes" if parts else "download"
+        parts = ws.parts_of(item.key.key)
+        action = "revalidate" if item.revalidate and item.record else f"resume from {parts[0][1].stat().st_size} bytes" if parts else "download"
         winners = ",".join(f"{h}={s.winner}" for h, s in runtime.policy.plan(item.identity).items())
         rows.append([action, winners, item.job.url, item.relative_path])
     for bad in (e for e in entries if isinstance(e, BadLine)):

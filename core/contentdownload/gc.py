@@ -6,25 +6,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .workspace import Workspace
+from filelock import FileLock, Timeout
+
+from .workspace import Workspace, staging_owner
 
 LIVE_STATES = ("planned", "leased", "streaming")
-SUFFIXES = (".part.json.tmp", ".part.json", ".part.adopt", ".part", ".lock")
-
-
-def _key_of(name: str) -> str | None:
-    """The job key in a staging file name: ``KEY[.EPOCH].part``, ``.part.json``, ``.lock``."""
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            stem = name[: -len(suffix)]
-            key, _, epoch = stem.rpartition(".")
-            return key if key and epoch.isdigit() else stem
-    return None
 
 
 def _lock_held(path: Path) -> bool:
-    from filelock import FileLock, Timeout
-
+    """Whether a worker holds this lock file (a live job's part)."""
     lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0)
@@ -42,9 +32,10 @@ def collect(store: Any, ws: Workspace, dry_run: bool = False) -> dict:
         return {"paths": removed, "bytes": 0}
     now = time.time()
     for path in sorted(ws.staging.iterdir()):
-        key = _key_of(path.name)
-        if key is None or not path.is_file():
+        owner = staging_owner(path.name)
+        if owner is None or not path.is_file():
             continue
+        key = owner[0]
         record = store.get(key)
         state = None if record is None else getattr(record.state, "value", record.state)
         if state in LIVE_STATES or (path.name.endswith(".lock") and _lock_held(path)):

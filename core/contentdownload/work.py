@@ -113,7 +113,7 @@ def record_of(rec: Any) -> PriorRecord | None:
     )
 
 
-def adopt_previous_part(staging: Path, key: str, epoch: int, paths: Any) -> None:
+def adopt_previous_part(ws: Workspace, key: str, epoch: int, paths: Any) -> None:
     """Carry the newest part of an earlier epoch over to this epoch's name, if its owner is gone.
 
     Each epoch writes its own part (``KEY.EPOCH.part``) under a lock file held for the
@@ -124,13 +124,10 @@ def adopt_previous_part(staging: Path, key: str, epoch: int, paths: Any) -> None
     """
     if paths.part.exists():
         return
-    older = []
-    for part in staging.glob(f"{key}.*.part"):
-        tag = part.name[len(key) + 1 : -len(".part")]
-        if tag.isdigit() and int(tag) < epoch:
-            older.append((int(tag), part))
-    for tag, part in sorted(older, reverse=True):
-        lock = FileLock(str(staging / f"{key}.{tag}.lock"))
+    for tag, part in ws.parts_of(key):
+        if tag is None or tag >= epoch:
+            continue
+        lock = FileLock(str(ws.lock_path(key, tag)))
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -271,10 +268,10 @@ class JobWorker:
                 self._report_and_record(item, recovered)
                 return recovered
         if self.leasing:
-            part_lock = FileLock(str(self.ws.staging / f"{key}.{item.epoch}.lock"))
+            part_lock = FileLock(str(self.ws.lock_path(key, item.epoch)))
             part_lock.acquire(timeout=0)  # the epoch is ours alone: this cannot be held
             paths = self.ws.stage_paths(item.relative_path, key, epoch=item.epoch)
-            adopt_previous_part(self.ws.staging, key, item.epoch, paths)
+            adopt_previous_part(self.ws, key, item.epoch, paths)
         else:
             part_lock, paths = None, self.ws.stage_paths(item.relative_path, key)
         try:

@@ -20,6 +20,21 @@ from .errors import StagingError, UsageError
 from .model import StagePaths
 
 HIDDEN = ".contentdownload"
+#: Files in staging: ``KEY[.EPOCH].part``, its sidecar ``.part.json`` (written through
+#: ``.part.json.tmp``), a copy being adopted ``.part.adopt``, and the epoch's ``KEY.EPOCH.lock``.
+STAGING_SUFFIXES = (".part.json.tmp", ".part.json", ".part.adopt", ".part", ".lock")
+
+
+def staging_owner(name: str) -> tuple[str, int | None] | None:
+    """``(job key, epoch)`` a staging file belongs to (epoch ``None`` without leases); ``None`` for other names."""
+    for suffix in STAGING_SUFFIXES:
+        if name.endswith(suffix):
+            stem = name[: -len(suffix)]
+            key, dot, epoch = stem.rpartition(".")
+            if dot and key and epoch.isdigit():
+                return key, int(epoch)
+            return stem, None
+    return None
 
 
 def check_same_filesystem(staging: Path, out: Path) -> None:
@@ -81,6 +96,19 @@ class Workspace:
     def stage_paths(self, relative: str, key: str, epoch: int | None = None) -> StagePaths:
         """Final, part and sidecar paths of a job; with leases, each epoch has its own part."""
         return StagePaths.for_key(self.final_path(relative), self.staging, key, "" if epoch is None else f".{epoch}")
+
+    def lock_path(self, key: str, epoch: int) -> Path:
+        """The lock a worker holds on its epoch's part for the whole job."""
+        return self.staging / f"{key}.{epoch}.lock"
+
+    def parts_of(self, key: str) -> list[tuple[int | None, Path]]:
+        """The job's parts in staging with their epochs, newest epoch first."""
+        found = []
+        for path in self.staging.glob(f"{key}*.part") if self.staging.is_dir() else ():
+            owner = staging_owner(path.name)
+            if owner is not None and owner[0] == key:
+                found.append((owner[1], path))
+        return sorted(found, key=lambda entry: -1 if entry[0] is None else entry[0], reverse=True)
 
     def relative(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.out).as_posix()
