@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
+from contentdownload.testing.server import LoopbackServer
 from helpers import make_distribution
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A loopback HTTP server for one test, serving from ``tmp_path/served``."""
+    with LoopbackServer(root=tmp_path / "served") as srv:
+        yield srv
 
 
 @pytest.fixture

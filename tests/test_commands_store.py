@@ -6,16 +6,9 @@ import json
 
 import pytest
 
-from contentdownload.testing.server import LoopbackServer
 from helpers import run_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def server(tmp_path):
-    with LoopbackServer(root=tmp_path / "served") as srv:
-        yield srv
 
 
 def test_jobs_requeue_and_gc(server, tmp_path):

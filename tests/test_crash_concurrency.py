@@ -16,17 +16,11 @@ from pathlib import Path
 import pytest
 
 from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
-from contentdownload.testing.server import Fault, LoopbackServer
+from contentdownload.testing.server import Fault
 
 pytestmark = pytest.mark.slow
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
-
-
-@pytest.fixture
-def server(tmp_path):
-    with LoopbackServer(root=tmp_path / "served") as srv:
-        yield srv
 
 
 def _start(jobs: Path, out: Path, *extra: str) -> subprocess.Popen:

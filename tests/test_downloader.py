@@ -6,16 +6,8 @@ import hashlib
 import os
 import threading
 
-import pytest
-
 from contentdownload import Downloader, Job
-from contentdownload.testing.server import Fault, LoopbackServer
-
-
-@pytest.fixture
-def server(tmp_path):
-    with LoopbackServer(root=tmp_path / "served") as srv:
-        yield srv
+from contentdownload.testing.server import Fault
 
 
 def test_download_then_again_makes_no_request(server, tmp_path):

@@ -14,16 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from contentdownload.testing.server import Fault, LoopbackServer
+from contentdownload.testing.server import Fault
 from helpers import run_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def server(tmp_path):
-    with LoopbackServer(root=tmp_path / "served") as srv:
-        yield srv
 
 
 def _corpus(server, n: int, seed: int = 1, prefix: str = "f", sizes=(1_000, 120_000)) -> dict[str, bytes]:

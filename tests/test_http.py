@@ -24,12 +24,6 @@ from contentdownload.testing.server import Fault, LoopbackServer
 
 
 @pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
-
-
-@pytest.fixture
 def client():
     with HttpClient(timeout=(5.0, 10.0), retries=2, backoff_factor=0.0) as http:
         yield http

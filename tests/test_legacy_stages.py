@@ -10,17 +10,11 @@ import pytest
 from contentdownload.errors import LeaseLostError
 from contentdownload.model import Job, Lease, PriorRecord, TransferOptions
 from contentdownload.testing.conformance import TransferRig, sha256_hex
-from contentdownload.testing.server import Fault, LoopbackServer
+from contentdownload.testing.server import Fault
 from contentdownload_streaming import sidecar as sidecars
 
 LEGACY_EVERYWHERE = {"resume_decision": "legacy", "stream_io": "legacy", "finalize": "legacy"}
 STREAMING_EVERYWHERE = {"resume_decision": "streaming", "stream_io": "streaming", "finalize": "streaming"}
-
-
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
 
 
 @pytest.fixture

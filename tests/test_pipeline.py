@@ -16,14 +16,8 @@ from contentdownload.http import HttpClient
 from contentdownload.model import Job, JobKey, Lease
 from contentdownload.pipeline import Pipeline, backoff_delay, check_same_filesystem
 from contentdownload.testing.conformance import TransferRig, sha256_hex
-from contentdownload.testing.server import Fault, LoopbackServer
+from contentdownload.testing.server import Fault
 from contentdownload_streaming import sidecar as sidecars
-
-
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ Each test asserts the final bytes (and their SHA-256) and what went over the wir
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import tracemalloc
@@ -16,16 +17,10 @@ from structlog.testing import capture_logs
 from contentdownload.errors import Cancelled, LeaseLostError
 from contentdownload.model import Job, Lease, TransferOptions
 from contentdownload.testing.conformance import TransferRig, sha256_hex
-from contentdownload.testing.server import Fault, LoopbackServer
+from contentdownload.testing.server import Fault
 from contentdownload_streaming import sidecar as sidecars
 
 CHUNK = 64 << 10
-
-
-@pytest.fixture
-def server():
-    with LoopbackServer() as srv:
-        yield srv
 
 
 @pytest.fixture
@@ -570,10 +565,9 @@ def test_a_content_coding_that_cannot_be_decoded_is_never_saved(rig, server):
     assert not rig.paths("packed.bin").final.exists() and not rig.leftovers("packed.bin")
 
 
-def test_a_resume_decision_without_a_validator_never_splices_two_versions(tmp_path):
+def test_a_resume_decision_without_a_validator_never_splices_two_versions(server, tmp_path):
     """A third-party decision that asks for a range with no validator gets the whole file instead."""
     from contentdownload import Downloader, ResumeDecision, hookimpl
-    from contentdownload.testing.server import Fault, LoopbackServer
 
     class Careless:
         @hookimpl
@@ -583,14 +577,11 @@ def test_a_resume_decision_without_a_validator_never_splices_two_versions(tmp_pa
                 return ResumeDecision(mode="resume", reason="careless", offset=part.stat().st_size)
             return ResumeDecision(mode="fresh", reason="careless")
 
-    import os
-
     old, new = os.urandom(400_000), os.urandom(400_000)
-    with LoopbackServer(root=tmp_path / "served") as server:
-        url = server.add_file("/v.bin", old, no_etag=True, no_last_modified=True)
-        server.add_fault("/v.bin", Fault.cut_after(150_000))
-        server.add_fault("/v.bin", Fault.change_content(new))
-        with Downloader(environ={}, plugins={"careless": Careless()}, pins={"resume_decision": "careless"}, backoff_factor=0) as dl:
-            result = dl.download(url, tmp_path / "out")
-        assert result.outcome == "downloaded" and result.path.read_bytes() == new
-        assert server.stats("/v.bin").ranges[-1] is None
+    url = server.add_file("/v.bin", old, no_etag=True, no_last_modified=True)
+    server.add_fault("/v.bin", Fault.cut_after(150_000))
+    server.add_fault("/v.bin", Fault.change_content(new))
+    with Downloader(environ={}, plugins={"careless": Careless()}, pins={"resume_decision": "careless"}, backoff_factor=0) as dl:
+        result = dl.download(url, tmp_path / "out")
+    assert result.outcome == "downloaded" and result.path.read_bytes() == new
+    assert server.stats("/v.bin").ranges[-1] is None
