@@ -13,6 +13,7 @@ from .cli import EXIT_FAILED, EXIT_OK, _print_json, _table, runtime_from_args
 from .config import check_run_value
 from .errors import ConfigError, UsageError
 from .log import close_logging, configure_logging
+from .progress import human_bytes
 
 # -- run -----------------------------------------------------------------------------
 
@@ -51,14 +52,6 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def print_summary(report: Any, stream=None) -> None:
     stream = stream or sys.stdout
     m = report.metrics
@@ -67,8 +60,8 @@ def print_summary(report: Any, stream=None) -> None:
     for reason, n in m["failures_by_reason"].items():
         print(f"  failed: {reason}: {n}", file=stream)
     print(
-        f"{m['jobs']} jobs, {_human_bytes(m['bytes_downloaded'])} in {m['elapsed_s']:.1f} s "
-        f"({_human_bytes(m['throughput_bytes_per_s'])}/s); manifest: {report.workspace.manifest}",
+        f"{m['jobs']} jobs, {human_bytes(m['bytes_downloaded'])} in {m['elapsed_s']:.1f} s "
+        f"({human_bytes(m['throughput_bytes_per_s'])}/s); manifest: {report.workspace.manifest}",
         file=stream,
     )
     if m.get("interrupted"):
@@ -293,7 +286,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         verb = "would remove" if args.dry_run else "removed"
         for path in removed["paths"]:
             print(f"{verb} {path}")
-        print(f"{verb} {len(removed['paths'])} orphaned files, {_human_bytes(removed['bytes'])}")
+        print(f"{verb} {len(removed['paths'])} orphaned files, {human_bytes(removed['bytes'])}")
     return EXIT_OK
 
 

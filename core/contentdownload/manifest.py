@@ -18,12 +18,11 @@ from typing import Iterator, Mapping
 import attrs
 
 from .errors import UsageError
-from .model import HOOKS, JobResult, PriorRecord
+from .model import HOOKS, SUCCESS_OUTCOMES, JobResult, PriorRecord
 from .keys import identity_key
 from .urls import canonical_url, redact_url
 
 SCHEMA_VERSION = 1
-SUCCESS = frozenset({"downloaded", "resumed", "not_modified", "skipped"})
 
 
 def result_row(result: JobResult, run_id: str, out_dir: Path) -> dict:
@@ -157,7 +156,7 @@ def _row_path(row: dict, base: Path) -> str | None:
 def row_record(row: dict, base: Path) -> PriorRecord:
     """A manifest row as a :class:`PriorRecord` (a finished file only when the row has its SHA-256)."""
     path = _row_path(row, base)
-    done = row.get("outcome") in SUCCESS and bool(row.get("sha256")) and path is not None
+    done = row.get("outcome") in SUCCESS_OUTCOMES and bool(row.get("sha256")) and path is not None
     return PriorRecord(
         path=path if done else None,
         size=row.get("size") if done else None,
@@ -191,7 +190,7 @@ def read_manifest(path: str | Path) -> ManifestRecords:
     for row in iter_rows(path):
         record = row_record(row, base)
         owned = _row_path(row, base)
-        if row.get("identity") and owned and row.get("outcome") in SUCCESS:
+        if row.get("identity") and owned and row.get("outcome") in SUCCESS_OUTCOMES:
             names[row["identity"]] = owned
         if row.get("job_key"):
             by_key[row["job_key"]] = record

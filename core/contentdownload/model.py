@@ -30,6 +30,8 @@ STREAM_STATUSES: tuple[str, ...] = ("complete", "not_modified", "retry", "failed
 
 Outcome = Literal["downloaded", "resumed", "not_modified", "skipped", "failed"]
 OUTCOMES: tuple[str, ...] = ("downloaded", "resumed", "not_modified", "skipped", "failed")
+#: Outcomes after which the job's file is at its final path.
+SUCCESS_OUTCOMES = frozenset(OUTCOMES) - {"failed"}
 
 
 def _tuple_of_str(value: Any) -> tuple[str, ...]:
@@ -393,4 +395,4 @@ class JobResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome != "failed"
+        return self.outcome in SUCCESS_OUTCOMES

@@ -12,7 +12,8 @@ from .model import JobResult
 PLAIN_INTERVAL_S = 10.0
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``512 B``, ``1.5 MB`` (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -65,7 +66,7 @@ class Progress:
     def _summary(self) -> str:
         elapsed = max(time.monotonic() - self._started, 1e-9)
         rate = self.nbytes / elapsed
-        return f"{self.files}/{self.total} files, {_human(self.nbytes)}, {_human(rate)}/s, {self.failed} failed"
+        return f"{self.files}/{self.total} files, {human_bytes(self.nbytes)}, {human_bytes(rate)}/s, {self.failed} failed"
 
     def _tick(self) -> None:
         if not self.enabled:
@@ -75,7 +76,7 @@ class Progress:
             if now - self._last_line >= 0.5:
                 self._last_line = now
                 with self._lock:
-                    self._bar.set_postfix_str(f"{_human(self.nbytes)}, {_human(self.nbytes / max(now - self._started, 1e-9))}/s, {self.failed} failed", refresh=False)
+                    self._bar.set_postfix_str(f"{human_bytes(self.nbytes)}, {human_bytes(self.nbytes / max(now - self._started, 1e-9))}/s, {self.failed} failed", refresh=False)
             return
         if now - self._last_line >= PLAIN_INTERVAL_S:
             self._last_line = now

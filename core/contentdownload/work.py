@@ -39,7 +39,6 @@ log = get_logger(__name__)
 #: Failure reasons a rerun does not retry on its own (``--retry-failed`` does).
 PERMANENT_REASONS = ("http_4", "sha256_mismatch", "size_mismatch", "too_large", "unsafe_redirect", "bad_input", "no_plugin")
 
-SUCCESS = frozenset({"downloaded", "resumed", "not_modified", "skipped"})
 
 
 def is_permanent(reason: str) -> bool:
@@ -343,7 +342,7 @@ class JobWorker:
     def _record(self, item: WorkItem, result: JobResult) -> None:
         key = item.key.key
         transfer_op = operation_key(key, "transfer")
-        if result.outcome in SUCCESS and result.path is not None:
+        if result.ok and result.path is not None:
             final = Path(result.path)
             st = final.stat()
             info = {"etag": result.etag, "last_modified": result.last_modified, "final_url": result.final_url, "content_type": result.content_type}
