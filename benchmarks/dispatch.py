@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from contentdownload import hookimpl
-from contentdownload.config import parse_config
-from contentdownload.flags import FlagLayer
-from contentdownload.model import (
+from contentdownload.machinery.config import parse_config
+from contentdownload.machinery.flags import FlagLayer
+from contentdownload.hooks.model import (
     FinalizeContext,
     FinalizeResult,
     Job,
@@ -31,7 +31,7 @@ from contentdownload.model import (
     StreamContext,
     StreamResult,
 )
-from contentdownload.runtime import Runtime
+from contentdownload.machinery.runtime import Runtime
 
 TARGET_US = 50.0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
 
-from contentdownload.keys import operation_key  # noqa: E402
+from contentdownload.jobs.keys import operation_key  # noqa: E402
 from contentdownload.store import PlannedJob, open_store  # noqa: E402
 
 TARGETS_MS = {"sqlite": 2.0, "postgres": 5.0}

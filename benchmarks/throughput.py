@@ -13,7 +13,7 @@ one's dirty pages.
 
 Clients:
 
-- ``streaming`` / ``legacy``: :class:`contentdownload.pipeline.Pipeline` with that plugin
+- ``streaming`` / ``legacy``: :class:`contentdownload.jobs.pipeline.Pipeline` with that plugin
   pinned for every transfer hook; the time runs from the request to the finished,
   renamed file (streaming includes its fsyncs of the part and the folder);
 - ``requests``: a plain ``requests`` loop, ``iter_content(1 MiB)``, write and SHA-256;
@@ -45,7 +45,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from contentdownload.files import sha256_file
+from contentdownload.transfer.files import sha256_file
 
 FILE_NAME = "payload.bin"
 BLOCK = 1 << 20
@@ -55,12 +55,12 @@ BLOCK = 1 << 20
 
 
 def _pipeline_client(plugin: str, url: str, out: Path) -> dict:
-    from contentdownload.config import EMPTY
-    from contentdownload.flags import FlagLayer
-    from contentdownload.http import HttpClient
-    from contentdownload.model import Job, JobKey, StagePaths, TransferOptions
-    from contentdownload.pipeline import Pipeline
-    from contentdownload.runtime import Runtime
+    from contentdownload.machinery.config import EMPTY
+    from contentdownload.machinery.flags import FlagLayer
+    from contentdownload.transfer.http import HttpClient
+    from contentdownload.hooks.model import Job, JobKey, StagePaths, TransferOptions
+    from contentdownload.jobs.pipeline import Pipeline
+    from contentdownload.machinery.runtime import Runtime
 
     pins = {hook: plugin for hook in ("resume_decision", "stream_io", "finalize")}
     runtime = Runtime(cli=FlagLayer(source="cli", pins=pins), config=EMPTY, environ={})

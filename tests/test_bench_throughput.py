@@ -17,7 +17,7 @@ import sys
 import pytest
 import requests
 
-from contentdownload.model import Job, TransferOptions
+from contentdownload.hooks.model import Job, TransferOptions
 from contentdownload.testing.conformance import TransferRig
 
 SIZE = 64 << 20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contentdownload.config import RUN_SCHEMA, RunSettings, load_config, parse_config, run_settings
+from contentdownload.machinery.config import RUN_SCHEMA, RunSettings, load_config, parse_config, run_settings
 from contentdownload.errors import ConfigError
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from contentdownload import hookspecs
-from contentdownload.model import HOOK_CONTEXT_TYPES, HOOK_RESULT_TYPES, HOOKS, Effects, Job, JobKey, JobResult, PriorRecord, StagePaths, TransferOptions
+from contentdownload.hooks import specs as hookspecs
+from contentdownload.hooks.model import HOOK_CONTEXT_TYPES, HOOK_RESULT_TYPES, HOOKS, Effects, Job, JobKey, JobResult, PriorRecord, StagePaths, TransferOptions
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 DOCUMENTED_TYPES = [*HOOK_CONTEXT_TYPES.values(), *HOOK_RESULT_TYPES.values(), Job, JobKey, JobResult, PriorRecord, StagePaths, TransferOptions, Effects]

@@ -10,7 +10,7 @@ import requests
 
 from contentdownload import __version__
 from contentdownload.errors import Cancelled, ContentDownloadError, UnsafeRedirectError
-from contentdownload.http import (
+from contentdownload.transfer.http import (
     ContentRange,
     HttpClient,
     PatientRetry,

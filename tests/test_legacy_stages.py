@@ -8,7 +8,7 @@ import random
 import pytest
 
 from contentdownload.errors import LeaseLostError
-from contentdownload.model import Job, Lease, PriorRecord, TransferOptions
+from contentdownload.hooks.model import Job, Lease, PriorRecord, TransferOptions
 from contentdownload.testing.conformance import TransferRig, sha256_hex
 from contentdownload.testing.server import Fault
 from contentdownload_streaming import sidecar as sidecars

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from contentdownload.commands import compare_metrics
-from contentdownload.manifest import ManifestWriter, iter_rows, read_manifest, repair_tail, result_row
-from contentdownload.model import HOOKS, Job, JobResult
+from contentdownload.cli.commands import compare_metrics
+from contentdownload.records.manifest import ManifestWriter, iter_rows, read_manifest, repair_tail, result_row
+from contentdownload.hooks.model import HOOKS, Job, JobResult
 
 
 def test_rows_have_sorted_keys_and_every_field(tmp_path):

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from contentdownload.errors import UsageError
-from contentdownload.inputs import BadLine, parse_lines, read_jobs
-from contentdownload.model import Job
-from contentdownload.naming import MAX_NAME_BYTES, base_name, plan_names, sanitize_name
-from contentdownload.workspace import Workspace
+from contentdownload.jobs.inputs import BadLine, parse_lines, read_jobs
+from contentdownload.hooks.model import Job
+from contentdownload.jobs.naming import MAX_NAME_BYTES, base_name, plan_names, sanitize_name
+from contentdownload.jobs.workspace import Workspace
 
 HOSTILE = [
     "../../etc/passwd",

@@ -10,11 +10,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from contentdownload import StreamResult, hookimpl
-from contentdownload.dispatch import Answer
+from contentdownload.machinery.dispatch import Answer
 from contentdownload.errors import Cancelled, LeaseLostError, StagingError
-from contentdownload.http import HttpClient
-from contentdownload.model import Job, JobKey, Lease
-from contentdownload.pipeline import Pipeline, backoff_delay, check_same_filesystem
+from contentdownload.transfer.http import HttpClient
+from contentdownload.hooks.model import Job, JobKey, Lease
+from contentdownload.jobs.pipeline import Pipeline, backoff_delay, check_same_filesystem
 from contentdownload.testing.conformance import TransferRig, sha256_hex
 from contentdownload.testing.server import Fault
 from contentdownload_streaming import sidecar as sidecars

@@ -9,9 +9,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from contentdownload.errors import DuplicatePluginError, NoPluginAnsweredError, PluginLoadError
-from contentdownload.flags import FlagLayer
-from contentdownload.model import Job, JobKeyContext
-from contentdownload.runtime import Runtime
+from contentdownload.machinery.flags import FlagLayer
+from contentdownload.hooks.model import Job, JobKeyContext
+from contentdownload.machinery.runtime import Runtime
 
 from helpers import make_distribution, run_cli
 

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from contentdownload.config import parse_config
+from contentdownload.machinery.config import parse_config
 from contentdownload.errors import UnknownPluginError, UsageError
-from contentdownload.flags import FlagLayer
-from contentdownload.keys import canary_fraction
-from contentdownload.model import HOOKS
-from contentdownload.runtime import Runtime
+from contentdownload.machinery.flags import FlagLayer
+from contentdownload.jobs.keys import canary_fraction
+from contentdownload.hooks.model import HOOKS
+from contentdownload.machinery.runtime import Runtime
 
 STREAMING_HOOKS = ("resume_decision", "stream_io", "finalize")
 
@@ -148,7 +148,7 @@ def test_canary_splits_ten_thousand_keys_evenly_and_stably():
         assert rt.policy.plan(key)["finalize"].winner == plan["finalize"].winner
     # A second process puts the same keys in the same bucket.
     code = (
-        "import sys; from contentdownload.keys import canary_fraction;"
+        "import sys; from contentdownload.jobs.keys import canary_fraction;"
         "keys=[f'{i:064x}' for i in range(10000)];"
         "print(''.join('1' if canary_fraction(k) < 0.5 else '0' for k in keys))"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError, UsageError
-from contentdownload.keys import operation_key
+from contentdownload.jobs.keys import operation_key
 from contentdownload.store import (
     TRANSITIONS,
     JobState,

@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from contentdownload.errors import Cancelled, LeaseLostError
-from contentdownload.model import Job, Lease, TransferOptions
+from contentdownload.hooks.model import Job, Lease, TransferOptions
 from contentdownload.testing.conformance import TransferRig, sha256_hex
 from contentdownload.testing.server import Fault
 from contentdownload_streaming import sidecar as sidecars
@@ -514,8 +514,8 @@ def test_every_decision_is_logged_with_mode_reason_and_url(rig, server):
 
 
 def test_a_206_for_another_representation_is_rejected(tmp_path, server):
-    from contentdownload.http import HttpClient
-    from contentdownload.model import JobKey, ResumeDecision, StreamContext
+    from contentdownload.transfer.http import HttpClient
+    from contentdownload.hooks.model import JobKey, ResumeDecision, StreamContext
     from contentdownload_streaming.stream import stream_io
 
     data = payload(34)

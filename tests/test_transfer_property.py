@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contentdownload.model import Job
+from contentdownload.hooks.model import Job
 from contentdownload.testing.conformance import TransferRig
 from contentdownload.testing.server import Fault, LoopbackServer
 

@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from contentdownload.errors import UsageError
-from contentdownload.keys import identity_key, operation_key, path_key
-from contentdownload.model import Job, JobKeyContext
-from contentdownload.urls import canonical_url, redact_url
+from contentdownload.jobs.keys import identity_key, operation_key, path_key
+from contentdownload.hooks.model import Job, JobKeyContext
+from contentdownload.transfer.urls import canonical_url, redact_url
 from contentdownload_legacy.job_key import job_key as legacy_job_key
 from contentdownload_streaming.job_key import job_key as streaming_job_key
 
@@ -75,7 +75,7 @@ def test_legacy_key_is_the_output_path():
 def test_keys_are_the_same_in_another_process():
     job = Job(urls=("http://Example.com/a?x=1",), work_id="w", artifact_id="pdf")
     code = (
-        "from contentdownload.keys import identity_key; from contentdownload.model import Job;"
+        "from contentdownload.jobs.keys import identity_key; from contentdownload.hooks.model import Job;"
         "print(identity_key(Job(urls=('http://Example.com/a?x=1',), work_id='w', artifact_id='pdf'))[0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

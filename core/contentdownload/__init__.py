@@ -7,7 +7,7 @@ Start with :class:`Downloader` (one file at a time from a program),
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from contentdownload.errors import (  # noqa: E402
     ContentDownloadError,
     ConfigError,
     JobAbort,
@@ -17,8 +17,8 @@ from .errors import (  # noqa: E402
     UnknownPluginError,
     UsageError,
 )
-from .hookspecs import HOOKSPEC_VERSION, hookimpl  # noqa: E402
-from .model import (  # noqa: E402
+from contentdownload.hooks.specs import HOOKSPEC_VERSION, hookimpl  # noqa: E402
+from contentdownload.hooks.model import (  # noqa: E402
     FinalizeContext,
     FinalizeResult,
     Job,
@@ -30,7 +30,7 @@ from .model import (  # noqa: E402
     StreamContext,
     StreamResult,
 )
-from .runtime import Runtime, explain, integration_status  # noqa: E402
+from contentdownload.machinery.runtime import Runtime, explain, integration_status  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -64,7 +64,7 @@ __all__ = [
 def __getattr__(name: str):
     # The Downloader pulls in the HTTP stack; import it on first use only.
     if name == "Downloader":
-        from .downloader import Downloader
+        from contentdownload.jobs.downloader import Downloader
 
         return Downloader
     raise AttributeError(f"module 'contentdownload' has no attribute {name!r}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from contentdownload import FinalizeContext, FinalizeResult, hookimpl
-from contentdownload.files import sha256_file
-from contentdownload.log import get_logger
+from contentdownload.transfer.files import sha256_file
+from contentdownload.records.log import get_logger
 
 log = get_logger("contentdownload.legacy")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contentdownload import JobKey, JobKeyContext, hookimpl
-from contentdownload.keys import path_key
+from contentdownload.jobs.keys import path_key
 
 
 @hookimpl

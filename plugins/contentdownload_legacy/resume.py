@@ -10,8 +10,8 @@ from __future__ import annotations
 
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
-from contentdownload.files import file_matches
-from contentdownload.log import get_logger
+from contentdownload.transfer.files import file_matches
+from contentdownload.records.log import get_logger
 
 log = get_logger("contentdownload.legacy")
 

@@ -22,9 +22,9 @@ import urllib3
 
 from contentdownload import StreamContext, StreamResult, hookimpl
 from contentdownload.errors import JobAbort
-from contentdownload.http import RETRY_STATUSES, content_encoding, content_length, decodable, parse_retry_after, request_failure
-from contentdownload.log import get_logger
-from contentdownload.urls import redact_url
+from contentdownload.transfer.http import RETRY_STATUSES, content_encoding, content_length, decodable, parse_retry_after, request_failure
+from contentdownload.records.log import get_logger
+from contentdownload.transfer.urls import redact_url
 
 log = get_logger("contentdownload.legacy")
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from contentdownload import FinalizeContext, FinalizeResult, hookimpl
-from contentdownload.files import sha256_file
-from contentdownload.log import get_logger
+from contentdownload.transfer.files import sha256_file
+from contentdownload.records.log import get_logger
 
 from . import sidecar as sidecars
 from .resume import drop_part

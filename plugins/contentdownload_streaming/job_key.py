@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contentdownload import JobKey, JobKeyContext, hookimpl
-from contentdownload.keys import identity_key
+from contentdownload.jobs.keys import identity_key
 
 
 @hookimpl

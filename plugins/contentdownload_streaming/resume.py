@@ -21,10 +21,10 @@ import os
 from pathlib import Path
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
-from contentdownload.files import file_matches
-from contentdownload.http import http_date, is_strong_etag
-from contentdownload.log import get_logger
-from contentdownload.model import PriorRecord
+from contentdownload.transfer.files import file_matches
+from contentdownload.transfer.http import http_date, is_strong_etag
+from contentdownload.records.log import get_logger
+from contentdownload.hooks.model import PriorRecord
 
 from . import sidecar as sidecars
 

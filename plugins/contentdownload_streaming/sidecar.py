@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from contentdownload.errors import UsageError
-from contentdownload.urls import canonical_url, redact_url
+from contentdownload.transfer.urls import canonical_url, redact_url
 
 SIDECAR_VERSION = 1
 

@@ -40,7 +40,7 @@ import urllib3
 
 from contentdownload import StreamContext, StreamResult, hookimpl
 from contentdownload.errors import JobAbort
-from contentdownload.http import (
+from contentdownload.transfer.http import (
     ACCEPT_ENCODING,
     RETRY_STATUSES,
     content_encoding,
@@ -52,8 +52,8 @@ from contentdownload.http import (
     parse_retry_after,
     request_failure,
 )
-from contentdownload.log import get_logger
-from contentdownload.urls import redact_url
+from contentdownload.records.log import get_logger
+from contentdownload.transfer.urls import redact_url
 
 from . import sidecar as sidecars
 from .finalize import fsync_directory

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import IllegalTransition, LeaseLostError, StoreError, UsageError
-from .base import (
+from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError, UsageError
+from contentdownload.store.base import (
     Claim,
     JobRecord,
     JobState,
@@ -27,12 +27,12 @@ from .base import (
     UnknownJobError,
     UnknownOperationError,
 )
-from .transitions import TRANSITIONS, check_transition
+from contentdownload.store.transitions import TRANSITIONS, check_transition
 
 if TYPE_CHECKING:
-    from .memory import MemoryStore
-    from .postgres import PostgresStore
-    from .sqlite import SQLiteStore
+    from contentdownload.store.memory import MemoryStore
+    from contentdownload.store.postgres import PostgresStore
+    from contentdownload.store.sqlite import SQLiteStore
 
 __all__ = [
     "Claim",
@@ -60,11 +60,11 @@ def open_store(url: str) -> JobStore:
     text = str(url).strip()
     scheme = text.split(":", 1)[0].lower() if ":" in text else ""
     if scheme == "memory":
-        from .memory import MemoryStore
+        from contentdownload.store.memory import MemoryStore
 
         return MemoryStore(text)
     if scheme == "sqlite":
-        from .sqlite import SQLiteStore, parse_sqlite_url
+        from contentdownload.store.sqlite import SQLiteStore, parse_sqlite_url
 
         path = parse_sqlite_url(text)
         if str(path) in ("", ".", ":memory:"):
@@ -73,7 +73,7 @@ def open_store(url: str) -> JobStore:
             raise UsageError(f"bad job store URL {text!r}: folder {path.parent} does not exist")
         return SQLiteStore(path)
     if scheme in ("postgresql", "postgres"):
-        from .postgres import PostgresStore
+        from contentdownload.store.postgres import PostgresStore
 
         return PostgresStore(text)
     raise UsageError(f"unknown job store URL {text!r}: use sqlite:///path/jobs.db, postgresql://host/db or memory:")
@@ -81,15 +81,15 @@ def open_store(url: str) -> JobStore:
 
 def __getattr__(name: str):
     if name == "MemoryStore":
-        from .memory import MemoryStore
+        from contentdownload.store.memory import MemoryStore
 
         return MemoryStore
     if name == "SQLiteStore":
-        from .sqlite import SQLiteStore
+        from contentdownload.store.sqlite import SQLiteStore
 
         return SQLiteStore
     if name == "PostgresStore":
-        from .postgres import PostgresStore
+        from contentdownload.store.postgres import PostgresStore
 
         return PostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

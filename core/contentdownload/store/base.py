@@ -14,14 +14,13 @@ over (or the lease was released), so a worker that was paused past its lease can
 finalize a job someone else now owns.
 
 The operation ledger records each side effect of a job under an operation key
-(:func:`contentdownload.keys.operation_key`) so that a job replayed after a crash skips
+(:func:`contentdownload.jobs.keys.operation_key`) so that a job replayed after a crash skips
 effects that completed (``done``) and redoes those that did not (``pending``/``failed``).
 """
 
 from __future__ import annotations
 
 import abc
-import enum
 import json
 import threading
 import time
@@ -30,21 +29,11 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 import attrs
 
-from ..errors import IllegalTransition, LeaseLostError, StoreError
+from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError
 
 
-class JobState(str, enum.Enum):
-    PLANNED = "planned"
-    LEASED = "leased"
-    STREAMING = "streaming"
-    FINALIZED = "finalized"
-    FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-from . import transitions  # noqa: E402  (the table needs JobState)
+from contentdownload.store import transitions
+from contentdownload.store.transitions import JobState
 
 
 class SchemaVersionError(StoreError):

@@ -11,9 +11,9 @@ import threading
 import time
 from typing import Any, Collection, Iterator, Sequence
 
-from ..errors import StoreError
-from . import transitions
-from .base import (
+from contentdownload.errors import StoreError
+from contentdownload.store import transitions
+from contentdownload.store.base import (
     Claim,
     JobRecord,
     JobState,

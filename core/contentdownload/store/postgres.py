@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import IllegalTransition, StoreError
-from .base import (
+from contentdownload.errors import IllegalTransition, StoreError
+from contentdownload.store.base import (
     SchemaVersionError,
     SqlJobStore,
     UnknownJobError,

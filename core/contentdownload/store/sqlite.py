@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import IllegalTransition, StoreError
-from .base import (
+from contentdownload.errors import IllegalTransition, StoreError
+from contentdownload.store.base import (
     SchemaVersionError,
     SqlJobStore,
     UnknownJobError,

@@ -1,4 +1,4 @@
-"""The one table of legal job state transitions.
+"""A job's states and the one table of legal transitions between them.
 
 Every backend checks a move against :data:`TRANSITIONS` before making it, and the SQL
 backends also keep a copy of the table in the database (``job_transitions``) with a
@@ -8,10 +8,22 @@ query, cannot move a job where this table says it cannot go.
 
 from __future__ import annotations
 
+import enum
 from typing import Iterator
 
-from ..errors import IllegalTransition
-from .base import JobState
+from contentdownload.errors import IllegalTransition
+
+
+class JobState(str, enum.Enum):
+    PLANNED = "planned"
+    LEASED = "leased"
+    STREAMING = "streaming"
+    FINALIZED = "finalized"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 P, L, S, F, X = JobState.PLANNED, JobState.LEASED, JobState.STREAMING, JobState.FINALIZED, JobState.FAILED
 

@@ -20,7 +20,7 @@ __all__ = ["LoopbackServer", "Fault", "capture_events"]
 
 def __getattr__(name: str) -> Any:
     if name in ("LoopbackServer", "Fault"):
-        from . import server
+        from contentdownload.testing import server
 
         return getattr(server, name)
     raise AttributeError(name)

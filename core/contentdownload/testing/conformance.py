@@ -10,7 +10,7 @@ project's test suite, and a third-party plugin author calls them from their own 
 
 The plugin is pinned (without fallback) for each transfer hook it implements; the hooks
 it does not implement are answered by the default (``streaming``). Each check runs the
-real :class:`~contentdownload.pipeline.Pipeline` and dispatcher against a
+real :class:`~contentdownload.jobs.pipeline.Pipeline` and dispatcher against a
 :class:`~contentdownload.testing.server.LoopbackServer` over real sockets, and looks at
 the bytes on disk and at what went over the wire:
 
@@ -50,13 +50,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from ..config import EMPTY
-from ..flags import FlagLayer
-from ..http import HttpClient
-from ..model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, StagePaths, TransferOptions
-from ..pipeline import Pipeline
-from ..runtime import Runtime
-from .server import Fault, LoopbackServer
+from contentdownload.machinery.config import EMPTY
+from contentdownload.machinery.flags import FlagLayer
+from contentdownload.transfer.http import HttpClient
+from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, StagePaths, TransferOptions
+from contentdownload.jobs.pipeline import Pipeline
+from contentdownload.machinery.runtime import Runtime
+from contentdownload.testing.server import Fault, LoopbackServer
 
 __all__ = [
     "CHECKS",

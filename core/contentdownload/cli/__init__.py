@@ -1,0 +1,1 @@
+"""The command line: parser, commands, progress display and the demo."""

@@ -1,0 +1,1 @@
+"""The hook contract: the four hookspecs, and the contexts and results they pass."""

@@ -1,0 +1,189 @@
+"""Planning a job list against a store: names, keys, what is done, what to do.
+
+Shared by ``contentdownload run`` and :class:`~contentdownload.Downloader`. Planning is
+idempotent: the same list planned twice, or by several processes at once, yields each
+job key once in the store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import attrs
+
+from contentdownload.errors import NoPluginAnsweredError
+from contentdownload.jobs.keys import identity_key
+from contentdownload.records.log import get_logger
+from contentdownload.records.manifest import ManifestRecords
+from contentdownload.hooks.model import Job, JobKey, JobKeyContext, JobResult, PriorRecord
+from contentdownload.jobs.naming import plan_names
+from contentdownload.transfer.urls import redact_url
+from contentdownload.transfer.files import file_matches
+from contentdownload.jobs.worker import WorkItem, is_permanent, job_from_payload, job_payload, owner_is_dead_local_process, record_of
+from contentdownload.jobs.workspace import Workspace
+
+log = get_logger(__name__)
+
+ACTIVE_STATES = ("planned", "leased", "streaming")
+
+
+@attrs.frozen
+class Plan:
+    """The result of planning: items to process (by key), results already known, and the keys of this run."""
+
+    items: Mapping[str, WorkItem]
+    settled: Sequence[JobResult]
+    keys: frozenset[str]
+    order: Sequence[str]
+
+
+def _state(record: Any) -> str:
+    state = record.state
+    return state.value if hasattr(state, "value") else str(state)
+
+
+def plan_jobs(
+    runtime: Any,
+    store: Any,
+    ws: Workspace,
+    jobs: Sequence[Job],
+    *,
+    revalidate: bool = False,
+    retry_failed: bool = False,
+    resume_from: ManifestRecords | None = None,
+    dry_run: bool = False,
+) -> Plan:
+    """Key and name every job, record them in ``store``, and sort out what needs doing.
+
+    ``dry_run``: change nothing in the store, only classify.
+    """
+    # Content identity of each job (canonical URL, work and artifact ids); duplicates collapse.
+    identified: dict[str, tuple[Job, str]] = {}
+    for job in jobs:
+        identity, url = identity_key(job)
+        identified.setdefault(identity, (job, url))
+    existing = {rec.key: rec for rec in store.records()}
+    recorded_names = {
+        rec.payload.get("identity"): rec.payload.get("relative_path")
+        for rec in existing.values()
+        if rec.payload.get("identity") and rec.payload.get("relative_path")
+    }
+    for identity, owned in (resume_from.names.items() if resume_from else ()):
+        if Path(owned).parent == ws.out:
+            recorded_names.setdefault(identity, Path(owned).name)
+    mine = {name.casefold() for name in recorded_names.values()}
+    foreign = [p.name for p in ws.out.iterdir() if p.is_file() and p.name.casefold() not in mine] if ws.out.is_dir() else []
+    ordered = list(identified.items())
+    names = plan_names([(job, identity) for identity, (job, _) in ordered], recorded_names, taken=foreign)
+
+    items: dict[str, WorkItem] = {}
+    settled: list[JobResult] = []
+    planned = []
+    by_key = resume_from.by_key if resume_from else {}
+    by_url = resume_from.by_url if resume_from else {}
+    from contentdownload.store import PlannedJob  # the store package imports drivers lazily
+
+    for (identity, (job, canonical)), relative in zip(ordered, names):
+        selection = runtime.policy.plan(identity)["job_key"]
+        try:
+            answer = runtime.dispatcher.call(selection, JobKeyContext(job=job, relative_path=relative))
+        except NoPluginAnsweredError as exc:
+            settled.append(JobResult(outcome="failed", job=job, reason="no_plugin", url=job.url))
+            log.error("no plugin keyed the job", url=redact_url(job.url), error=str(exc))
+            continue
+        key: JobKey = answer.result
+        if key.key in items:
+            continue  # two jobs with one key (legacy keys are paths): the first one stands
+        prior = by_key.get(key.key) or by_url.get(canonical)
+        items[key.key] = WorkItem(
+            job=job, key=key, identity=identity, relative_path=relative, record=prior,
+            job_key_answer=answer, revalidate=revalidate,
+            adopt_from=prior.path if prior is not None and prior.path else None,
+        )
+        planned.append(PlannedJob(key=key.key, scheme=key.scheme, payload=job_payload(job, relative, identity)))
+    if not dry_run:
+        store.plan(planned)
+
+    # A finished file an earlier manifest recorded at this very path: done, record it as such.
+    for key, item in list(items.items()):
+        prior = item.record
+        if prior is None or not prior.path or not prior.sha256 or revalidate:
+            continue
+        final = ws.final_path(item.relative_path)
+        if Path(prior.path) == final and file_matches(final, prior.size, prior.sha256, prior.mtime_ns):
+            if not dry_run:
+                _record_finished(store, key, final, prior)
+            settled.append(_skipped(item, final, prior.size, prior.sha256, prior))
+            del items[key]
+
+    # What earlier runs left: finished files, failures, leases of dead processes.
+    existing = {rec.key: rec for rec in store.records() if rec.key in items}
+    for key, rec in existing.items():
+        item = items[key]
+        state = _state(rec)
+        if state == "finalized":
+            stored = record_of(rec)
+            path = Path(rec.path) if rec.path else None
+            ours = path is not None and (path == ws.out or ws.out in path.parents)
+            if ours and not file_matches(path, rec.size, rec.sha256, rec.mtime_ns):
+                log.warning("finished file is gone or changed, fetching it again", job_key=key, path=str(path))
+                if not dry_run:
+                    store.reopen(key)
+                items[key] = attrs.evolve(item, record=None, adopt_from=None)
+            elif ours and item.revalidate:
+                if not dry_run:
+                    store.reopen(key)
+                items[key] = attrs.evolve(item, record=stored, adopt_from=None)
+            else:
+                settled.append(_skipped(item, path, rec.size, rec.sha256, rec))
+                del items[key]
+        elif state == "failed":
+            if retry_failed or not is_permanent(rec.last_error or ""):
+                if not dry_run:
+                    store.requeue(key)
+            else:
+                settled.append(JobResult(outcome="failed", job=item.job, job_key=key, reason=rec.last_error or "failed", url=item.job.url))
+                del items[key]
+        elif state in ("leased", "streaming") and owner_is_dead_local_process(rec.lease_owner) and not dry_run:
+            store.release(key, rec.epoch)
+            log.info("released the lease of a process that is gone", job_key=key, owner=rec.lease_owner)
+    return Plan(items=items, settled=settled, keys=frozenset(items), order=[k for k in items])
+
+
+def _skipped(item: WorkItem, path: Path | None, size: int | None, sha256: str | None, info: Any) -> JobResult:
+    return JobResult(
+        outcome="skipped", job=item.job, job_key=item.key.key, reason="already_done", path=path,
+        size=size, sha256=sha256, etag=info.etag, last_modified=info.last_modified,
+        final_url=info.final_url, content_type=info.content_type, url=item.job.url,
+        plugins={"job_key": item.job_key_answer.plugin}, fallbacks={"job_key": item.job_key_answer.fallback},
+    )
+
+
+def _record_finished(store: Any, key: str, final: Path, prior: PriorRecord) -> None:
+    """Note in the store a job an earlier manifest already finished (so later runs need no manifest)."""
+    claim = store.claim_key(key, "planner", 30.0)
+    if claim is None:
+        return  # someone holds it or it is already finished
+    st = final.stat()
+    store.finish(key, claim.epoch, path=str(final), size=st.st_size, sha256=prior.sha256 or "",
+                 etag=prior.etag, last_modified=prior.last_modified, final_url=prior.final_url,
+                 content_type=prior.content_type, mtime_ns=st.st_mtime_ns)
+
+
+def remaining(store: Any, keys: Iterable[str]) -> set[str]:
+    """Keys among ``keys`` that are not finished or failed yet (someone may still hold them)."""
+    wanted = set(keys)
+    return {rec.key for rec in store.records() if rec.key in wanted and _state(rec) in ACTIVE_STATES}
+
+
+def item_for_claim(plan: Plan, claim: Any) -> WorkItem:
+    """The work item of a claim (planned by this process, or rebuilt from the store's payload)."""
+    item = plan.items.get(claim.key)
+    if item is None:
+        payload = claim.record.payload
+        job = job_from_payload(payload)
+        item = WorkItem(job=job, key=JobKey(claim.key, claim.record.scheme), identity=payload.get("identity", claim.key),
+                        relative_path=payload["relative_path"])
+    record = item.record or record_of(claim.record)
+    return attrs.evolve(item, epoch=claim.epoch, record=record)

@@ -1,0 +1,117 @@
+"""Dispatch: ask the plugins of a selection's chain, one at a time, in order.
+
+Only the chosen plugin's implementation is called (never pluggy's whole hook loop).
+``None`` means declined: the next plugin is asked. An exception is a plugin fault:
+logged with "falling back", counted, and the next plugin is asked where the stage says
+that is safe (:func:`fallback_safe`). :class:`~contentdownload.errors.JobAbort` is not
+a fault and propagates at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+
+from contentdownload.errors import ContentDownloadError, JobAbort, NoPluginAnsweredError
+from contentdownload.machinery.loader import PluginSet
+from contentdownload.records.log import get_logger
+from contentdownload.hooks.model import HOOK_RESULT_TYPES
+from contentdownload.machinery.policy import Selection
+from contentdownload.machinery.telemetry import Telemetry
+
+log = get_logger(__name__)
+
+
+class StageFailed(ContentDownloadError, RuntimeError):
+    """A plugin raised where falling back is no longer safe (bytes written, or the part renamed).
+
+    ``hook``, ``plugin`` and ``error`` say what failed; ``effects`` what it had done.
+    """
+
+    def __init__(self, hook: str, plugin: str, error: BaseException, effects: Any):
+        self.hook, self.plugin, self.error, self.effects = hook, plugin, error, effects
+        super().__init__(f"plugin {plugin!r} failed in {hook} after changing the disk: {type(error).__name__}: {error}")
+
+
+@attrs.frozen
+class Answer:
+    """A hook's answer: the result, the plugin that gave it and whether it was a fallback."""
+
+    result: Any
+    plugin: str
+    fallback: bool
+
+
+def fallback_safe(hook: str, ctx: Any) -> bool:
+    """Whether another plugin may still be asked after one raised.
+
+    ``job_key`` and ``resume_decision``: always. ``stream_io``: only while no body
+    byte was written. ``finalize``: only before the rename.
+    """
+    if hook == "stream_io":
+        return ctx.effects.bytes_written == 0
+    if hook == "finalize":
+        return not ctx.effects.renamed
+    return True
+
+
+class Dispatcher:
+    """Calls hooks along selections, recording telemetry."""
+
+    def __init__(self, plugins: PluginSet, telemetry: Telemetry | None = None):
+        self.plugins = plugins
+        self.telemetry = telemetry or Telemetry()
+
+    def call(self, selection: Selection, ctx: Any) -> Answer:
+        """Ask ``selection.chain`` in order; return the first answer or raise :class:`NoPluginAnsweredError`."""
+        hook = selection.hook
+        expected = HOOK_RESULT_TYPES[hook]
+        attempts: list[tuple[str, str]] = []
+        record = self.telemetry.record
+        for position, name in enumerate(selection.chain):
+            impl = self.plugins.impl(hook, name)
+            if impl is None:
+                attempts.append((name, "does not implement the hook"))
+                continue
+            started = time.perf_counter_ns()
+            try:
+                result = impl(ctx)
+            except JobAbort:
+                record(hook, name, "error", time.perf_counter_ns() - started)
+                raise
+            except Exception as exc:
+                record(hook, name, "error", time.perf_counter_ns() - started)
+                if not fallback_safe(hook, ctx):
+                    log.error("hook failed after changing the disk, not falling back", hook=hook, plugin=name, error=repr(exc))
+                    raise StageFailed(hook, name, exc, getattr(ctx, "effects", None)) from exc
+                following = selection.chain[position + 1 :]
+                log.warning(
+                    f"plugin {name} raised in {hook}, falling back" + (f" to {following[0]}" if following else " (no plugin left)"),
+                    hook=hook,
+                    plugin=name,
+                    error=f"{type(exc).__name__}: {exc}",
+                    exc_info=True,
+                )
+                attempts.append((name, f"raised {type(exc).__name__}: {exc}"))
+                continue
+            if result is None:
+                record(hook, name, "declined", time.perf_counter_ns() - started)
+                attempts.append((name, "declined"))
+                continue
+            if not isinstance(result, expected):
+                record(hook, name, "error", time.perf_counter_ns() - started)
+                if not fallback_safe(hook, ctx):
+                    error = TypeError(f"returned {type(result).__name__}, not {expected.__name__}")
+                    raise StageFailed(hook, name, error, getattr(ctx, "effects", None))
+                log.warning(
+                    f"plugin {name} returned {type(result).__name__} from {hook}, not {expected.__name__}; falling back",
+                    hook=hook,
+                    plugin=name,
+                )
+                attempts.append((name, f"returned {type(result).__name__}, not {expected.__name__}"))
+                continue
+            record(hook, name, "answered", time.perf_counter_ns() - started, fallback=position > 0)
+            return Answer(result, name, position > 0)
+        raise NoPluginAnsweredError(hook, attempts)

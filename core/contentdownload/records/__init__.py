@@ -1,0 +1,1 @@
+"""The records: manifest, metrics and logs."""

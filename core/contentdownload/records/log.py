@@ -1,0 +1,115 @@
+"""Structured logging: structlog on top of the standard library's logging.
+
+Library code logs through :func:`get_logger`. Without :func:`configure_logging` the
+events go to the ``contentdownload`` stdlib logger, so a host program's logging setup
+decides where they end up. The CLI calls :func:`configure_logging` to write JSON lines
+to ``DIR/logs/download.log`` and warnings to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from pathlib import Path
+
+import structlog
+
+LOGGER_NAME = "contentdownload"
+
+_SHARED_PROCESSORS: list = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
+
+_handlers: list[logging.Handler] = []
+
+
+class EventCounter:
+    """A structlog processor counting events by name (for metrics such as decisions logged)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, logger: object, method: str, event: dict) -> dict:
+        with self._lock:
+            self.counts[str(event.get("event"))] += 1
+        return event
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self.counts[name]
+
+
+#: Counts every event logged through contentdownload's loggers since import.
+EVENTS = EventCounter()
+
+
+def _configure_structlog() -> None:
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, EVENTS, *_SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+if not structlog.is_configured():
+    _configure_structlog()
+
+
+def get_logger(name: str = LOGGER_NAME) -> structlog.stdlib.BoundLogger:
+    """A structlog logger under the ``contentdownload`` stdlib logger."""
+    if not name.startswith(LOGGER_NAME):
+        name = f"{LOGGER_NAME}.{name}"
+    return structlog.get_logger(name)
+
+
+def configure_logging(level: str = "INFO", log_file: Path | None = None, stderr_level: str = "WARNING") -> None:
+    """Send events as JSON lines to ``log_file`` (at ``level``) and as plain text to stderr (at ``stderr_level``)."""
+    _configure_structlog()
+    root = logging.getLogger(LOGGER_NAME)
+    for handler in _handlers:
+        root.removeHandler(handler)
+        handler.close()
+    _handlers.clear()
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        from contentdownload.errors import UsageError
+
+        raise UsageError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setLevel(numeric)
+        file_handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, structlog.processors.JSONRenderer(sort_keys=True)],
+                foreign_pre_chain=_SHARED_PROCESSORS,
+            )
+        )
+        _handlers.append(file_handler)
+    stderr = logging.StreamHandler()
+    stderr.setLevel(max(numeric, logging.getLevelName(stderr_level.upper())))
+    stderr.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.dev.ConsoleRenderer(colors=False)],
+            foreign_pre_chain=_SHARED_PROCESSORS,
+        )
+    )
+    _handlers.append(stderr)
+    for handler in _handlers:
+        root.addHandler(handler)
+    root.setLevel(numeric)
+    root.propagate = False
+
+
+def close_logging() -> None:
+    """Flush and detach the handlers :func:`configure_logging` added."""
+    root = logging.getLogger(LOGGER_NAME)
+    for handler in _handlers:
+        root.removeHandler(handler)
+        handler.close()
+    _handlers.clear()

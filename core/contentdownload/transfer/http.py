@@ -1,0 +1,406 @@
+"""The worker's HTTP client, and the small pieces of RFC 9110 the transfer stages share.
+
+:class:`HttpClient` wraps ``requests``:
+
+- one :class:`requests.Session` per thread (connection pooling without sharing a session
+  across threads);
+- a ``User-Agent`` naming the product and its version; TLS verification on by default;
+- redirects followed by requests, but only to ``http``/``https`` targets (anything else
+  raises :class:`~contentdownload.errors.UnsafeRedirectError`), at most ``max_redirects``
+  of them, and with the ``Authorization`` header dropped whenever the host, port or
+  scheme changes (requests' ``should_strip_auth``; credentials given as URL userinfo are
+  turned into that header, so they never travel to another host either);
+- urllib3's :class:`~urllib3.util.retry.Retry` on the adapter: connection failures and
+  ``429``/``500``/``502``/``503``/``504`` answered before any body byte are retried with
+  exponential backoff and ``Retry-After`` (capped at ``max_retry_after``); when the
+  retries are spent the last response is returned as is (``raise_on_status=False``), so
+  the stage sees the final status. The waits run through :meth:`HttpClient.waiting`, so a
+  caller can keep a lease alive and stop on cancellation while the client waits.
+
+URLs are logged only through :func:`~contentdownload.transfer.urls.redact_url`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import re
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import urljoin, urlsplit
+
+import attrs
+import requests
+import requests.adapters
+import urllib3
+import urllib3.response
+from urllib3.exceptions import InvalidHeader
+from urllib3.util.retry import Retry
+
+from contentdownload import __version__
+from contentdownload.errors import UnsafeRedirectError
+from contentdownload.records.log import get_logger
+from contentdownload.transfer.urls import redact_url
+
+log = get_logger(__name__)
+
+#: Schemes a request or a redirect may use.
+SAFE_SCHEMES = frozenset({"http", "https"})
+#: Statuses the client retries before the body (and that a stage reports as ``retry``).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: ``Accept-Encoding`` for full (non-ranged) requests: the codings urllib3 can decode here.
+ACCEPT_ENCODING: str = urllib3.util.make_headers(accept_encoding=True)["accept-encoding"]
+#: Content codings urllib3 can decode here (brotli and zstd only when their libraries are installed).
+DECODABLE_ENCODINGS = frozenset(c.lower() for c in urllib3.response.BaseHTTPResponse.CONTENT_DECODERS)
+#: Default cap on a server's ``Retry-After``, in seconds.
+DEFAULT_MAX_RETRY_AFTER = 120.0
+
+#: A callable the client calls while it waits before a retry (see :meth:`HttpClient.waiting`).
+WaitCallback = Callable[[], None]
+
+
+def default_user_agent() -> str:
+    """``contentdownload/<version>``."""
+    return f"contentdownload/{__version__}"
+
+
+# -- RFC 9110 helpers -----------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date); ``None`` if absent or malformed.
+
+    A date in the past gives ``0.0``.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if re.fullmatch(r"[0-9]+", text):
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@attrs.frozen
+class ContentRange:
+    """A parsed ``Content-Range: bytes START-END/TOTAL`` (or ``bytes */TOTAL`` for a 416).
+
+    ``start`` and ``end`` are ``None`` for the unsatisfied form; ``total`` is ``None``
+    when the server sent ``*`` (length unknown).
+    """
+
+    start: int | None
+    end: int | None
+    total: int | None
+
+    @property
+    def length(self) -> int | None:
+        """Bytes in the range (``end - start + 1``), or ``None`` for the unsatisfied form."""
+        if self.start is None or self.end is None:
+            return None
+        return self.end - self.start + 1
+
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+def parse_content_range(value: str | None) -> ContentRange | None:
+    """Parse a ``Content-Range`` header; ``None`` when absent or malformed (including ``end < start``)."""
+    if not value:
+        return None
+    match = _CONTENT_RANGE.match(value)
+    if match is None:
+        return None
+    first, last, total = match.groups()
+    total_n = None if total == "*" else int(total)
+    if first is None:
+        return None if total_n is None else ContentRange(None, None, total_n)
+    start, end = int(first), int(last)
+    if end < start or (total_n is not None and end >= total_n):
+        return None
+    return ContentRange(start, end, total_n)
+
+
+def is_strong_etag(tag: str | None) -> bool:
+    """Whether ``tag`` is a strong entity tag (``"..."``, not ``W/"..."``): only those may go in ``If-Range``."""
+    if not tag:
+        return False
+    tag = tag.strip()
+    return not tag.startswith("W/") and len(tag) >= 2 and tag[0] == '"' and tag[-1] == '"'
+
+
+def http_date(value: str | None) -> str | None:
+    """``value`` when it is a valid HTTP date (as ``Last-Modified`` must be), else ``None``."""
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return value.strip() if parsed is not None and parsed.tzinfo is not None else None
+
+
+def content_length(response: requests.Response) -> int | None:
+    """The response's ``Content-Length`` as an int, ``None`` when absent or not a single non-negative number."""
+    value = response.headers.get("Content-Length")
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() else None
+
+
+def content_encoding(response: requests.Response) -> str | None:
+    """The response's content coding, lower-cased, ``None`` for ``identity`` or none."""
+    value = (response.headers.get("Content-Encoding") or "").strip().lower()
+    return None if value in ("", "identity") else value
+
+
+def decodable(encoding: str | None) -> bool:
+    """Whether a ``Content-Encoding`` value (possibly a list such as ``gzip, deflate``) can be decoded here."""
+    if not encoding:
+        return True
+    return all(part.strip().lower() in DECODABLE_ENCODINGS for part in encoding.split(",") if part.strip())
+
+
+def request_failure(exc: BaseException) -> tuple[str, str]:
+    """Map a transport exception to ``(status, reason)`` for a :class:`~contentdownload.hooks.model.StreamResult`.
+
+    ``status`` is ``retry`` for failures a later attempt may overcome (timeouts, lost
+    connections) and ``failed`` for those it cannot (a refused redirect, a bad URL, a
+    certificate that does not verify).
+    """
+    if isinstance(exc, UnsafeRedirectError):
+        return "failed", "unsafe_redirect"
+    if isinstance(exc, requests.exceptions.TooManyRedirects):
+        return "failed", "too_many_redirects"
+    if isinstance(exc, (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
+                        requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader)):
+        return "failed", "invalid_url"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "failed", "tls_error"
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "retry", "connect_timeout"
+    if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+        return "retry", "timeout"
+    if isinstance(exc, requests.exceptions.ContentDecodingError) or isinstance(exc, urllib3.exceptions.DecodeError):
+        return "retry", "decode_error"
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
+        return "retry", "connection_lost"
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "retry", "connection_error"
+    return "retry", "request_error"
+
+
+# -- retries --------------------------------------------------------------------------
+
+
+class PatientRetry(Retry):
+    """urllib3's ``Retry`` with a cap on ``Retry-After`` and waits that go through a callback.
+
+    ``max_retry_after`` caps what a server may ask for (and backoff). ``waiter(seconds)``
+    does the waiting (default :func:`time.sleep`); :class:`HttpClient` passes one that
+    slices the wait and calls the thread's wait callback between slices.
+    """
+
+    def __init__(self, *args: Any, max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+                 waiter: Callable[[float], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_retry_after = float(max_retry_after)
+        self.waiter = waiter or time.sleep
+
+    def new(self, **kw: Any) -> "PatientRetry":
+        """A copy with ``kw`` changed, keeping the cap and the waiter."""
+        new = super().new(**kw)
+        new.max_retry_after = self.max_retry_after
+        new.waiter = self.waiter
+        return new
+
+    def get_retry_after(self, response: Any) -> float | None:
+        """``Retry-After`` in seconds, capped at ``max_retry_after``; ``None`` when absent or malformed."""
+        try:
+            value = super().get_retry_after(response)
+        except InvalidHeader:
+            return None
+        return None if value is None else min(float(value), self.max_retry_after)
+
+    def sleep(self, response: Any = None) -> None:
+        """Wait before the next try: the server's ``Retry-After`` when it sent one, else the backoff."""
+        delay = self.get_retry_after(response) if (self.respect_retry_after_header and response is not None) else None
+        if delay is None:
+            delay = min(self.get_backoff_time(), self.max_retry_after)
+        status = getattr(response, "status", None)
+        log.info("http_retry", status=status, delay_s=round(delay, 3), retry=len(self.history))
+        if delay > 0:
+            self.waiter(delay)
+
+
+# -- sessions -------------------------------------------------------------------------
+
+
+class SafeSession(requests.Session):
+    """A session that follows redirects only to http(s) targets.
+
+    Authorization is stripped on a change of host, port or scheme by requests itself
+    (``rebuild_auth``/``should_strip_auth``); this class adds the scheme check.
+    """
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        """The redirect target, or raise :class:`UnsafeRedirectError` when it is not http(s)."""
+        location = super().get_redirect_target(resp)
+        if location is None:
+            return None
+        target = urljoin(resp.url, location.strip()) if not location.startswith("//") else f"{urlsplit(resp.url).scheme}:{location}"
+        scheme = urlsplit(target).scheme.lower()
+        if scheme not in SAFE_SCHEMES:
+            shown = redact_url(target)
+            resp.close()
+            log.warning("refused a redirect to a non-http(s) URL", url=redact_url(resp.url), location=shown)
+            raise UnsafeRedirectError(f"refused redirect from {redact_url(resp.url)} to {shown}: only http and https are followed", shown)
+        log.debug("following a redirect", url=redact_url(resp.url), location=redact_url(target), status=resp.status_code)
+        return location
+
+
+class HttpClient:
+    """The HTTP client a worker hands to ``stream_io`` (as ``ctx.http``); thread-safe.
+
+    ``timeout``: (connect, read) seconds for :meth:`get` unless a call gives its own.
+    ``retries``: how often a connection failure or a retryable status (``RETRY_STATUSES``)
+    answered before the body is retried; ``backoff_factor``: urllib3's exponential
+    backoff; ``max_retry_after``: cap on a server's ``Retry-After`` (and on backoff).
+    ``verify``: verify TLS certificates (or a CA bundle path). ``max_redirects``: at most
+    this many redirects. ``user_agent``: default ``contentdownload/<version>``.
+    ``pool_maxsize``: connections kept per host per thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: tuple[float, float] = (10.0, 60.0),
+        retries: int = 5,
+        backoff_factor: float = 0.5,
+        verify: bool | str = True,
+        max_redirects: int = 10,
+        user_agent: str | None = None,
+        pool_maxsize: int = 10,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+    ):
+        self.timeout = (float(timeout[0]), float(timeout[1]))
+        self.retries = int(retries)
+        self.backoff_factor = float(backoff_factor)
+        self.verify = verify
+        self.max_redirects = int(max_redirects)
+        self.user_agent = user_agent or default_user_agent()
+        self.pool_maxsize = max(1, int(pool_maxsize))
+        self.max_retry_after = float(max_retry_after)
+        self._local = threading.local()
+        self._sessions: "weakref.WeakSet[requests.Session]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    @property
+    def retry_statuses(self) -> frozenset[int]:
+        """Statuses this client already retries before the body (empty when ``retries`` is 0)."""
+        return RETRY_STATUSES if self.retries > 0 else frozenset()
+
+    def _retry(self) -> PatientRetry:
+        return PatientRetry(
+            total=self.retries,
+            connect=self.retries,
+            read=self.retries,
+            status=self.retries,
+            other=0,
+            redirect=False,
+            allowed_methods=frozenset({"GET", "HEAD"}),
+            status_forcelist=RETRY_STATUSES,
+            backoff_factor=self.backoff_factor,
+            backoff_max=self.max_retry_after,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+            max_retry_after=self.max_retry_after,
+            waiter=self._wait,
+        )
+
+    def session(self) -> requests.Session:
+        """This thread's session (created on first use)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = SafeSession()
+            session.max_redirects = self.max_redirects
+            session.verify = self.verify
+            session.headers["User-Agent"] = self.user_agent
+            session.headers["Accept-Encoding"] = ACCEPT_ENCODING
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=self._retry())
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+            with self._lock:
+                self._sessions.add(session)
+        return session
+
+    def get(
+        self,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        timeout: tuple[float, float] | None = None,
+        stream: bool = True,
+    ) -> requests.Response:
+        """Send a GET; returns the final response after redirects (its ``url`` is the final URL).
+
+        The body is not read when ``stream`` (the default): read it from ``response.raw``
+        or ``iter_content`` and close the response. Raises requests' exceptions for
+        transport failures and :class:`UnsafeRedirectError` for a refused redirect (see
+        :func:`request_failure` to turn either into a result).
+        """
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in SAFE_SCHEMES:
+            raise requests.exceptions.InvalidSchema(f"unsupported URL scheme {scheme or '(none)'!r}: only http and https")
+        return self.session().get(url, headers=dict(headers or {}), timeout=timeout or self.timeout, stream=stream, allow_redirects=True)
+
+    # -- waiting ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def waiting(self, callback: WaitCallback | None) -> Iterator[None]:
+        """While the block runs in this thread, call ``callback()`` during retry waits (at least every half second).
+
+        The callback may raise (for instance ``Cancelled`` or ``LeaseLostError``) to end
+        the wait: the exception propagates out of :meth:`get`.
+        """
+        previous = getattr(self._local, "on_wait", None)
+        self._local.on_wait = callback
+        try:
+            yield
+        finally:
+            self._local.on_wait = previous
+
+    def _wait(self, seconds: float) -> None:
+        callback = getattr(self._local, "on_wait", None)
+        deadline = time.monotonic() + seconds
+        while True:
+            if callback is not None:
+                callback()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(remaining, 0.5))
+
+    def close(self) -> None:
+        """Close every thread's session and its pooled connections."""
+        with self._lock:
+            sessions = list(self._sessions)
+            self._sessions = weakref.WeakSet()
+        for session in sessions:
+            session.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> "HttpClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,91 @@
+"""URL canonicalisation shared by job keys and the canary bucket.
+
+Two URLs that name the same resource over HTTP canonicalise to the same string:
+scheme and host lower-cased, IDN hosts in their ASCII (punycode) form, the default
+port dropped, the fragment dropped, percent-encoding normalised (unreserved
+characters decoded, hex digits upper-cased, unsafe characters encoded), an empty path
+made ``/``. The order of query parameters is kept: servers may depend on it.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+import idna
+
+from contentdownload.errors import UsageError
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+ALLOWED_SCHEMES = frozenset(DEFAULT_PORTS)
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Characters that may stand unencoded in a path or query (RFC 3986 pchar, plus / and ?).
+_PATH_SAFE = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
+_QUERY_SAFE = _PATH_SAFE | frozenset("?")
+_HEX = re.compile(rb"[0-9A-Fa-f]{2}")
+
+
+def _normalise_component(text: str, safe: frozenset[str]) -> str:
+    raw = text.encode("utf-8", "surrogatepass")
+    out: list[str] = []
+    i = 0
+    while i < len(raw):
+        byte = raw[i]
+        if byte == 0x25 and i + 2 < len(raw) and _HEX.fullmatch(raw[i + 1 : i + 3]):
+            value = int(raw[i + 1 : i + 3], 16)
+            out.append(chr(value) if chr(value) in _UNRESERVED else f"%{value:02X}")
+            i += 3
+            continue
+        char = chr(byte)
+        out.append(char if byte < 0x80 and char in safe else f"%{byte:02X}")
+        i += 1
+    return "".join(out)
+
+
+def _ascii_host(host: str) -> str:
+    host = host.rstrip(".").lower()
+    if not host or host.startswith("["):
+        return host
+    try:
+        return idna.encode(host, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        try:
+            return host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise UsageError(f"invalid host name in URL: {host!r}") from exc
+
+
+def canonical_url(url: str) -> str:
+    """Return the canonical form of an http(s) URL; raise :class:`UsageError` for anything else."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ALLOWED_SCHEMES:
+        raise UsageError(f"unsupported URL scheme {parts.scheme or '(none)'!r} in {url!r}: only http and https")
+    if not parts.hostname:
+        raise UsageError(f"URL has no host: {url!r}")
+    host = _ascii_host(parts.hostname)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"invalid port in URL: {url!r}") from exc
+    netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    if parts.username is not None:
+        userinfo = parts.username + (f":{parts.password}" if parts.password is not None else "")
+        netloc = f"{userinfo}@{netloc}"
+    path = _normalise_component(parts.path or "/", _PATH_SAFE)
+    query = _normalise_component(parts.query, _QUERY_SAFE)
+    return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials, for logs and records."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
