@@ -68,7 +68,7 @@ __all__ = ["Pipeline", "check_same_filesystem", "backoff_delay", "PROTOCOL_STEPS
 PROTOCOL_STEPS = frozenset({"precondition_failed", "range_not_satisfiable", "bad_content_range", "part_changed"})
 _FREE_STEPS = 3
 #: ``retry`` reasons of a transport failure before any response.
-_NO_RESPONSE = frozenset({"connection_error", "connect_timeout", "timeout"})
+_NO_RESPONSE = frozenset({"connection_error", "connect_timeout", "connection_refused", "connection_reset", "read_timeout"})
 
 
 def backoff_delay(retry_number: int, backoff_factor: float, retry_after: float | None = None,

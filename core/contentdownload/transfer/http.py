@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import http.client
 import re
+import socket
+import ssl
 import threading
 import time
 import weakref
@@ -169,33 +172,75 @@ def decodable(encoding: str | None) -> bool:
     return all(part.strip().lower() in DECODABLE_ENCODINGS for part in encoding.split(",") if part.strip())
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: ``__cause__``/``__context__`` and urllib3's ``MaxRetryError.reason``."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 16:
+        chain.append(current)
+        reason = getattr(current, "reason", None)
+        current = reason if isinstance(reason, BaseException) else (current.__cause__ or current.__context__)
+    return chain
+
+
 def request_failure(exc: BaseException) -> tuple[str, str]:
     """Map a transport exception to ``(status, reason)`` for a :class:`~contentdownload.hooks.model.StreamResult`.
 
-    ``status`` is ``retry`` for failures a later attempt may overcome (timeouts, lost
-    connections) and ``failed`` for those it cannot (a refused redirect, a bad URL, a
-    certificate that does not verify).
+    ``status`` is ``retry`` for failures a later attempt may overcome (timeouts, refused or
+    reset connections) and ``failed`` for those it cannot (a refused redirect, a bad URL, a
+    certificate that does not verify, framing headers that contradict each other). The
+    reason names what happened: ``connect_timeout``, ``read_timeout``, ``connection_refused``,
+    ``connection_reset``, ``connection_lost``, ``protocol_error``, ``tls_error`` ...
     """
-    if isinstance(exc, UnsafeRedirectError):
+    chain = _causes(exc)
+    kinds = tuple(type(e) for e in chain)
+
+    def has(*types: type) -> bool:
+        return any(issubclass(kind, types) for kind in kinds)
+
+    if has(UnsafeRedirectError):
         return "failed", "unsafe_redirect"
-    if isinstance(exc, requests.exceptions.TooManyRedirects):
+    if has(requests.exceptions.TooManyRedirects):
         return "failed", "too_many_redirects"
-    if isinstance(exc, (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
-                        requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader)):
+    if has(requests.exceptions.InvalidHeader, urllib3.exceptions.InvalidHeader, http.client.HTTPException) and not has(
+        http.client.IncompleteRead, urllib3.exceptions.IncompleteRead
+    ):
+        return "failed", "protocol_error"
+    if has(requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema, requests.exceptions.InvalidURL,
+           urllib3.exceptions.LocationParseError):
         return "failed", "invalid_url"
-    if isinstance(exc, requests.exceptions.SSLError):
+    if has(requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError):
         return "failed", "tls_error"
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    if has(ConnectionRefusedError):
+        return "retry", "connection_refused"
+    if has(ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        return "retry", "connection_reset"
+    # urllib3's NewConnectionError (any failed connect) subclasses ConnectTimeoutError.
+    if has(requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError) and (
+        has(TimeoutError, socket.timeout) or not has(urllib3.exceptions.NewConnectionError)
+    ):
         return "retry", "connect_timeout"
-    if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
-        return "retry", "timeout"
-    if isinstance(exc, requests.exceptions.ContentDecodingError) or isinstance(exc, urllib3.exceptions.DecodeError):
+    if has(urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout, requests.exceptions.Timeout, TimeoutError):
+        return "retry", "read_timeout"
+    if has(requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError):
         return "retry", "decode_error"
-    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
+    if has(requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError, http.client.IncompleteRead):
         return "retry", "connection_lost"
-    if isinstance(exc, requests.exceptions.ConnectionError):
+    if has(requests.exceptions.ConnectionError, OSError):
         return "retry", "connection_error"
     return "retry", "request_error"
+
+
+def failure_detail(exc: BaseException) -> str:
+    """One line for the log: the innermost cause's type and message, with URLs' secrets removed."""
+    inner = _causes(exc)[-1]
+    text = " ".join(str(inner).split())[:300]
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), _PATH_IN_TEXT.sub(r"\1<path>", text))
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+
+
+_URL_IN_TEXT = re.compile(r"https?://\S+")
+_PATH_IN_TEXT = re.compile(r"(url: )\S+")
 
 
 # -- retries --------------------------------------------------------------------------
