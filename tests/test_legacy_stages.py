@@ -135,7 +135,7 @@ def test_503_is_retried(rig, server):
 
 def test_gzip_is_decoded(rig, server):
     data = b"legacy text " * 30_000
-    url = server.add_file("/t.txt", data, gzip=True)
+    url = server.add_file("/t.txt", data, gzip="always")
     result = rig.run(Job(urls=(url,), size=len(data)), "t.txt")
     assert result.outcome == "downloaded" and rig.paths("t.txt").final.read_bytes() == data
     assert result.etag == server.etag("/t.txt", gzip=True)
@@ -204,7 +204,7 @@ def _scenario(name, server):
         server.add_fault(path, Fault.change_etag())
     elif name == "gzip":
         data = b"flag gzip " * 20_000
-        url = server.add_file(path, data, gzip=True)
+        url = server.add_file(path, data, gzip="always")
     else:
         url = server.add_status(path, 404, body=b"<html>FLAG 404</html>")
         return url, None, "http_404"

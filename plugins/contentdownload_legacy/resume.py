@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
 from contentdownload.transfer.files import file_matches
+from contentdownload.transfer.http import conditional_headers
 from contentdownload.records.log import get_logger
 
 log = get_logger("contentdownload.legacy")
@@ -34,12 +35,8 @@ def decide(ctx: ResumeContext) -> ResumeDecision:
         return ResumeDecision(mode="fresh", reason="precondition_failed_dropped_validators")
     record = ctx.record
     if _verified_record(ctx) and record is not None and (record.etag or record.last_modified):
-        headers = []
-        if record.etag:
-            headers.append(("If-None-Match", record.etag))
-        if record.last_modified:
-            headers.append(("If-Modified-Since", record.last_modified))
-        return ResumeDecision(mode="revalidate", reason="finished_file_verified", headers=tuple(headers),
+        headers = conditional_headers(record.etag, record.last_modified)
+        return ResumeDecision(mode="revalidate", reason="finished_file_verified", headers=headers,
                               etag=record.etag, last_modified=record.last_modified)
     if had_part:
         return ResumeDecision(mode="discard", reason="legacy_restarts_from_zero")

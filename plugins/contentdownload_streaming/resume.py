@@ -22,7 +22,7 @@ from pathlib import Path
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
 from contentdownload.transfer.files import file_matches
-from contentdownload.transfer.http import http_date, is_strong_etag
+from contentdownload.transfer.http import conditional_headers, http_date, is_strong_etag
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import PriorRecord
 
@@ -55,12 +55,7 @@ def _revalidation(ctx: ResumeContext, reason: str) -> ResumeDecision | None:
     date = http_date(record.last_modified)
     if not etag and not date:
         return None
-    headers = []
-    if etag:
-        headers.append(("If-None-Match", etag))
-    if date:
-        headers.append(("If-Modified-Since", date))
-    return ResumeDecision(mode="revalidate", reason=reason, headers=tuple(headers), etag=etag, last_modified=date)
+    return ResumeDecision(mode="revalidate", reason=reason, headers=conditional_headers(etag, date), etag=etag, last_modified=date)
 
 
 def _part_problem(ctx: ResumeContext, part_size: int) -> tuple[str | None, sidecars.Sidecar | None]:

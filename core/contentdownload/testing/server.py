@@ -980,7 +980,7 @@ class LoopbackServer:
     def add_file(self, path: str, data: bytes | None = None, *, source: Path | None = None,
                  etag: str | None = None, weak_etag: bool = False, no_etag: bool = False,
                  no_last_modified: bool = False, last_modified: float | None = None,
-                 content_type: str = "application/octet-stream", gzip: bool = False,
+                 content_type: str = "application/octet-stream", gzip: bool | str = False,
                  headers: Mapping[str, str] | None = None, repr_digest: bool = False,
                  content_digest: bool = False) -> str:
         """Serve a file at ``path`` and return its URL.
@@ -998,7 +998,8 @@ class LoopbackServer:
             last_modified: Unix time for Last-Modified; default :data:`DEFAULT_LAST_MODIFIED`.
             content_type: the ``Content-Type`` header.
             gzip: send a gzip-coded body (``Content-Encoding: gzip``, its own ETag, no range
-                support) to clients whose ``Accept-Encoding`` allows gzip.
+                support) to clients whose ``Accept-Encoding`` allows gzip; ``"always"``: to
+                every client, whatever it asked for (as misconfigured servers do).
             headers: extra response headers sent with every answer for this file.
             repr_digest: send ``Repr-Digest: sha-256=:...:`` of the whole representation.
             content_digest: send ``Content-Digest: sha-256=:...:`` of each response's body
@@ -1346,7 +1347,8 @@ class LoopbackServer:
 
     def _respond_file(self, h: _Handler, rec: _Rec, head: bool, entry: _Entry, fault: Fault | None) -> None:
         headers = rec.headers
-        use_gzip = entry.gzip is not None and _accepts_gzip(headers.get("Accept-Encoding"))
+        always = dict(entry.options).get("gzip") == "always"
+        use_gzip = entry.gzip is not None and (always or _accepts_gzip(headers.get("Accept-Encoding")))
         variant = entry.gzip if use_gzip else entry.identity
         assert variant is not None
         etag, lm = variant.etag, entry.last_modified

@@ -53,8 +53,10 @@ log = get_logger(__name__)
 SAFE_SCHEMES = frozenset({"http", "https"})
 #: Statuses the client retries before the body (and that a stage reports as ``retry``).
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-#: ``Accept-Encoding`` for full (non-ranged) requests: the codings urllib3 can decode here.
-ACCEPT_ENCODING: str = urllib3.util.make_headers(accept_encoding=True)["accept-encoding"]
+#: ``Accept-Encoding`` of every request. Documents are already compressed, and a content coding
+#: breaks ranges, byte counts and revalidation (Apache's ``-gzip`` ETags), so none is asked for;
+#: a server that compresses anyway is still decoded (:data:`DECODABLE_ENCODINGS`).
+ACCEPT_ENCODING = "identity"
 #: Content codings urllib3 can decode here (brotli and zstd only when their libraries are installed).
 DECODABLE_ENCODINGS = frozenset(c.lower() for c in urllib3.response.BaseHTTPResponse.CONTENT_DECODERS)
 #: Default cap on a server's ``Retry-After``, in seconds.
@@ -137,6 +139,34 @@ def is_strong_etag(tag: str | None) -> bool:
         return False
     tag = tag.strip()
     return not tag.startswith("W/") and len(tag) >= 2 and tag[0] == '"' and tag[-1] == '"'
+
+
+#: Suffixes servers append to an ETag for a compressed variant (Apache mod_deflate, mod_brotli).
+_CODING_SUFFIXES = ("-gzip", "-br", "-zstd", "-deflate")
+
+
+def revalidation_etags(tag: str) -> str:
+    """An ``If-None-Match`` value for a recorded ``tag``: the tag and its identity form.
+
+    A file recorded from a compressed answer carries the coding's ETag (Apache's
+    ``"abc-gzip"``) that the server's identity answer never matches; naming both forms
+    lets an unchanged file get its ``304`` (the comparison is weak, RFC 9110 section 13.1.2).
+    """
+    tags = [tag.strip()]
+    for suffix in _CODING_SUFFIXES:
+        if tags[0].endswith(f'{suffix}"'):
+            tags.append(tags[0][: -len(suffix) - 1] + '"')
+    return ", ".join(tags)
+
+
+def conditional_headers(etag: str | None, last_modified: str | None) -> tuple[tuple[str, str], ...]:
+    """The headers that ask whether a finished file changed: ``If-None-Match``, ``If-Modified-Since``."""
+    headers = []
+    if etag and etag.strip():
+        headers.append(("If-None-Match", revalidation_etags(etag)))
+    if http_date(last_modified):
+        headers.append(("If-Modified-Since", http_date(last_modified)))
+    return tuple(headers)
 
 
 def http_date(value: str | None) -> str | None:
