@@ -21,18 +21,17 @@ from typing import Any
 import attrs
 
 from contentdownload.errors import UsageError
-from contentdownload.transfer.urls import canonical_url, redact_url
+from contentdownload.transfer.urls import identity_url, redact_url
 
 SIDECAR_VERSION = 1
 
 
 def url_identity(url: str) -> str:
-    """The form of ``url`` a sidecar stores and compares: canonical, without credentials."""
-    safe = redact_url(url)
+    """The form of ``url`` a sidecar stores and compares: canonical, no credentials, no signature."""
     try:
-        return canonical_url(safe)
+        return identity_url(url)
     except UsageError:
-        return safe
+        return redact_url(url)
 
 
 @attrs.frozen
