@@ -45,6 +45,8 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(str(exc).replace(f"{flag}: run.{key}", flag)) from None
     if args.revalidate:
         overrides["revalidate"] = True
+    if args.accept_any_content:
+        overrides["accept_any_content"] = True
     if args.retry_failed:
         overrides["retry_failed"] = True
     if args.no_progress:
@@ -139,6 +141,8 @@ def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--connect-timeout", type=float, metavar="S", help="connect timeout in seconds (default 10)")
     p.add_argument("--lease-ttl", type=float, metavar="S", help="job lease length in seconds (default 60)")
     p.add_argument("--revalidate", action="store_true", help="send conditional requests for finished files instead of skipping them")
+    p.add_argument("--accept-any-content", action="store_true",
+                   help="save a body whatever its first bytes show (by default an HTML page where the job expects a PDF fails as unexpected_content)")
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed for good in earlier runs")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")

@@ -54,8 +54,11 @@ class Job:
     ``urls`` are candidate URLs tried in order until one succeeds. ``work_id`` and
     ``artifact_id`` identify the artifact independently of where it is served from.
     ``filename`` names the output file (sanitised by the runner). ``sha256`` and
-    ``size`` are what the finished file must match, when known. ``line`` is the input
-    line the job came from, for error reports.
+    ``size`` are what the finished file must match, when known. ``expected_type`` is what
+    the body must be (a media type such as ``application/pdf`` or a family: ``pdf``,
+    ``html``, ``xml``, ``json``, ``zip``, ``gzip``, ``image``, ``text``); without it the
+    file name's or URL's extension says. ``line`` is the input line the job came from,
+    for error reports.
     """
 
     urls: tuple[str, ...] = attrs.field(converter=_tuple_of_str)
@@ -64,6 +67,7 @@ class Job:
     filename: str | None = None
     sha256: str | None = attrs.field(default=None, converter=attrs.converters.optional(str.lower))
     size: int | None = None
+    expected_type: str | None = None
     line: int | None = attrs.field(default=None, eq=False)
 
     @urls.validator
@@ -178,7 +182,8 @@ class TransferOptions:
     ``max_bytes``: abort a body larger than this. ``chunk_size``: read and write size.
     ``checkpoint_bytes``: fsync the part and update its sidecar every so many bytes.
     ``timeout``: (connect, read) seconds. ``revalidate``: send a conditional request
-    for finished files instead of skipping them.
+    for finished files instead of skipping them. ``accept_any_content``: promote a body
+    whatever its first bytes show (no check against the job's expected type).
     """
 
     max_bytes: int | None = None
@@ -186,6 +191,7 @@ class TransferOptions:
     checkpoint_bytes: int = 16 << 20
     timeout: tuple[float, float] = (10.0, 60.0)
     revalidate: bool = False
+    accept_any_content: bool = False
 
 
 @attrs.frozen
@@ -330,7 +336,10 @@ class FinalizeResult:
     ``ok`` true: the file is at ``path`` with ``size`` bytes and ``sha256``; ``durable``
     says whether it was fsynced (file and directory). ``ok`` false: nothing was
     promoted, the part was removed when it cannot be trusted, and ``reason`` says why
-    (``size_mismatch``, ``sha256_mismatch``, ...).
+    (``size_mismatch``, ``sha256_mismatch``, ``digest_mismatch``, ``unexpected_content``, ...).
+    ``verified_by`` names what the bytes were checked against (``sha256`` of the job,
+    ``repr-digest:sha256``, ``content-md5:md5``, ...); ``detected_type`` is the media type
+    the first bytes show (``None`` when they show nothing recognisable), ok or not.
     """
 
     ok: bool
@@ -339,6 +348,8 @@ class FinalizeResult:
     sha256: str | None = None
     reason: str = ""
     durable: bool = False
+    verified_by: tuple[str, ...] = ()
+    detected_type: str | None = None
 
 
 HOOK_RESULT_TYPES: dict[str, type] = {
@@ -370,6 +381,7 @@ class JobResult:
     ``last_modified`` come from the server. ``attempts`` counts transfer attempts,
     ``elapsed_ms`` the job's wall time. ``decisions`` lists the resume decision mode of
     each attempt, in order (``fresh``, ``resume``, ``revalidate``, ``discard``).
+    ``verified_by`` and ``detected_type`` are the finalize stage's (see :class:`FinalizeResult`).
     """
 
     outcome: Outcome = attrs.field(validator=attrs.validators.in_(OUTCOMES))
@@ -392,6 +404,8 @@ class JobResult:
     plugins: Mapping[str, str] = attrs.field(factory=dict)
     fallbacks: Mapping[str, bool] = attrs.field(factory=dict)
     decisions: tuple[str, ...] = ()
+    verified_by: tuple[str, ...] = ()
+    detected_type: str | None = None
 
     @property
     def ok(self) -> bool:

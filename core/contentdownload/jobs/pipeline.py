@@ -217,6 +217,7 @@ class _JobRun:
         self.attempts = 0
         self.bytes_downloaded = 0
         self.decisions: list[str] = []
+        self.detected_type: str | None = None
         self.last: StreamResult | None = None
         self.failure = ""
         self.failure_url: str | None = None
@@ -264,6 +265,7 @@ class _JobRun:
             "plugins": dict(self.plugins),
             "fallbacks": dict(self.fallbacks),
             "decisions": tuple(self.decisions),
+            "detected_type": self.detected_type,
         }
         if last is not None:
             base.update(http_status=last.http_status, final_url=last.final_url, content_type=last.content_type,
@@ -396,13 +398,14 @@ class _JobRun:
             return self.failed("stage_failed", cand.url)
         self.note("finalize", answer)
         done = answer.result
+        self.detected_type = done.detected_type or self.detected_type
         if not done.ok:
             self.failure, self.failure_url = done.reason or "finalize_failed", cand.url
             log.warning("finalize refused the part", url=redact_url(cand.url), reason=done.reason)
             return None
         outcome = "resumed" if cand.resumed_from > 0 else "downloaded"
         return self.result(outcome, url=redact_url(cand.url), path=done.path, size=done.size, sha256=done.sha256,
-                           resumed_from=cand.resumed_from)
+                           resumed_from=cand.resumed_from, verified_by=done.verified_by)
 
     def not_modified(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> JobResult:
         record = self.record

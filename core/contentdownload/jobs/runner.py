@@ -87,6 +87,7 @@ def transfer_options(settings: Any) -> TransferOptions:
         chunk_size=settings.chunk_size,
         timeout=(settings.connect_timeout, settings.timeout),
         revalidate=settings.revalidate,
+        accept_any_content=settings.accept_any_content,
     )
 
 

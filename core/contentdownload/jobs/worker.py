@@ -78,6 +78,7 @@ def job_payload(job: Job, relative_path: str, identity: str) -> dict:
         "filename": job.filename,
         "sha256": job.sha256,
         "size": job.size,
+        "expected_type": job.expected_type,
         "line": job.line,
         "relative_path": relative_path,
         "identity": identity,
@@ -92,6 +93,7 @@ def job_from_payload(payload: Mapping[str, Any]) -> Job:
         filename=payload.get("filename"),
         sha256=payload.get("sha256"),
         size=payload.get("size"),
+        expected_type=payload.get("expected_type"),
         line=payload.get("line"),
     )
 

@@ -48,6 +48,7 @@ class RunSettings:
     max_jobs: int | None = None
     db: str | None = None
     revalidate: bool = False
+    accept_any_content: bool = False
     retry_failed: bool = False
     chunk_size: int = 64 << 10
     lease_ttl: float = 60.0
@@ -71,6 +72,7 @@ RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "max_jobs": ((int,), _POSITIVE),
     "db": ((str,), _ANY),
     "revalidate": ((bool,), _ANY),
+    "accept_any_content": ((bool,), _ANY),
     "retry_failed": ((bool,), _ANY),
     "chunk_size": ((int,), (lambda v: v >= 4096, "must be at least 4096")),
     "lease_ttl": ((int, float), (lambda v: v >= 1, "must be at least 1 (seconds)")),
