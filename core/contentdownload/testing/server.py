@@ -229,9 +229,12 @@ class Fault:
         return cls("change_etag")
 
     @classmethod
-    def change_content(cls, new_bytes: bytes) -> Fault:
-        """Before answering, replace the file's content (new ETag and Last-Modified)."""
-        return cls("change_content", data=bytes(new_bytes))
+    def change_content(cls, new_bytes: bytes, *, keep_validators: bool = False) -> Fault:
+        """Before answering, replace the file's content (new ETag and Last-Modified).
+
+        With ``keep_validators=True`` the ETag and Last-Modified stay (see :meth:`LoopbackServer.set_content`).
+        """
+        return cls("change_content", data=bytes(new_bytes), close=keep_validators)
 
     @classmethod
     def wrong_content_range(cls, delta: int) -> Fault:
@@ -1325,7 +1328,7 @@ class LoopbackServer:
             elif fault.kind == "change_content":
                 file_key = self._file_key(rec.path, raw_key)
                 if file_key is not None:
-                    self.set_content(file_key, fault.data or b"")
+                    self.set_content(file_key, fault.data or b"", keep_validators=fault.close)
 
         kind, target = self._lookup(rec.path, raw_key)
         if kind == "status":
