@@ -11,7 +11,7 @@ from contentdownload.errors import LeaseLostError
 from contentdownload.hooks.model import Job, Lease, PriorRecord, TransferOptions
 from contentdownload.testing.conformance import TransferRig, sha256_hex
 from contentdownload.testing.server import Fault
-from contentdownload_streaming import sidecar as sidecars
+from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
 
 LEGACY_EVERYWHERE = {"resume_decision": "legacy", "stream_io": "legacy", "finalize": "legacy"}
 STREAMING_EVERYWHERE = {"resume_decision": "streaming", "stream_io": "streaming", "finalize": "streaming"}
@@ -45,7 +45,7 @@ def test_legacy_ignores_a_resumable_streaming_part(rig, server):
     url = server.add_file("/left.bin", data)
     paths = rig.paths("left.bin")
     paths.part.write_bytes(data[:100_000])
-    sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=100_000,
+    PartStore.for_paths(paths).save_sidecar(paths, Sidecar(url=url_identity(url), committed=100_000,
                                                   etag=server.etag("/left.bin"), expected_total=len(data)))
     result = rig.run(Job(urls=(url,)), "left.bin")
     assert result.decisions == ("discard",) and result.outcome == "downloaded"

@@ -17,7 +17,7 @@ from contentdownload.hooks.model import Job, JobKey, Lease
 from contentdownload.jobs.pipeline import Pipeline, backoff_delay, check_same_filesystem
 from contentdownload.testing.conformance import TransferRig, sha256_hex
 from contentdownload.testing.server import Fault
-from contentdownload_streaming import sidecar as sidecars
+from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_protocol_steps_do_not_use_the_retry_budget(tmp_path, server):
     url = server.add_file("/steps.bin", data)
     with TransferRig("streaming", tmp_path / "rig", retries=0) as rig:
         paths = rig.paths("steps.bin")
-        sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=len(data) + 5,
+        PartStore.for_paths(paths).save_sidecar(paths, Sidecar(url=url_identity(url), committed=len(data) + 5,
                                                       etag=server.etag("/steps.bin"), expected_total=len(data) + 9))
         paths.part.write_bytes(b"y" * (len(data) + 5))
         result = rig.run(Job(urls=(url,)), "steps.bin")

@@ -18,7 +18,7 @@ from contentdownload.errors import Cancelled, LeaseLostError
 from contentdownload.hooks.model import Job, Lease, TransferOptions
 from contentdownload.testing.conformance import TransferRig, sha256_hex
 from contentdownload.testing.server import Fault
-from contentdownload_streaming import sidecar as sidecars
+from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
 
 CHUNK = 64 << 10
 
@@ -58,7 +58,7 @@ def test_cut_then_resume_sends_range_from_exactly_the_committed_part_size(tmp_pa
         paths = rig.paths("doc.bin")
         assert not paths.final.exists()
         part_size = paths.part.stat().st_size
-        assert sidecars.load(paths.sidecar).committed == part_size
+        assert PartStore.for_paths(paths).load_sidecar(paths).committed == part_size
         assert cut - CHUNK <= part_size <= cut
 
         second = rig.run(Job(urls=(url,)), "doc.bin")
@@ -159,7 +159,7 @@ def test_a_part_longer_than_its_committed_count_is_cut_back(tmp_path, server):
     with one_shot(tmp_path) as rig:
         paths = rig.paths("crashed.bin")
         paths.part.write_bytes(data[:120_000] + b"\0" * 5000)  # bytes after the last checkpoint: untrusted
-        sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=120_000,
+        PartStore.for_paths(paths).save_sidecar(paths, Sidecar(url=url_identity(url), committed=120_000,
                                                       etag=server.etag("/crashed.bin"), expected_total=len(data)))
         result = rig.run(Job(urls=(url,)), "crashed.bin")
     assert result.outcome == "resumed" and result.decisions == ("resume",)
@@ -262,7 +262,7 @@ def test_416_with_the_whole_file_in_the_part_finalizes_it(tmp_path, server):
     with one_shot(tmp_path) as rig:
         paths = rig.paths("whole.bin")
         paths.part.write_bytes(data)
-        sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=len(data),
+        PartStore.for_paths(paths).save_sidecar(paths, Sidecar(url=url_identity(url), committed=len(data),
                                                       etag=server.etag("/whole.bin"), expected_total=len(data)))
         result = rig.run(Job(urls=(url,), sha256=sha256_hex(data)), "whole.bin")
     assert result.outcome == "resumed" and result.bytes_downloaded == 0
@@ -275,7 +275,7 @@ def test_416_with_an_incomplete_part_drops_it_and_fetches_fresh(rig, server):
     url = server.add_file("/shrunk.bin", data)
     paths = rig.paths("shrunk.bin")
     paths.part.write_bytes(b"x" * (len(data) + 10))
-    sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=len(data) + 10,
+    PartStore.for_paths(paths).save_sidecar(paths, Sidecar(url=url_identity(url), committed=len(data) + 10,
                                                   etag=server.etag("/shrunk.bin"), expected_total=len(data) + 20))
     result = rig.run(Job(urls=(url,)), "shrunk.bin")
     assert result.outcome == "downloaded"
@@ -480,7 +480,7 @@ def test_cancel_stops_between_chunks_and_keeps_a_resumable_part(tmp_path, server
         with pytest.raises(Cancelled):
             rig.run(Job(urls=(url,)), "cancelled.bin", cancel=cancel, progress=progress)
         paths = rig.paths("cancelled.bin")
-        committed = sidecars.load(paths.sidecar).committed
+        committed = PartStore.for_paths(paths).load_sidecar(paths).committed
         assert committed == paths.part.stat().st_size >= 300_000 and not paths.final.exists()
         result = rig.run(Job(urls=(url,)), "cancelled.bin")
     assert result.outcome == "resumed" and result.resumed_from == committed

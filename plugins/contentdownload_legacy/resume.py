@@ -12,6 +12,7 @@ from __future__ import annotations
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
 from contentdownload.transfer.files import file_matches
 from contentdownload.transfer.http import conditional_headers
+from contentdownload.transfer.parts import PartStore
 from contentdownload.records.log import get_logger
 
 log = get_logger("contentdownload.legacy")
@@ -27,9 +28,8 @@ def _verified_record(ctx: ResumeContext) -> bool:
 def decide(ctx: ResumeContext) -> ResumeDecision:
     """The legacy decision for ``ctx``; deletes any part and sidecar."""
     paths = ctx.paths
-    had_part = paths.part.exists()
-    paths.part.unlink(missing_ok=True)
-    paths.sidecar.unlink(missing_ok=True)
+    had_part = PartStore.part_size(paths) is not None
+    PartStore.for_paths(paths, mode="plain").discard(paths)
     previous = ctx.previous
     if previous is not None and previous.reason == "precondition_failed":
         return ResumeDecision(mode="fresh", reason="precondition_failed_dropped_validators")

@@ -6,7 +6,7 @@ Order of preference:
 2. A part whose sidecar is sound (same URL, identity coding, a strong ETag or a
    Last-Modified date, committed bytes within the announced total) is resumed:
    ``Range: bytes=COMMITTED-`` with ``If-Range`` (the strong ETag, else the date) and
-   ``Accept-Encoding: identity``. Bytes past the committed count are cut off first.
+   ``Accept-Encoding: identity``. Bytes past the committed count are cut off when the part is opened.
 3. A finished file that still matches the earlier record is revalidated
    (``If-None-Match`` / ``If-Modified-Since``).
 4. Any other part is unusable: ``discard`` (part and sidecar deleted), then fresh.
@@ -17,16 +17,14 @@ Every decision carries a ``reason`` and is logged as ``streaming_resume_decision
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
 from contentdownload.transfer.files import file_matches
 from contentdownload.transfer.http import conditional_headers, http_date, is_strong_etag
 from contentdownload.records.log import get_logger
-from contentdownload.hooks.model import PriorRecord
-
-from . import sidecar as sidecars
+from contentdownload.hooks.model import PriorRecord, StagePaths
+from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
 
 log = get_logger("contentdownload.streaming")
 
@@ -34,10 +32,9 @@ log = get_logger("contentdownload.streaming")
 _DISTRUST_PART = frozenset({"bad_content_range", "part_changed"})
 
 
-def drop_part(part: Path, sidecar: Path) -> None:
+def drop_part(paths: StagePaths) -> None:
     """Delete a part and its sidecar, if present."""
-    part.unlink(missing_ok=True)
-    sidecars.remove(sidecar)
+    PartStore.for_paths(paths).discard(paths)
 
 
 def final_matches_record(final: Path, record: PriorRecord | None) -> bool:
@@ -58,18 +55,18 @@ def _revalidation(ctx: ResumeContext, reason: str) -> ResumeDecision | None:
     return ResumeDecision(mode="revalidate", reason=reason, headers=conditional_headers(etag, date), etag=etag, last_modified=date)
 
 
-def _part_problem(ctx: ResumeContext, part_size: int) -> tuple[str | None, sidecars.Sidecar | None]:
+def _part_problem(ctx: ResumeContext, part_size: int) -> tuple[str | None, Sidecar | None]:
     """Why the part cannot be resumed (``None`` when it can), and its sidecar."""
     previous = ctx.previous
     if previous is not None and previous.reason in _DISTRUST_PART:
         return f"previous_{previous.reason}", None
     try:
-        meta = sidecars.load(ctx.paths.sidecar)
+        meta = PartStore.for_paths(ctx.paths).load_sidecar(ctx.paths)
     except FileNotFoundError:
         return "no_sidecar", None
     except (ValueError, OSError):
         return "corrupt_sidecar", None
-    if meta.url != sidecars.url_identity(ctx.url):
+    if meta.url != url_identity(ctx.url):
         return "different_url", meta
     if meta.content_encoding or not meta.resumable:
         return "encoded_content" if meta.content_encoding else "not_resumable", meta
@@ -93,16 +90,13 @@ def decide(ctx: ResumeContext) -> ResumeDecision:
     paths = ctx.paths
     previous = ctx.previous
     if previous is not None and previous.reason == "precondition_failed":
-        drop_part(paths.part, paths.sidecar)
+        drop_part(paths)
         return ResumeDecision(mode="fresh", reason="precondition_failed_dropped_validators")
 
-    try:
-        part_size: int | None = os.stat(paths.part).st_size
-    except FileNotFoundError:
-        part_size = None
+    part_size = PartStore.part_size(paths)
 
     if part_size is None:
-        sidecars.remove(paths.sidecar)  # an orphan (a crash right after a finalize)
+        drop_part(paths)  # an orphan sidecar (a crash right after a finalize)
         revalidate = _revalidation(ctx, "finished_file_matches_record")
         if revalidate is not None:
             return revalidate
@@ -113,10 +107,7 @@ def decide(ctx: ResumeContext) -> ResumeDecision:
     problem, meta = _part_problem(ctx, part_size)
     if problem is None:
         assert meta is not None
-        committed = meta.committed
-        if part_size > committed:
-            with open(paths.part, "r+b") as fh:  # bytes past the last checkpoint are not trusted
-                fh.truncate(committed)
+        committed = meta.committed  # bytes past it are not trusted: stream_io opens the part there, cutting them off
         if is_strong_etag(meta.etag):
             validator, etag, date, kind = meta.etag, meta.etag, None, "strong_etag"
         else:
@@ -133,7 +124,7 @@ def decide(ctx: ResumeContext) -> ResumeDecision:
             expected_total=meta.expected_total,
         )
 
-    drop_part(paths.part, paths.sidecar)
+    drop_part(paths)
     revalidate = _revalidation(ctx, f"finished_file_matches_record_part_dropped_{problem}")
     if revalidate is not None:
         return revalidate

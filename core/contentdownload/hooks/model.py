@@ -163,16 +163,18 @@ class PriorRecord:
 @attrs.frozen
 class StagePaths:
     """Where a job's bytes live: ``final`` (the finished file), ``part`` (the staging file
-    being written) and ``sidecar`` (the part's JSON metadata)."""
+    being written) and ``sidecar`` (the part's JSON metadata). ``root`` is the output
+    folder the final path lies in (its parent folders are created and checked below it)."""
 
     final: Path
     part: Path
     sidecar: Path
+    root: Path | None = None
 
     @classmethod
-    def for_key(cls, final: Path, staging_dir: Path, key: str, suffix: str = "") -> "StagePaths":
+    def for_key(cls, final: Path, staging_dir: Path, key: str, suffix: str = "", root: Path | None = None) -> "StagePaths":
         part = staging_dir / f"{key}{suffix}.part"
-        return cls(final=final, part=part, sidecar=part.with_name(part.name + ".json"))
+        return cls(final=final, part=part, sidecar=part.with_name(part.name + ".json"), root=root)
 
 
 @attrs.frozen

@@ -25,14 +25,13 @@ from typing import Any, Callable, Iterator, Mapping
 
 import attrs
 
-from filelock import FileLock, Timeout
-
-from contentdownload.errors import Cancelled
+from contentdownload.errors import Cancelled, UnsafePathError
 from contentdownload.transfer.files import file_matches, sha256_file
 from contentdownload.jobs.keys import operation_key
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, StreamResult, TransferOptions
 from contentdownload.jobs.workspace import Workspace
+from contentdownload.transfer.parts import PartStore
 
 log = get_logger(__name__)
 
@@ -112,38 +111,6 @@ def record_of(rec: Any) -> PriorRecord | None:
         content_type=rec.content_type,
         mtime_ns=rec.mtime_ns,
     )
-
-
-def adopt_previous_part(ws: Workspace, key: str, epoch: int, paths: Any) -> None:
-    """Carry the newest part of an earlier epoch over to this epoch's name, if its owner is gone.
-
-    Each epoch writes its own part (``KEY.EPOCH.part``) under a lock file held for the
-    whole job. A part whose lock can be taken belongs to a dead worker and is renamed
-    (with its sidecar) to this epoch's name so the transfer resumes. A part whose lock
-    is held belongs to a worker that is alive but lost its lease (paused, say): it is
-    left alone, since that worker may still write to it, and this epoch starts afresh.
-    """
-    if paths.part.exists():
-        return
-    for tag, part in ws.parts_of(key):
-        if tag is None or tag >= epoch:
-            continue
-        lock = FileLock(str(ws.lock_path(key, tag)))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.warning("an earlier owner of this job is still alive; not reusing its part", job_key=key, epoch=tag)
-            continue
-        try:
-            sidecar = part.with_name(part.name + ".json")
-            if sidecar.exists():
-                os.replace(sidecar, paths.sidecar)
-            os.replace(part, paths.part)
-            log.info("resuming the part of an earlier attempt", job_key=key, from_epoch=tag, to_epoch=epoch)
-        finally:
-            lock.release()
-            Path(lock.lock_file).unlink(missing_ok=True)
-        return
 
 
 class StoreLease(Lease):
@@ -268,23 +235,27 @@ class JobWorker:
             if recovered is not None:
                 self._report_and_record(item, recovered)
                 return recovered
-        if self.leasing:
-            part_lock = FileLock(str(self.ws.lock_path(key, item.epoch)))
-            part_lock.acquire(timeout=0)  # the epoch is ours alone: this cannot be held
-            paths = self.ws.stage_paths(item.relative_path, key, epoch=item.epoch)
-            adopt_previous_part(self.ws, key, item.epoch, paths)
-        else:
-            part_lock, paths = None, self.ws.stage_paths(item.relative_path, key)
-        try:
-            if item.adopt_from and item.record is not None and not paths.final.exists():
-                self._adopt(Path(item.adopt_from), item.record, paths)
-            result = self._transfer(item, paths, lease)
-        finally:
-            if part_lock is not None:
-                part_lock.release()
-                Path(part_lock.lock_file).unlink(missing_ok=True)
+        paths = self.ws.stage_paths(item.relative_path, key, epoch=item.epoch if self.leasing else None)
+        parts = PartStore(self.ws.staging, root=self.ws.out)
+        # With leases, each epoch has its own part, and taking the job over fences the older ones.
+        with parts.claim(key, item.epoch) if self.leasing else contextlib.nullcontext():
+            result = self._unsafe_paths(item, paths) or self._attempt(item, paths, lease)
         self._report_and_record(item, result)
         return result
+
+    def _unsafe_paths(self, item: WorkItem, paths: Any) -> JobResult | None:
+        """A failed result when a staging path of the job is a planted symlink."""
+        try:
+            PartStore.check_paths(paths)
+        except UnsafePathError as exc:
+            log.error("job refused", job_key=item.key.key, reason=exc.reason, error=str(exc))
+            return JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=exc.reason, url=item.job.url)
+        return None
+
+    def _attempt(self, item: WorkItem, paths: Any, lease: Lease) -> JobResult:
+        if item.adopt_from and item.record is not None and not paths.final.exists():
+            self._adopt(Path(item.adopt_from), item.record, paths)
+        return self._transfer(item, paths, lease)
 
     def _report_and_record(self, item: WorkItem, result: JobResult) -> None:
         """Hand the result on (the manifest row) first, then record it in the store.
