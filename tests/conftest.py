@@ -10,6 +10,8 @@ import pytest
 from contentdownload.testing.server import LoopbackServer
 from helpers import make_distribution
 
+pytest_plugins = ("realservers",)  # real third-party servers (nginx) as fixtures
+
 
 @pytest.fixture
 def server(tmp_path):

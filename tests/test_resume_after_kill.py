@@ -19,7 +19,6 @@ import pytest
 
 from contentdownload.testing.server import Fault
 from helpers import run_cli
-from realservers import nginx_factory  # noqa: F401 - a fixture
 
 SIZE = 60_000_000
 pytestmark = pytest.mark.slow
@@ -64,7 +63,7 @@ def killed_then_rerun(url: str, out: Path, data: bytes) -> None:
 
 
 
-def test_kill_at_40_percent_against_nginx_that_gzips_pdfs(nginx_factory, tmp_path):  # noqa: F811
+def test_kill_at_40_percent_against_nginx_that_gzips_pdfs(nginx_factory, tmp_path):
     nginx = nginx_factory("gzip on; gzip_types application/pdf; gzip_min_length 1; limit_rate 16m;")
     data = pdf_bytes(SIZE)
     (nginx.root / "big.pdf").write_bytes(data)

@@ -43,7 +43,7 @@ def stream_io(ctx: StreamContext) -> StreamResult:
         if max_bytes is not None and announced is not None and not encoded and announced > max_bytes:
             return attempt.result("failed", "too_large")
         try:
-            part = parts.open(ctx.paths, expected_size=None if encoded else announced)
+            part = attempt.open_part(parts, ctx.paths, expected_size=None if encoded else announced)
         except UnsafePathError as exc:
             return attempt.result("failed", exc.reason)
         chunk = ctx.options.chunk_size

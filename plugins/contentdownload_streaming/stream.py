@@ -2,15 +2,19 @@
 
 Nothing is written before the status line and headers are judged:
 
-- ``206``: ``Content-Range`` must start at the resume offset, end at the last byte and
-  announce the total recorded in the sidecar (and an ``ETag``, when sent, must be the one
-  resumed from); the part's prefix is hashed and the new bytes appended. Anything else
-  is ``bad_content_range`` (part dropped, retry).
+- ``206``: ``Content-Range`` must start where the range began (the overlap before the
+  resume offset), end at the last byte and announce the total recorded in the sidecar
+  (else ``bad_content_range``), and each validator the part recorded (ETag,
+  Last-Modified) must be the response's (else ``validator_changed``); either way the part
+  is dropped and the next attempt fetches the file whole. Then the part store compares
+  the overlap with the part's tail (``overlap_mismatch`` when the origin changed) and
+  appends the rest.
 - ``200`` (also to a ranged request: validator changed or Range ignored): the part is
   truncated and written from byte 0.
 - ``304`` to a conditional request: ``not_modified``, no body read.
-- ``416``: ``complete`` when the part already holds the whole representation, else the
-  part is dropped and the attempt retried (``range_not_satisfiable``).
+- ``416``: the part is longer than the file (the overlap starts past its end): dropped,
+  retried (``range_not_satisfiable``). A part that already holds the whole file gets a
+  ``206`` of the overlap alone and is complete.
 - ``412``: part and sidecar dropped, ``retry`` (``precondition_failed``) so the next
   decision goes fresh without validators.
 - ``408``, ``429`` and ``5xx``: ``retry`` (with ``Retry-After``); other statuses ``failed``
@@ -26,15 +30,17 @@ body, cancellation) leaves the part and an up-to-date sidecar behind.
 
 from __future__ import annotations
 
+import attrs
 import requests
 
 from contentdownload import StreamContext, StreamResult, hookimpl
 from contentdownload.errors import UnsafePathError
-from contentdownload.transfer.http import ACCEPT_ENCODING, content_encoding, content_length, decodable, http_date, is_strong_etag, parse_content_range
+from contentdownload.transfer.http import ACCEPT_ENCODING, content_encoding, content_length, decodable, parse_content_range
 from contentdownload.records.log import get_logger
 from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
 from contentdownload.transfer.status import TRANSPORT_ERRORS, Attempt
 from contentdownload.transfer.urls import redact_url
+from contentdownload.transfer.validators import Validators, partial_problem, resume_start
 
 log = get_logger("contentdownload.streaming")
 
@@ -45,31 +51,29 @@ def _without(headers: dict[str, str], name: str) -> None:
 
 
 def request_headers(ctx: StreamContext) -> tuple[dict[str, str], int]:
-    """The headers to send and the offset the part continues from (0 when not ranged).
+    """The headers to send and the offset the part continues from (-1 when not ranged).
 
-    A range without a validator could splice two versions of a file: one is added, or
-    the file is fetched whole.
+    A resume always asks for the overlap before its offset (``Range: bytes=START-`` with
+    START from :func:`~contentdownload.transfer.validators.resume_start`), whatever range
+    the decision named, and never sends a weak ETag in ``If-Range``; the overlap check,
+    not the validator, is what finally allows the splice.
     """
     decision = ctx.decision
     headers = dict(decision.headers)
-    ranged = any(name.lower() == "range" for name in headers)
-    offset = decision.offset if (decision.mode == "resume" and ranged) else 0
-    if decision.mode == "resume" and not ranged and decision.offset > 0:
-        headers["Range"] = f"bytes={decision.offset}-"
-        ranged, offset = True, decision.offset
-    if ranged and not any(name.lower() == "if-range" for name in headers):
-        validator = decision.etag if is_strong_etag(decision.etag) else http_date(decision.last_modified)
-        if validator:
-            headers["If-Range"] = validator
-        else:
-            _without(headers, "range")
-            ranged, offset = False, 0
-    if ranged:
-        _without(headers, "accept-encoding")
-        headers["Accept-Encoding"] = "identity"
-    elif not any(name.lower() == "accept-encoding" for name in headers):
-        headers["Accept-Encoding"] = ACCEPT_ENCODING
-    return headers, (offset if ranged else -1)
+    offset = decision.offset if decision.mode == "resume" else 0
+    if offset <= 0:
+        _without(headers, "range")
+        _without(headers, "if-range")
+        if not any(name.lower() == "accept-encoding" for name in headers):
+            headers["Accept-Encoding"] = ACCEPT_ENCODING
+        return headers, -1
+    _without(headers, "range")
+    headers["Range"] = f"bytes={resume_start(offset)}-"
+    if any(n.lower() == "if-range" and v.strip().startswith("W/") for n, v in headers.items()):
+        _without(headers, "if-range")
+    _without(headers, "accept-encoding")
+    headers["Accept-Encoding"] = "identity"
+    return headers, offset
 
 
 class _Transfer:
@@ -89,7 +93,6 @@ class _Transfer:
     def run(self) -> StreamResult:
         response = self.attempt.send()
         if isinstance(response, StreamResult):
-            log.info("request failed", url=redact_url(self.ctx.url), reason=response.reason)
             return response
         try:
             return self.judge(response)
@@ -114,42 +117,33 @@ class _Transfer:
         return self.body(response, offset=0, total=content_length(response) if content_encoding(response) is None else None)
 
     def range_not_satisfiable(self, response: requests.Response) -> StreamResult:
-        ctx, paths = self.ctx, self.ctx.paths
-        announced = parse_content_range(response.headers.get("Content-Range"))
-        total = announced.total if announced is not None else None
-        expected = ctx.decision.expected_total
-        part_size = PartStore.part_size(paths)
-        if total is not None and self.offset == total and (part_size or -1) >= total and expected in (None, total):
-            sha256 = self.parts.truncate(paths, total)
-            log.info("part already complete", url=redact_url(ctx.url), size=total)
-            return self.result("complete", "already_complete", sha256=sha256, total_size=total, resumed_from=self.offset)
-        self.parts.discard(paths)
+        """A ``416``: even the overlap lies past the end, so the part is longer than the file. Drop it."""
+        self.parts.discard(self.ctx.paths)
         return self.result("retry", "range_not_satisfiable")
 
-    def _continues_part(self, response: requests.Response) -> bool:
+    def _partial_problem(self, response: requests.Response) -> str | None:
+        """Why a ``206`` cannot continue the part (see :func:`~contentdownload.transfer.validators.partial_problem`)."""
+        decision = self.ctx.decision
+        recorded = Validators(etag=decision.etag, last_modified=decision.last_modified)
+        problem = partial_problem(response.headers, resume_start(self.offset), recorded, decision.expected_total)
+        if problem is not None:
+            return problem
         announced = parse_content_range(response.headers.get("Content-Range"))
-        expected = self.ctx.decision.expected_total
+        assert announced is not None
         length = content_length(response)
-        sent_etag, known_etag = response.headers.get("ETag"), self.ctx.decision.etag
-        return (
-            (not sent_etag or not known_etag or sent_etag.strip() == known_etag.strip())
-            and announced is not None
-            and announced.start == self.offset
-            and announced.total is not None
-            and announced.end == announced.total - 1
-            and (expected is None or announced.total == expected)
-            and (length is None or length == announced.length)
-            and content_encoding(response) is None
-        )
+        if announced.total is None or announced.end != announced.total - 1 or (length is not None and length != announced.length):
+            return "bad_content_range"
+        return "bad_content_range" if content_encoding(response) is not None else None
 
     def partial(self, response: requests.Response) -> StreamResult:
         ctx, paths = self.ctx, self.ctx.paths
-        if not self._continues_part(response):
-            log.warning("rejected a 206 whose Content-Range does not continue the part", url=redact_url(ctx.url),
-                        content_range=response.headers.get("Content-Range"), offset=self.offset,
-                        expected_total=ctx.decision.expected_total)
+        problem = self._partial_problem(response)
+        if problem is not None:
+            log.warning("rejected a 206 that does not continue the part", url=redact_url(ctx.url), reason=problem,
+                        content_range=response.headers.get("Content-Range"), etag=response.headers.get("ETag"),
+                        last_modified=response.headers.get("Last-Modified"), offset=self.offset)
             self.parts.discard(paths)
-            return self.result("retry", "bad_content_range")
+            return self.result("retry", problem)
         if (PartStore.part_size(paths) or -1) < self.offset:
             self.parts.discard(paths)
             return self.result("retry", "part_changed")
@@ -169,14 +163,24 @@ class _Transfer:
         return None
 
     def _sidecar(self, response: requests.Response, offset: int, total: int | None) -> Sidecar:
-        decision, encoding = self.ctx.decision, content_encoding(response)
+        """What the part will hold: a resumed part keeps its record (and fsynced count); a new one gets the response's."""
+        digests = dict(self.attempt.info.get("server_digests") or {})
+        if offset:
+            try:
+                previous = self.parts.load_sidecar(self.ctx.paths)
+            except (OSError, ValueError):
+                previous = None
+            if previous is not None:
+                merged = {**previous.server_digests, **digests}
+                self.attempt.info["server_digests"] = merged
+                return attrs.evolve(previous, expected_total=total or previous.expected_total, server_digests=merged)
+        encoding = content_encoding(response)
         accept_ranges = (response.headers.get("Accept-Ranges") or "").strip().lower()
+        validators = Validators.of(response.headers)
         return Sidecar(
-            url=url_identity(self.ctx.url), committed=offset,
-            etag=response.headers.get("ETag") or (decision.etag if offset else None),
-            last_modified=http_date(response.headers.get("Last-Modified")) or (decision.last_modified if offset else None),
-            expected_total=total, content_encoding=encoding,
-            resumable=encoding is None and accept_ranges != "none", final_url=redact_url(response.url),
+            url=url_identity(self.ctx.url), committed=offset, etag=validators.etag, last_modified=validators.last_modified,
+            last_modified_strong=validators.date_is_strong, expected_total=total, content_encoding=encoding,
+            resumable=encoding is None and accept_ranges != "none", final_url=redact_url(response.url), server_digests=digests,
         )
 
     def body(self, response: requests.Response, *, offset: int, total: int | None) -> StreamResult:
@@ -186,7 +190,8 @@ class _Transfer:
         if refused is not None:
             return refused
         try:
-            part = self.parts.open(ctx.paths, offset=offset, meta=self._sidecar(response, offset, total), expected_size=total)
+            part = self.attempt.open_part(self.parts, ctx.paths, offset=offset, meta=self._sidecar(response, offset, total),
+                                          expected_size=total)
         except UnsafePathError as exc:
             return self.result("failed", exc.reason)
         self.attempt.info["resumed_from"] = offset

@@ -292,7 +292,10 @@ class StreamResult:
     the final response's status, ``url`` the URL requested and ``final_url`` the one
     after redirects. ``content_type``, ``content_encoding``, ``etag`` and
     ``last_modified`` come from the response headers. ``elapsed_ms`` is the time the
-    attempt took, ``ttfb_ms`` the time to the status line.
+    attempt took, ``ttfb_ms`` the time to the status line. ``server_digests`` are the
+    representation digests the server offered (``{"repr-digest:sha256": hex, ...}``),
+    checked when the part is promoted; ``verified_by`` names digests already checked while
+    streaming (a ``Content-Digest`` over a partial body).
     """
 
     status: StreamStatus = attrs.field(validator=attrs.validators.in_(STREAM_STATUSES))
@@ -311,6 +314,8 @@ class StreamResult:
     retry_after: float | None = None
     elapsed_ms: float = 0.0
     ttfb_ms: float | None = None
+    server_digests: Mapping[str, str] = attrs.field(factory=dict)
+    verified_by: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -321,6 +326,7 @@ class FinalizeContext:
     job; ``paths`` give the part and the final path; ``stream`` is the ``complete``
     result of ``stream_io``. ``lease``: ``lease.assert_held()`` must be called right
     before the rename. ``effects``: ``effects.mark_renamed()`` right after it.
+    ``options``: the run's transfer settings (``accept_any_content``).
     """
 
     job: Job
@@ -329,6 +335,7 @@ class FinalizeContext:
     stream: StreamResult
     lease: Lease = NO_LEASE
     effects: Effects = attrs.field(factory=Effects)
+    options: TransferOptions = attrs.field(factory=TransferOptions)
 
 
 @attrs.frozen

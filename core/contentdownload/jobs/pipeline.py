@@ -65,7 +65,8 @@ __all__ = ["Pipeline", "check_same_filesystem", "backoff_delay", "PROTOCOL_STEPS
 
 #: ``retry`` reasons that are steps of the protocol (validators dropped, part dropped,
 #: restart); each may happen a few times per candidate without using the retry budget.
-PROTOCOL_STEPS = frozenset({"precondition_failed", "range_not_satisfiable", "bad_content_range", "part_changed"})
+PROTOCOL_STEPS = frozenset({"precondition_failed", "range_not_satisfiable", "bad_content_range", "part_changed",
+                            "validator_changed", "overlap_mismatch"})
 _FREE_STEPS = 3
 #: ``retry`` reasons of a transport failure before any response.
 _NO_RESPONSE = frozenset({"connection_error", "connect_timeout", "connection_refused", "connection_reset", "read_timeout"})
@@ -386,7 +387,8 @@ class _JobRun:
     def finish(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> JobResult | None:
         if self.before_finalize is not None:
             self.before_finalize(stream)
-        fctx = FinalizeContext(job=self.job, job_key=self.job_key, paths=paths, stream=stream, lease=self.lease, effects=Effects())
+        fctx = FinalizeContext(job=self.job, job_key=self.job_key, paths=paths, stream=stream, lease=self.lease, effects=Effects(),
+                               options=self.options)
         try:
             answer = self.dispatcher.call(self.selections["finalize"], fctx)
         except NoPluginAnsweredError as exc:

@@ -45,6 +45,7 @@ from urllib3.util.retry import Retry
 from contentdownload import __version__
 from contentdownload.errors import UnsafeRedirectError
 from contentdownload.records.log import get_logger
+from contentdownload.transfer.digests import WANT_REPR_DIGEST
 from contentdownload.transfer.urls import redact_url
 
 log = get_logger(__name__)
@@ -410,6 +411,7 @@ class HttpClient:
             session.verify = self.verify
             session.headers["User-Agent"] = self.user_agent
             session.headers["Accept-Encoding"] = ACCEPT_ENCODING
+            session.headers["Want-Repr-Digest"] = WANT_REPR_DIGEST  # RFC 9530: offer one if you can
             adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=self._retry())
             session.mount("http://", adapter)
             session.mount("https://", adapter)

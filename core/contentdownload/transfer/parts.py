@@ -8,7 +8,12 @@ opens, appends to, checkpoints and discards parts through a :class:`PartStore`, 
 
 Invariants (why a final path never holds a partial or stale file):
 
-- a part is promoted only when its size and SHA-256 match the transfer's and the job's;
+- a part is promoted only when its size and SHA-256 match the transfer's and the job's,
+  every digest the server offered matches, and its first bytes do not contradict the type
+  the job expects (an HTML page where a PDF is expected is never promoted);
+- a part continued at an offset first compares the bytes a resume re-reads before that
+  offset (:data:`~contentdownload.transfer.validators.OVERLAP` of them) with its own tail,
+  so two versions of a file are never spliced, whatever the validators said;
 - promotion renames *from the epoch's own part path*, right after the lease check; a
   new owner of the job first moves every older epoch's part away (:meth:`PartStore.claim`:
   adopted when its writer is gone, quarantined as ``KEY.EPOCH.fenced`` while it lives),
@@ -33,7 +38,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import attrs
 from filelock import FileLock, Timeout
@@ -41,7 +46,10 @@ from filelock import FileLock, Timeout
 from contentdownload.errors import LeaseLostError, StagingError, UnsafePathError, UsageError
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
 from contentdownload.records.log import get_logger
-from contentdownload.transfer.urls import canonical_url, redact_url
+from contentdownload.transfer import content
+from contentdownload.transfer.digests import BodyHasher, ServerDigest
+from contentdownload.transfer.urls import identity_url, redact_url
+from contentdownload.transfer.validators import Overlap, OverlapMismatch, resume_start
 
 log = get_logger("contentdownload.parts")
 
@@ -87,12 +95,11 @@ def boot_id() -> str | None:
 
 
 def url_identity(url: str) -> str:
-    """The form of ``url`` a sidecar stores and compares: canonical, without credentials."""
-    safe = redact_url(url)
+    """The form of ``url`` a sidecar stores and compares: canonical, no credentials, no signature."""
     try:
-        return canonical_url(safe)
+        return identity_url(url)
     except UsageError:
-        return safe
+        return redact_url(url)
 
 
 def _optional(data: dict, name: str, kind: type) -> Any:
@@ -114,8 +121,11 @@ class Sidecar:
     ``expected_total``: the full size the server announced. ``content_encoding``: the
     response's content coding (``None`` for identity). ``resumable``: whether a Range
     request may continue the part. ``final_url``: where redirects led.
-    ``server_digests``: digests the server offered (``{"sha-256": "..."}``).
-    ``boot_id``: the boot the bytes were written in. ``updated``: Unix time of the write.
+    ``last_modified_strong``: whether that date was a strong validator (the response's
+    ``Date`` a second or more later). ``server_digests``: representation digests the server
+    offered (``{"repr-digest:sha256": hex}``). ``boot_id``: the boot the bytes were written
+    in (on the same boot, bytes past ``committed`` survived a process crash and may be
+    resumed from, through the overlap check). ``updated``: Unix time of the write.
     """
 
     url: str
@@ -126,6 +136,7 @@ class Sidecar:
     content_encoding: str | None = None
     resumable: bool = True
     final_url: str | None = None
+    last_modified_strong: bool = False
     server_digests: dict[str, str] = attrs.field(factory=dict)
     boot_id: str | None = None
     updated: float = 0.0
@@ -148,6 +159,7 @@ class Sidecar:
         strings = {name: _optional(data, name, str) for name in ("etag", "last_modified", "content_encoding", "final_url", "boot_id")}
         return cls(url=url, committed=committed, expected_total=_optional(data, "expected_total", int),
                    resumable=bool(data.get("resumable", False)), updated=float(data.get("updated") or 0.0),
+                   last_modified_strong=bool(data.get("last_modified_strong", False)),
                    server_digests=dict(digests), **strings)
 
 
@@ -297,10 +309,12 @@ class _Hasher:
 
 @attrs.frozen(kw_only=True)
 class BodyOutcome:
-    """How :meth:`Part.receive` ended: ``error`` (a transport error that stopped it) or ``too_large``."""
+    """How :meth:`Part.receive` ended: ``error`` (a transport error that stopped it), ``too_large``,
+    or ``overlap_mismatch`` (the re-read bytes differ from the part's tail: the part was discarded)."""
 
     error: BaseException | None = None
     too_large: bool = False
+    overlap_mismatch: bool = False
 
 
 class Part:
@@ -311,11 +325,13 @@ class Part:
     """
 
     def __init__(self, store: "PartStore", paths: StagePaths, fd: int, digest: Any, offset: int,
-                 meta: Sidecar | None, threaded_hash: bool):
+                 meta: Sidecar | None, threaded_hash: bool, overlap: Overlap | None = None):
         self.store, self.paths, self.meta = store, paths, meta
         self.fh = os.fdopen(fd, "r+b")
         self.fh.seek(offset)
         self.position = offset
+        self.overlap = overlap
+        self.body_digest: BodyHasher | None = None
         self.hasher = _Hasher(digest, threaded_hash)
         self._checkpoint: threading.Thread | None = None
         self._checkpoint_error: BaseException | None = None
@@ -327,11 +343,36 @@ class Part:
         if not self.fh.closed:
             self.close(sha=False)
 
-    def append(self, data: bytes) -> None:
-        """Write ``data`` at the end of the part and hash it."""
+    def append(self, data: bytes) -> int:
+        """Write ``data`` at the end of the part and hash it; returns the bytes written.
+
+        While an overlap is pending, the first bytes are compared with the part's tail
+        instead of written (:class:`~contentdownload.transfer.validators.OverlapMismatch`
+        when they differ).
+        """
+        data = self._past_overlap(data)
+        self._write(data)
+        return len(data)
+
+    def _past_overlap(self, data: bytes) -> bytes:
+        if self.body_digest is not None:
+            self.body_digest.update(data)
+        if self.overlap is not None and self.overlap.pending:
+            return bytes(self.overlap.feed(data))
+        return data
+
+    def _write(self, data: bytes) -> None:
         self.fh.write(data)
         self.hasher.feed(data)
         self.position += len(data)
+
+    def check_body_digest(self, digests: tuple[ServerDigest, ...]) -> None:
+        """Hash this response's body (overlap included) for its ``Content-Digest``; see :meth:`body_digest_mismatch`."""
+        self.body_digest = BodyHasher(digests) if digests else None
+
+    def body_digest_mismatch(self) -> ServerDigest | None:
+        """The ``Content-Digest`` the body did not match, once the whole body was received."""
+        return self.body_digest.mismatch() if self.body_digest is not None else None
 
     def receive(self, read: Callable[[], bytes], *, effects: Effects, progress: Callable[[int], None] | None = None,
                 max_bytes: int | None = None, checkpoint_every: int | None = None,
@@ -350,11 +391,17 @@ class Part:
                 return BodyOutcome(error=exc)
             if not data:
                 return BodyOutcome()
-            if max_bytes is not None and self.position + len(data) > max_bytes:
+            if max_bytes is not None and self.position + len(data) - (self.overlap.pending if self.overlap else 0) > max_bytes:
                 self.discard()
                 return BodyOutcome(too_large=True)
+            try:
+                data = self._past_overlap(data)
+            except OverlapMismatch:
+                log.warning("the bytes re-read before the resume offset differ: the origin changed", part=self.paths.part.name)
+                self.discard()
+                return BodyOutcome(overlap_mismatch=True)
             effects.wrote(len(data))
-            self.append(data)
+            self._write(data)
             if progress is not None:
                 progress(len(data))
             since += len(data)
@@ -445,7 +492,10 @@ class Part:
 class PromoteRequest:
     """A complete part to promote: its ``paths``, the ``job`` it must match, the transfer's
     ``size`` and ``sha256`` (``None``: computed), the ``lease`` checked right before the
-    rename and the ``effects`` told of it."""
+    rename and the ``effects`` told of it. ``server_digests`` (``{"repr-digest:sha256":
+    hex}``) must all match the part; ``expected`` is the content family its first bytes
+    may not contradict (``None``: not checked); ``verified_by`` names checks already made.
+    """
 
     paths: StagePaths
     job: Job
@@ -453,12 +503,18 @@ class PromoteRequest:
     sha256: str | None = None
     lease: Lease = NO_LEASE
     effects: Effects = attrs.field(factory=Effects)
+    server_digests: Mapping[str, str] = attrs.field(factory=dict)
+    expected: str | None = None
+    verified_by: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, ctx: FinalizeContext) -> "PromoteRequest":
-        """The request for a ``finalize`` context."""
-        return cls(paths=ctx.paths, job=ctx.job, size=ctx.stream.total_size, sha256=ctx.stream.sha256,
-                   lease=ctx.lease, effects=ctx.effects)
+        """The request for a ``finalize`` context: the stream's digests, and the job's expected type unless any is accepted."""
+        stream = ctx.stream
+        expected = None if ctx.options.accept_any_content else content.expected_family(ctx.job.expected_type, ctx.paths.final.name, ctx.job.url)
+        digests = stream.server_digests if stream.content_encoding is None else {}  # a digest covers the coded bytes
+        return cls(paths=ctx.paths, job=ctx.job, size=stream.total_size, sha256=stream.sha256, lease=ctx.lease,
+                   effects=ctx.effects, server_digests=dict(digests), expected=expected, verified_by=stream.verified_by)
 
 
 @attrs.define
@@ -468,11 +524,59 @@ class _Promotion:
     sha256: str | None = None
     reason: str = ""
     error: BaseException | None = None
+    verified_by: tuple[str, ...] = ()
+    detected_type: str | None = None
 
     def result(self, durable: bool) -> FinalizeResult:
+        checks = {"verified_by": self.verified_by, "detected_type": self.detected_type}
         if self.reason:
-            return FinalizeResult(ok=False, size=self.size, sha256=self.sha256, reason=self.reason)
-        return FinalizeResult(ok=True, path=self.request.paths.final, size=self.size, sha256=self.sha256, durable=durable)
+            return FinalizeResult(ok=False, size=self.size, sha256=self.sha256, reason=self.reason, **checks)
+        return FinalizeResult(ok=True, path=self.request.paths.final, size=self.size, sha256=self.sha256, durable=durable, **checks)
+
+
+def _content_problem(fd: int, request: PromoteRequest, promotion: _Promotion) -> str:
+    """Why the part's bytes are not what the job and the server say (``""`` when they are).
+
+    The job's SHA-256, then every digest the server offered (algorithms other than SHA-256
+    hash the file once more), then the first bytes against the expected content family.
+    """
+    assert promotion.sha256 is not None
+    verified = list(request.verified_by)
+    if request.job.sha256 is not None:
+        if promotion.sha256 != request.job.sha256:
+            return "sha256_mismatch"
+        verified.append("sha256")
+    wrong = _digest_mismatch(fd, request.server_digests, promotion.sha256)
+    if wrong is not None:
+        log.warning("the part does not match a digest the server sent", digest=wrong, final=str(request.paths.final))
+        return "digest_mismatch"
+    verified.extend(request.server_digests)
+    promotion.verified_by = tuple(dict.fromkeys(verified))
+    head = os.pread(fd, content.SNIFF_BYTES, 0)
+    promotion.detected_type = content.detect(head)
+    found = content.contradiction(request.expected, head)
+    if found is not None:
+        promotion.detected_type = found
+        log.warning("the body is not what the job expects", expected=request.expected, detected=found, final=str(request.paths.final))
+        return "unexpected_content"
+    return ""
+
+
+def _digest_mismatch(fd: int, digests: Mapping[str, str], sha256: str) -> str | None:
+    """The label of the first of ``digests`` (``{"repr-digest:sha256": hex}``) the file does not match."""
+    algorithms = {label.rpartition(":")[2] for label in digests} - {"sha256"}
+    actual = {name: hashlib.new(name) for name in algorithms}
+    if actual:
+        position, size = 0, os.fstat(fd).st_size
+        while position < size:
+            block = os.pread(fd, _HASH_BLOCK, position)
+            if not block:
+                break
+            for digest in actual.values():
+                digest.update(block)
+            position += len(block)
+    values = {name: d.hexdigest() for name, d in actual.items()} | {"sha256": sha256}
+    return next((label for label, value in digests.items() if values[label.rpartition(":")[2]] != value), None)
 
 
 def _sha256_of(fd: int) -> str:
@@ -542,18 +646,23 @@ class PartStore:
              expected_size: int | None = None) -> Part:
         """Open the part fresh (``offset`` 0) or to continue at ``offset`` (anything past it cut off).
 
-        The prefix is hashed, so :meth:`Part.close` gives the whole file's SHA-256. In
-        durable mode ``meta`` (with this boot's id) is written as the sidecar; in plain
+        The prefix is hashed, so :meth:`Part.close` gives the whole file's SHA-256. A part
+        continued at an offset expects the body to start at :func:`~contentdownload.transfer.validators.resume_start` ``(offset)``:
+        the bytes before ``offset`` are compared with the part's tail, not written (see
+        :meth:`Part.append`). In durable mode ``meta`` (with this boot's id; its
+        ``committed`` is the count known to be fsynced) is written as the sidecar; in plain
         mode any sidecar is removed. Raises :class:`UnsafePathError` for a planted
         symlink, ``ValueError`` when the part is shorter than ``offset``.
         """
         check_staging(self.staging)
         digest = hashlib.sha256()
+        overlap = None
         if offset > 0:
             fd = _open_nofollow(paths.part, os.O_RDWR)
             try:
                 hash_prefix(fd, offset, digest)
                 os.ftruncate(fd, offset)
+                overlap = Overlap(os.pread(fd, offset - resume_start(offset), resume_start(offset)))
             except BaseException:
                 os.close(fd)
                 raise
@@ -563,10 +672,11 @@ class PartStore:
         if not self.durable:
             meta = None
         elif meta is not None:
-            meta = attrs.evolve(meta, committed=offset, boot_id=boot_id())
+            meta = attrs.evolve(meta, committed=min(meta.committed, offset), boot_id=boot_id())
             _write_sidecar(paths.sidecar, meta, durable=False)  # its count is already on disk
         remaining = None if expected_size is None else expected_size - offset
-        return Part(self, paths, fd, digest, offset, meta, threaded_hash=remaining is None or remaining >= THREADED_HASH_MIN)
+        return Part(self, paths, fd, digest, offset, meta, threaded_hash=remaining is None or remaining >= THREADED_HASH_MIN,
+                    overlap=overlap)
 
     def _forget_sidecar(self, paths: StagePaths) -> None:
         """Remove a sidecar that describes bytes about to be overwritten (durably, in durable mode)."""
@@ -702,8 +812,8 @@ class PartStore:
         return promotions
 
     def _verify(self, request: PromoteRequest) -> _Promotion:
-        """Size and SHA-256 against the transfer and the job; a mismatch discards the part. Durable: fsync."""
-        paths, job, promotion = request.paths, request.job, _Promotion(request)
+        """Size, SHA-256, server digests and content type against the transfer and the job; a mismatch discards the part. Durable: fsync."""
+        paths, promotion = request.paths, _Promotion(request)
         try:
             fd = _open_nofollow(paths.part, os.O_RDONLY)
         except FileNotFoundError:
@@ -717,8 +827,7 @@ class PartStore:
             promotion.reason = self._size_problem(request, promotion.size)
             if not promotion.reason:
                 promotion.sha256 = request.sha256 or _sha256_of(fd)
-                if job.sha256 is not None and promotion.sha256 != job.sha256:
-                    promotion.reason = "sha256_mismatch"
+                promotion.reason = _content_problem(fd, request, promotion)
             if not promotion.reason and self.durable:
                 os.fsync(fd)
         finally:

@@ -20,12 +20,16 @@ import requests
 import urllib3
 
 from contentdownload.errors import JobAbort
-from contentdownload.hooks.model import StreamContext, StreamResult
-from contentdownload.transfer.http import RETRY_STATUSES, content_encoding, content_length, parse_retry_after, request_failure
+from contentdownload.hooks.model import StagePaths, StreamContext, StreamResult
+from contentdownload.transfer.digests import content_digests, representation_digests, server_digests
+from contentdownload.transfer.http import RETRY_STATUSES, content_encoding, content_length, failure_detail, parse_retry_after, request_failure
+from contentdownload.records.log import get_logger
 from contentdownload.transfer.urls import redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
-    from contentdownload.transfer.parts import BodyOutcome, Part
+    from contentdownload.transfer.parts import BodyOutcome, Part, PartStore
+
+log = get_logger(__name__)
 
 Action = Literal["full", "partial", "range_not_satisfiable", "not_modified", "retry", "failed"]
 #: Errors that end a request or a body read (mapped to a reason by ``request_failure``).
@@ -79,6 +83,7 @@ class Attempt:
         self.ctx, self.headers = ctx, headers
         self.started = time.perf_counter()
         self.info: dict[str, Any] = {"url": redact_url(ctx.url)}
+        self.digests: tuple = ()
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000.0, 3)
@@ -95,14 +100,24 @@ class Attempt:
             raise
         except (*TRANSPORT_ERRORS, ValueError) as exc:
             status, reason = request_failure(exc)
+            log.info("request failed", url=redact_url(ctx.url), reason=reason, detail=failure_detail(exc))
             return self.result(status, reason)
+        self.digests = server_digests(response.headers)
         self.info.update(
             http_status=response.status_code, final_url=redact_url(response.url),
             content_type=response.headers.get("Content-Type"), content_encoding=content_encoding(response),
             etag=response.headers.get("ETag"), last_modified=response.headers.get("Last-Modified"),
             ttfb_ms=self.elapsed_ms(),
+            server_digests={d.label: d.value.hex() for d in representation_digests(self.digests)},
         )
         return response
+
+    def open_part(self, parts: "PartStore", paths: StagePaths, **kwargs: Any) -> "Part":
+        """Open the part for this response's body (:meth:`PartStore.open`), checking its ``Content-Digest``."""
+        part = parts.open(paths, **kwargs)
+        if self.info.get("content_encoding") is None:  # a content digest covers the coded bytes
+            part.check_body_digest(content_digests(self.digests))
+        return part
 
     def verdict(self, response: requests.Response, *, ranged: bool) -> Verdict:
         return classify(response.status_code, ranged=ranged, conditional=is_conditional(self.headers),
@@ -124,9 +139,13 @@ class Attempt:
         fields = {"bytes_written": received, "resumed_from": offset, "total_size": part.position}
         if outcome.too_large:
             return self.result("failed", "too_large", bytes_written=self.ctx.effects.bytes_written)
+        if outcome.overlap_mismatch:
+            return self.result("retry", "overlap_mismatch", **fields)
         if outcome.error is not None:
             part.abandon()
             _, reason = request_failure(outcome.error)
+            log.info("transfer interrupted", url=redact_url(self.ctx.url), reason=reason, committed=part.position,
+                     detail=failure_detail(outcome.error))
             if _is_incomplete_read(outcome.error) or (expected_body is not None and received < expected_body and reason == "connection_lost"):
                 reason = "short_body"
             return self.result("retry", reason, **fields)
@@ -135,7 +154,13 @@ class Attempt:
         if (expected_body is not None and received != expected_body) or (decoded and raw_length is not None and response.raw.tell() != raw_length):
             part.abandon()
             return self.result("retry", "short_body", **fields)
-        return self.result("complete", "complete", sha256=part.close(), **fields)
+        wrong = part.body_digest_mismatch()
+        if wrong is not None:
+            part.discard()
+            log.warning("the body does not match its Content-Digest", url=redact_url(self.ctx.url), digest=wrong.label)
+            return self.result("failed", "digest_mismatch", **fields)
+        checked = tuple(d.label for d in part.body_digest.digests) if part.body_digest is not None else ()
+        return self.result("complete", "complete", sha256=part.close(), verified_by=checked, **fields)
 
 
 def _is_incomplete_read(exc: BaseException | None) -> bool:
