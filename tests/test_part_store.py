@@ -151,14 +151,34 @@ def test_a_symlink_at_a_part_path_fails_the_job(planted):
 
 
 @pytest.mark.parametrize("dangling", [False, True])
-def test_a_symlink_at_a_final_path_fails_the_job(planted, dangling):
+def test_a_run_never_writes_through_a_symlink_at_a_final_path(planted, dangling):
     sentinel, _, jobs, out = planted
     (out / "victim.bin").symlink_to(sentinel / ("missing.bin" if dangling else "keep.txt"))
     done = _run(out, jobs)
-    assert "Traceback" not in done.stderr and done.returncode != 0
+    assert "Traceback" not in done.stderr
     [row] = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert row["outcome"] == "failed" and row["reason"] == "final_path_is_symlink"
+    if dangling:  # the name looks free to the planner; the part store refuses it at promotion
+        assert done.returncode == 1 and row["outcome"] == "failed" and row["reason"] == "final_path_is_symlink"
+    else:  # planned to a free name beside it
+        assert done.returncode == 0 and row["outcome"] == "downloaded" and row["path"] != "victim.bin"
     assert (out / "victim.bin").is_symlink()
+    _sentinel_untouched(sentinel, {"keep.txt": b"sentinel"})
+
+
+@pytest.mark.parametrize("planted_at, reason", [("final", "final_path_is_symlink"), ("dangling", "final_path_is_symlink"),
+                                                 ("parent", "parent_is_symlink")])
+def test_a_symlink_planted_at_a_final_path_or_its_folder_fails_the_job(server, tmp_path, planted_at, reason):
+    sentinel = tmp_path / "sentinel"
+    sentinel.mkdir()
+    (sentinel / "keep.txt").write_bytes(b"sentinel")
+    url = server.add_file("/f.bin", os.urandom(50_000))
+    name = "sub/f.bin" if planted_at == "parent" else "f.bin"
+    with TransferRig("streaming", tmp_path / "rig") as rig:
+        link = rig.out / ("sub" if planted_at == "parent" else "f.bin")
+        link.symlink_to(sentinel if planted_at == "parent" else sentinel / ("gone" if planted_at == "dangling" else "keep.txt"))
+        result = rig.run(Job(urls=(url,)), name)
+    assert result.outcome == "failed" and result.reason == reason
+    assert link.is_symlink()
     _sentinel_untouched(sentinel, {"keep.txt": b"sentinel"})
 
 
