@@ -10,13 +10,13 @@ import random
 import tempfile
 import threading
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from contentdownload.hooks.model import Job
+from contentdownload.transfer import parts
 from contentdownload.testing.conformance import TransferRig
 from contentdownload.testing.server import Fault, LoopbackServer
 
@@ -114,19 +114,21 @@ def test_the_promoted_file_is_the_served_one_and_nothing_else_ever_sits_at_the_f
     path = f"/prop/{next(_paths)}.bin"
     url = server.add_file(path, data)
     contents = _queue(server, path, size, faults, rng)
-    real_replace = os.replace
     promoted: list[bytes] = []
 
     with tempfile.TemporaryDirectory() as tmp, TransferRig(plugin, Path(tmp), retries=len(faults) + 2) as rig:
         final = rig.paths("file.bin").final
 
-        def checked_replace(src, dst, *args, **kwargs):
-            if Path(dst) == final:
-                promoted.append(Path(src).read_bytes())
-            return real_replace(src, dst, *args, **kwargs)
+        def before_rename(paths):
+            if paths.final == final:
+                promoted.append(paths.part.read_bytes())
 
-        with mock.patch("os.replace", checked_replace), FinalWatcher(final) as watcher:
-            result = rig.run(Job(urls=(url,)), "file.bin")
+        parts.set_test_hook("before_rename", before_rename)
+        try:
+            with FinalWatcher(final) as watcher:
+                result = rig.run(Job(urls=(url,)), "file.bin")
+        finally:
+            parts.set_test_hook("before_rename", None)
 
         expected = _served_last(server, path, data, contents)
         assert result.outcome in ("downloaded", "resumed"), (result.outcome, result.reason, faults)

@@ -103,7 +103,7 @@ class Effects:
     ``bytes_written`` counts body bytes written to the part by ``stream_io`` in this
     attempt; ``renamed`` is set by ``finalize`` the moment the part was moved into place.
     A plugin must call :meth:`wrote` before (or as) it writes and :meth:`mark_renamed`
-    right after ``os.replace``.
+    right after the rename (the part store's ``promote`` does both).
     """
 
     bytes_written: int = 0

@@ -31,7 +31,7 @@ from contentdownload.jobs.keys import operation_key
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, StreamResult, TransferOptions
 from contentdownload.jobs.workspace import Workspace
-from contentdownload.transfer.parts import PartStore
+from contentdownload.transfer.parts import PartStore, PromoteRequest
 
 log = get_logger(__name__)
 
@@ -254,7 +254,7 @@ class JobWorker:
 
     def _attempt(self, item: WorkItem, paths: Any, lease: Lease) -> JobResult:
         if item.adopt_from and item.record is not None and not paths.final.exists():
-            self._adopt(Path(item.adopt_from), item.record, paths)
+            self._adopt(Path(item.adopt_from), item, paths, lease)
         return self._transfer(item, paths, lease)
 
     def _report_and_record(self, item: WorkItem, result: JobResult) -> None:
@@ -292,25 +292,21 @@ class JobWorker:
         finally:
             gate.release()
 
-    def _adopt(self, source: Path, record: PriorRecord, paths: Any) -> None:
-        """Copy a finished file from an earlier output folder into place (atomically) so it can be revalidated.
+    def _adopt(self, source: Path, item: WorkItem, paths: Any, lease: Lease) -> None:
+        """Copy a finished file from an earlier output folder into place (through the part store) so it can be revalidated.
 
         Only a file that still is what the earlier manifest recorded (size and SHA-256) is copied.
         """
-        if not record.sha256 or not source.is_file() or not file_matches(source, record.size, record.sha256):
+        record = item.record
+        if record is None or not record.sha256 or not source.is_file() or not file_matches(source, record.size, record.sha256):
             log.info("earlier file is gone or changed, not reusing it", path=str(source))
             return
-        tmp = paths.part.with_name(paths.part.name + ".adopt")
-        try:
-            with source.open("rb") as src, tmp.open("wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
-                dst.flush()
-                os.fsync(dst.fileno())
-            paths.final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, paths.final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        parts = PartStore(self.ws.staging, root=self.ws.out)
+        with source.open("rb") as src, parts.open(paths, expected_size=record.size) as part:
+            while block := src.read(1 << 20):
+                part.append(block)
+            sha256 = part.close()
+        parts.promote(PromoteRequest(paths=paths, job=item.job, size=record.size, sha256=sha256, lease=lease))
 
     def _record(self, item: WorkItem, result: JobResult) -> None:
         key = item.key.key

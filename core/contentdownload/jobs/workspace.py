@@ -16,7 +16,7 @@ from pathlib import Path
 
 import attrs
 
-from contentdownload.errors import UsageError
+from contentdownload.errors import UnsafePathError, UsageError
 from contentdownload.hooks.model import StagePaths
 from contentdownload.transfer.parts import check_staging
 
@@ -71,7 +71,10 @@ class Workspace:
             metrics=out / "manifest.metrics.json",
         )
         if create:
-            check_staging(ws.staging)  # before mkdir: never create folders through a planted symlink
+            try:
+                check_staging(ws.staging)  # before mkdir: never create folders through a planted symlink
+            except UnsafePathError as exc:
+                raise UsageError(str(exc)) from None
             try:
                 ws.staging.mkdir(parents=True, exist_ok=True)
                 ws.logs.mkdir(parents=True, exist_ok=True)

@@ -214,16 +214,22 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def _kind(path: Path) -> str:
+    """``missing``, ``link``, ``folder`` or ``file``: what is at ``path`` itself (a symlink is not followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    return "link" if stat.S_ISLNK(mode) else "folder" if stat.S_ISDIR(mode) else "file"
+
+
 def check_staging(staging: Path, out: Path | None = None) -> None:
     """Refuse a staging folder that is a symlink (or sits under one), is not a folder, or is on another filesystem than ``out``."""
     for folder in (staging.parent, staging):
-        try:
-            st = os.lstat(folder)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(st.st_mode):
+        kind = _kind(folder)
+        if kind == "link":
             raise UnsafePathError(f"staging folder {folder} is a symlink: refusing to write through it", "staging_is_symlink")
-        if not stat.S_ISDIR(st.st_mode):
+        if kind == "file":
             raise UnsafePathError(f"staging folder {folder} is not a folder", "staging_not_folder")
     if out is not None and os.stat(staging).st_dev != os.stat(out).st_dev:
         raise StagingError(f"staging folder {staging} is on another filesystem than the output folder {out}: "
@@ -231,13 +237,10 @@ def check_staging(staging: Path, out: Path | None = None) -> None:
 
 
 def _check_final(final: Path) -> None:
-    try:
-        st = os.lstat(final)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
+    kind = _kind(final)
+    if kind == "link":
         raise UnsafePathError(f"final path {final} is a symlink: not replacing it", "final_path_is_symlink")
-    if stat.S_ISDIR(st.st_mode):
+    if kind == "folder":
         raise UnsafePathError(f"final path {final} is a folder", "final_path_is_folder")
 
 
@@ -248,19 +251,18 @@ def _make_parents(folder: Path, root: Path | None, durable: bool) -> None:
     else:
         chain = [folder, *folder.parents[: len(folder.parents) - len(root.parents) - 1]][::-1]
     for current in chain:
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
+        kind = _kind(current)
+        if kind == "missing":
             try:
                 os.mkdir(current)
             except FileExistsError:
                 pass
-            st = os.lstat(current)
+            kind = _kind(current)
             if durable:
                 fsync_directory(current.parent)
-        if stat.S_ISLNK(st.st_mode):
+        if kind == "link":
             raise UnsafePathError(f"folder {current} of a final path is a symlink: refusing to write through it", "parent_is_symlink")
-        if not stat.S_ISDIR(st.st_mode):
+        if kind != "folder":
             raise UnsafePathError(f"{current} is not a folder", "parent_not_folder")
 
 
@@ -634,11 +636,9 @@ class PartStore:
     @staticmethod
     def part_size(paths: StagePaths) -> int | None:
         """The part's length (``None`` when there is no part; a symlink counts as none)."""
-        try:
-            st = os.lstat(paths.part)
-        except FileNotFoundError:
+        if _kind(paths.part) != "file":
             return None
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
+        return os.lstat(paths.part).st_size
 
     # -- writing ------------------------------------------------------------------------
 
