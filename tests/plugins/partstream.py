@@ -1,9 +1,10 @@
-"""A third-party ``stream_io`` built on the core's part store: resumes a part from its committed offset."""
+"""A third-party ``stream_io`` built on the core's part store: resumes a part from its committed offset (via the overlap)."""
 
 from contentdownload import StreamResult, hookimpl
 from contentdownload.transfer.http import content_length
 from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
 from contentdownload.transfer.status import TRANSPORT_ERRORS, Attempt
+from contentdownload.transfer.validators import resume_start
 
 
 @hookimpl
@@ -20,7 +21,8 @@ def stream_io(ctx):
         if verdict.action not in ("full", "partial"):
             return attempt.stopped(verdict) if verdict.stops else attempt.result("retry", "range_not_satisfiable")
         offset = ctx.decision.offset if verdict.action == "partial" else 0
-        body = content_length(response)
+        body = content_length(response)  # from resume_start(offset): the overlap is compared, not written
+        body = None if body is None else body - (offset - resume_start(offset))
         meta = Sidecar(url=url_identity(ctx.url), committed=offset, etag=response.headers.get("ETag"),
                        last_modified=response.headers.get("Last-Modified"),
                        expected_total=None if body is None else offset + body)

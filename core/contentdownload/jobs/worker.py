@@ -238,7 +238,7 @@ class JobWorker:
         paths = self.ws.stage_paths(item.relative_path, key, epoch=item.epoch if self.leasing else None)
         parts = PartStore(self.ws.staging, root=self.ws.out)
         # With leases, each epoch has its own part, and taking the job over fences the older ones.
-        with parts.claim(key, item.epoch) if self.leasing else contextlib.nullcontext():
+        with parts.claim(key, item.epoch, self.cancel) if self.leasing else parts.exclusive(key, self.cancel):
             result = self._unsafe_paths(item, paths) or self._attempt(item, paths, lease)
         self._report_and_record(item, result)
         return result

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import attrs
 from filelock import FileLock, Timeout
 
-from contentdownload.errors import LeaseLostError, StagingError, UnsafePathError, UsageError
+from contentdownload.errors import Cancelled, LeaseLostError, StagingError, UnsafePathError, UsageError
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
 from contentdownload.records.log import get_logger
 from contentdownload.transfer import content
@@ -587,6 +587,21 @@ def _sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
+def _wait_for(lock: FileLock, key: str, cancel: threading.Event | None) -> None:
+    """Acquire ``lock``, waiting while another process holds it (and giving up on ``cancel``)."""
+    waited = False
+    while True:
+        try:
+            lock.acquire(timeout=0 if not waited else 0.2)
+            return
+        except Timeout:
+            if not waited:
+                log.info("another process is writing this job's part; waiting for it", job_key=key)
+                waited = True
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the run was interrupted while waiting for another process's part") from None
+
+
 # -- the store --------------------------------------------------------------------------
 
 
@@ -721,23 +736,40 @@ class PartStore:
         return sorted(found, reverse=True)
 
     @contextlib.contextmanager
-    def claim(self, key: str, epoch: int) -> Iterator[None]:
+    def claim(self, key: str, epoch: int, cancel: threading.Event | None = None) -> Iterator[None]:
         """Hold epoch ``epoch`` of job ``key`` (its lock) and fence every older epoch's part first.
 
         The newest older part whose writer is gone (its lock can be taken) is adopted:
         renamed with its sidecar to this epoch's part path, so the transfer resumes. Any
         other older part is renamed to ``KEY.EPOCH.fenced`` (gc removes it later): its
         writer, alive but no longer the owner, then finds its part path gone and cannot
-        promote it.
+        promote it. The epoch's lock is held by someone else only when another process
+        counts epochs apart from this one (each with a store of its own): then this waits.
         """
         lock = FileLock(str(self.lock_path(key, epoch)))
-        lock.acquire(timeout=0)  # the epoch is ours alone: this cannot be held
+        _wait_for(lock, key, cancel)
         try:
             self._fence_older(key, epoch)
             yield
         finally:
             lock.release()
             self.lock_path(key, epoch).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def exclusive(self, key: str, cancel: threading.Event | None = None) -> Iterator[None]:
+        """Hold the one part of job ``key`` when there are no epochs (no leases, or no store).
+
+        A second process on the same folder waits here until the first is done with the
+        part (then finds the file finished, or resumes what it left), so a part never has
+        two writers. The lock file stays: removing it could let a third process lock a new
+        file while a waiter holds the old one.
+        """
+        lock = FileLock(str(self.staging / f"{key}.lock"))
+        _wait_for(lock, key, cancel)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _fence_older(self, key: str, epoch: int) -> None:
         own = self.part_path(key, epoch)
