@@ -39,7 +39,7 @@ from contentdownload.jobs.workspace import Workspace
 
 log = get_logger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
 @attrs.frozen
