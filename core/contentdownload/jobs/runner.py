@@ -304,8 +304,10 @@ class Run:
                 store.fail(item.key.key, item.epoch, result.reason, retryable=False, max_attempts=1)
             self._emit(result, self.leasing)
             self._progress.done(result)
-        except Exception as exc:  # the store or the manifest is what failed: the job is left for a rerun
+        except StoreError as exc:
             self._store_down(store, exc)
+        except Exception as exc:  # the manifest could not take the row: the job is left for a rerun
+            log.error("could not record a job's outcome", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
 
     def _release(self, store: Any, item: Any) -> None:
         """Give the job's lease back so a rerun can take it at once (best effort: the store may be away)."""
