@@ -66,7 +66,10 @@ def print_summary(report: Any, stream=None) -> None:
         f"({human_bytes(m['throughput_bytes_per_s'])}/s); manifest: {report.workspace.manifest}",
         file=stream,
     )
-    if m.get("interrupted"):
+    if report.left:
+        print(f"{report.left} of {report.planned} planned jobs left: {report.left_reason}; "
+              "parts are kept, run the same command again to finish", file=stream)
+    elif m.get("interrupted"):
         print("interrupted: parts are kept; run the same command again to finish", file=stream)
 
 
@@ -91,6 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         close_logging()
     print_summary(report)
+    if report.error:
+        print(f"contentdownload: {report.error}", file=sys.stderr)
     return report.exit_code
 
 

@@ -5,9 +5,9 @@ everything between the job store and the pipeline:
 
 - a :class:`StoreLease` that heartbeats while the transfer streams and fences the
   finalize (a worker whose lease was taken over cannot promote its part);
-- the operation ledger: the finalize of a part is recorded (with its SHA-256) before the
-  rename, so a crash between the rename and the store update is recovered from the
-  file on disk instead of downloading it again; the manifest row of a job is written once;
+- the operation ledger (:mod:`~contentdownload.jobs.ledger`): the transfer op, and the
+  finalize intent recorded before the rename, so a crash between the rename and the store
+  update is recovered from the file on disk instead of downloading it again;
 - the files on disk are the truth: a finished record whose file is gone or changed is
   reopened, a part is resumed.
 """
@@ -27,9 +27,9 @@ import attrs
 
 from contentdownload.errors import Cancelled, UnsafePathError
 from contentdownload.transfer.files import file_matches, sha256_file
-from contentdownload.jobs.keys import operation_key
+from contentdownload.jobs import ledger
 from contentdownload.records.log import get_logger
-from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, StreamResult, TransferOptions
+from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, TransferOptions
 from contentdownload.jobs.workspace import Workspace
 from contentdownload.transfer.parts import PartStore, PromoteRequest
 
@@ -181,21 +181,7 @@ class JobWorker:
         self.progress = progress
         self.on_result = on_result
 
-    # -- the operation ledger -------------------------------------------------------
-
-    def _intent_key(self, key: str, sha256: str) -> str:
-        """The finalize op of one content: its key names the SHA-256, so a file on disk finds its own record."""
-        return operation_key(key, f"finalize:{sha256}")
-
-    def _record_intent(self, item: WorkItem, stream: StreamResult) -> None:
-        """Before the rename: record that this content is being promoted (the crash-recovery evidence)."""
-        op = self._intent_key(item.key.key, stream.sha256 or "")
-        self.store.op_begin(op, item.key.key, "finalize", item.epoch or 0)
-        self.store.op_done(op, {
-            "sha256": stream.sha256, "size": stream.total_size, "etag": stream.etag,
-            "last_modified": stream.last_modified, "final_url": stream.final_url,
-            "content_type": stream.content_type, "url": stream.url,
-        })
+    # -- crash recovery -------------------------------------------------------------
 
     def recover_finalized(self, item: WorkItem) -> JobResult | None:
         """A crash after the rename, before the store update: the file on disk finishes the job."""
@@ -203,10 +189,9 @@ class JobWorker:
         if not self.leasing or item.revalidate or not final.is_file():
             return None  # a reopened job (revalidation) was finished on record: nothing to recover
         sha = sha256_file(final)
-        op = self.store.op_get(self._intent_key(item.key.key, sha))
-        if not op or op["status"] != "done" or not op.get("result"):
+        intent = ledger.finalize_intent(self.store, item.key.key, sha)
+        if intent is None:
             return None
-        intent = op["result"]
         st = final.stat()
         log.info("recovered a finished file after a crash", job_key=item.key.key, path=str(final))
         return JobResult(
@@ -230,7 +215,7 @@ class JobWorker:
         lease: Lease = StoreLease(self.store, key, item.epoch or 0, self.owner, self.lease_ttl) if self.leasing else NO_LEASE
         if self.leasing:
             self.store.mark_streaming(key, item.epoch)
-            self.store.op_begin(operation_key(key, "transfer"), key, "transfer", item.epoch)
+            ledger.begin_transfer(self.store, key, item.epoch)
             recovered = self.recover_finalized(item)
             if recovered is not None:
                 self._report_and_record(item, recovered)
@@ -275,7 +260,7 @@ class JobWorker:
             item.job, item.key, paths, selections,
             record=item.record, lease=lease, progress=self.progress, cancel=self.cancel,
             job_key_answer=item.job_key_answer, options=options,
-            before_finalize=(lambda stream: self._record_intent(item, stream)) if self.leasing else None,
+            before_finalize=(lambda stream: ledger.record_intent(self.store, item.key.key, item.epoch, stream)) if self.leasing else None,
             host_slot=(lambda url: self._host_slot(url, lease)) if self.host_gate else None,
         )
 
@@ -309,26 +294,24 @@ class JobWorker:
         parts.promote(PromoteRequest(paths=paths, job=item.job, size=record.size, sha256=sha256, lease=lease))
 
     def _record(self, item: WorkItem, result: JobResult) -> None:
-        key = item.key.key
-        transfer_op = operation_key(key, "transfer")
+        """The job's state in the store (and, when leasing, its transfer op) from its result."""
+        if self.leasing:  # the ledger follows a success and precedes a failure, as the store's state does
+            finished = result.ok and result.path is not None
+            if not finished:
+                ledger.end_transfer(self.store, item.key.key, result)
+            self._record_claimed(item, result)
+            if finished:
+                ledger.end_transfer(self.store, item.key.key, result)
+            return
+        claim = self.store.claim_key(item.key.key, self.owner, self.lease_ttl)
+        if claim is not None:
+            self._record_claimed(attrs.evolve(item, epoch=claim.epoch), result)
+
+    def _record_claimed(self, item: WorkItem, result: JobResult) -> None:
         if result.ok and result.path is not None:
             final = Path(result.path)
             st = final.stat()
             info = {"etag": result.etag, "last_modified": result.last_modified, "final_url": result.final_url, "content_type": result.content_type}
-            if self.leasing:
-                self._finish(item, path=final, size=st.st_size, sha256=result.sha256 or sha256_file(final), mtime_ns=st.st_mtime_ns, info=info)
-                self.store.op_done(transfer_op, {"outcome": result.outcome, "bytes": result.bytes_downloaded})
-            else:
-                claim = self.store.claim_key(key, self.owner, self.lease_ttl)
-                if claim is not None:
-                    self.store.finish(key, claim.epoch, path=str(final), size=st.st_size, sha256=result.sha256 or sha256_file(final),
-                                      mtime_ns=st.st_mtime_ns, **info)
-            return
-        reason = result.reason or "failed"
-        if self.leasing:
-            self.store.op_failed(transfer_op, reason)
-            self.store.fail(key, item.epoch, reason, retryable=False, max_attempts=1)
+            self._finish(item, path=final, size=st.st_size, sha256=result.sha256 or sha256_file(final), mtime_ns=st.st_mtime_ns, info=info)
         else:
-            claim = self.store.claim_key(key, self.owner, self.lease_ttl)
-            if claim is not None:
-                self.store.fail(key, claim.epoch, reason, retryable=False, max_attempts=1)
+            self.store.fail(item.key.key, item.epoch, result.reason or "failed", retryable=False, max_attempts=1)

@@ -377,6 +377,7 @@ class HttpClient:
         self.max_retry_after = float(max_retry_after)
         self._local = threading.local()
         self._sessions: "weakref.WeakSet[requests.Session]" = weakref.WeakSet()
+        self._responses: "weakref.WeakSet[requests.Response]" = weakref.WeakSet()
         self._lock = threading.Lock()
 
     @property
@@ -438,7 +439,24 @@ class HttpClient:
         scheme = urlsplit(url).scheme.lower()
         if scheme not in SAFE_SCHEMES:
             raise requests.exceptions.InvalidSchema(f"unsupported URL scheme {scheme or '(none)'!r}: only http and https")
-        return self.session().get(url, headers=dict(headers or {}), timeout=timeout or self.timeout, stream=stream, allow_redirects=True)
+        response = self.session().get(url, headers=dict(headers or {}), timeout=timeout or self.timeout, stream=stream, allow_redirects=True)
+        with self._lock:
+            self._responses.add(response)
+        return response
+
+    def abort(self) -> None:
+        """Shut down the connection of every response still being read, from any thread.
+
+        A read blocked in another thread (a slow or stalled server) returns at once with a
+        transport error; used when the run is interrupted.
+        """
+        with self._lock:
+            responses = list(self._responses)
+        for response in responses:
+            sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     # -- waiting ----------------------------------------------------------------------
 
