@@ -155,11 +155,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     _check_requests(runtime)
     report = _execute(runtime, args, entries, out)
     for result in report.results:
-        if args.quiet:
-            continue
-        if result.ok:
+        if result.ok and not args.quiet:
             print(f"{result.outcome}: {result.path}")
-        else:
+        elif not result.ok:
             print(f"failed: {result.reason}: {args.url}", file=sys.stderr)
     return report.exit_code
 
