@@ -28,6 +28,7 @@ def test_run_urls_with_header_user_agent_and_cookies_seen_on_the_wire(server, tm
     assert summary["jobs"] == 2 and summary["exit_code"] == 0
     assert (tmp_path / "out" / "a.pdf").read_bytes() == PDF
     assert (tmp_path / "out" / "b.pdf").read_bytes() == PDF[::-1]
+    assert (tmp_path / "out" / "manifest.metrics.json").stat().st_mode & 0o777 == 0o644
     seen = [r for r in server.requests if r.path in ("/a.pdf", "/b.pdf")]
     assert len(seen) == 2
     for record in seen:
@@ -80,3 +81,16 @@ def test_verbose_mirrors_log_lines_to_stderr(server, tmp_path):
     logged = (tmp_path / "v" / "logs" / "download.log").read_text()
     first_event = json.loads(logged.splitlines()[0])["event"]
     assert first_event in loud.stderr
+
+
+def test_log_records_run_start_and_end_and_single_host_notice(server, tmp_path):
+    urls = [server.add_file(f"/n{i}.pdf", PDF[: 100 + i]) for i in range(3)]
+    proc = run_cli("run", *urls, "-P", str(tmp_path / "out"), "--workers", "6", "--per-host", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "at most --per-host 2 of the 6 workers" in proc.stderr
+    events = [json.loads(line) for line in (tmp_path / "out" / "logs" / "download.log").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "run_started")
+    end = next(e for e in events if e["event"] == "run_finished")
+    assert start["version"] and start["settings"]["workers"] == 6 and set(start["winners"]) >= {"job_key", "stream_io"}
+    assert end["jobs"] == 3 and end["outcomes"]["downloaded"] == 3 and end["exit_code"] == 0
+    assert events.index(start) < events.index(end)

@@ -12,8 +12,10 @@ from contentdownload.cli import parser as cli
 from contentdownload.cli.parser import EXIT_FAILED, EXIT_OK, _print_json, _table
 from contentdownload.machinery.config import check_option
 from contentdownload.errors import UsageError
-from contentdownload.records.log import close_logging, configure_logging
+from contentdownload.records.log import close_logging, configure_logging, get_logger
 from contentdownload.cli.progress import human_bytes
+
+log = get_logger(__name__)
 
 # -- run -----------------------------------------------------------------------------
 
@@ -96,6 +98,27 @@ def _check_requests(runtime: Any) -> None:
         print(INSECURE_WARNING, file=sys.stderr)
 
 
+def _single_host_notice(runtime: Any, entries: list) -> str | None:
+    """A notice when ``--workers`` cannot be reached because every job is on one host and ``--per-host`` is lower."""
+    from urllib.parse import urlsplit
+
+    settings = runtime.settings
+    hosts = {(urlsplit(e.urls[0]).hostname or "").lower() for e in entries if getattr(e, "urls", None)}
+    if len(hosts) == 1 and settings.workers > settings.per_host:
+        return (f"contentdownload: notice: every job is on {hosts.pop()}: at most --per-host {settings.per_host} "
+                f"of the {settings.workers} workers transfer at once (raise --per-host to use them all)")
+    return None
+
+
+def _log_run_start(runtime: Any, entries: list) -> None:
+    from contentdownload import __version__
+    from contentdownload.hooks.model import HOOKS
+
+    settings = runtime.settings_report()["settings"]
+    log.info("run_started", version=__version__, jobs=len(entries), settings={k: v["value"] for k, v in settings.items()},
+             winners={hook: runtime.policy.select(hook).winner for hook in HOOKS})
+
+
 def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | Path, resume_from: str | None = None) -> Any:
     from contentdownload.jobs.runner import Run
     from contentdownload.jobs.workspace import Workspace
@@ -104,8 +127,19 @@ def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | P
     level = runtime.settings.log_level
     stderr_level = level if args.verbose else "ERROR" if args.quiet else "WARNING"
     configure_logging(level, ws.logs / "download.log", stderr_level=stderr_level)
+    notice = _single_host_notice(runtime, entries)
+    if notice:
+        log.info("workers_above_per_host", workers=runtime.settings.workers, per_host=runtime.settings.per_host)
+        if not args.quiet:
+            print(notice, file=sys.stderr)
+    _log_run_start(runtime, entries)
     try:
-        return Run(runtime, ws.out, entries, resume_from=resume_from, install_signal_handlers=True).execute()
+        report = Run(runtime, ws.out, entries, resume_from=resume_from, install_signal_handlers=True).execute()
+        m = report.metrics
+        log.info("run_finished", exit_code=report.exit_code, jobs=m["jobs"], outcomes=m["outcomes"],
+                 failures_by_reason=m["failures_by_reason"], bytes_downloaded=m["bytes_downloaded"],
+                 elapsed_s=m["elapsed_s"], interrupted=bool(m.get("interrupted")))
+        return report
     finally:
         close_logging()
 
