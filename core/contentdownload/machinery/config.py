@@ -146,24 +146,22 @@ def run_value_problem(key: str, value: Any) -> str | None:
     return None
 
 
+def check_option(key: str, value: Any, name: str, unknown: str | None = None, error: type[UsageError] = UsageError) -> Any:
+    """Validate one ``[run]`` setting shown to the user as ``name`` (a flag, a variable, a keyword); returns it.
+
+    An unknown ``key`` is reported as ``unknown`` (default ``unknown option KEY``) with the closest match.
+    """
+    if key not in RUN_SCHEMA:
+        raise error(f"{unknown or f'unknown option {key}'}{did_you_mean(key, RUN_SCHEMA)}")
+    problem = run_value_problem(key, value)
+    if problem:
+        raise error(f"{name} {problem}")
+    return value
+
+
 def check_run_value(key: str, value: Any, where: str) -> Any:
-    """Validate one ``[run]`` value of a config file; returns it."""
-    if key not in RUN_SCHEMA:
-        raise ConfigError(f"{where}: unknown key run.{key}{did_you_mean(key, RUN_SCHEMA)}")
-    problem = run_value_problem(key, value)
-    if problem:
-        raise ConfigError(f"{where}: run.{key} {problem}")
-    return value
-
-
-def check_option(key: str, value: Any, name: str) -> Any:
-    """Validate one ``[run]`` setting given as a flag or a keyword, shown to the user as ``name``; returns it."""
-    if key not in RUN_SCHEMA:
-        raise UsageError(f"unknown option {key}{did_you_mean(key, RUN_SCHEMA)}")
-    problem = run_value_problem(key, value)
-    if problem:
-        raise UsageError(f"{name} {problem}")
-    return value
+    """Validate one ``[run]`` value of the config file ``where``; returns it (a :class:`ConfigError` otherwise)."""
+    return check_option(key, value, f"{where}: run.{key}", unknown=f"{where}: unknown key run.{key}", error=ConfigError)
 
 
 @attrs.frozen
