@@ -78,3 +78,34 @@ def test_threads_share_a_downloader(server, tmp_path):
     for p, d in blobs.items():
         assert (tmp_path / "out" / p.rsplit("/", 1)[1]).read_bytes() == d
         assert server.stats(p).full_bodies == 1
+
+
+def test_options_are_checked_as_the_cli_checks_them(tmp_path):
+    import pytest
+
+    from contentdownload.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown option workerz; did you mean 'workers'"):
+        Downloader(workerz=3)
+    with pytest.raises(ValueError, match="^timeout must be greater than 0, not -1$"):
+        Downloader(timeout=-1)
+    with pytest.raises(UsageError, match="^headers must be a list of 'Name: value' strings"):
+        Downloader(headers=["no colon here"])
+    with pytest.raises(UsageError, match="--cookie-jar: no such file"):
+        Downloader(cookie_jar=str(tmp_path / "missing.txt"))
+
+
+def test_request_options_reach_the_wire_and_nothing_extra_is_created(server, tmp_path):
+    import pytest
+
+    from contentdownload.errors import UsageError
+
+    url = server.add_file("/lib.pdf", b"library bytes")
+    with Downloader(headers=["X-Lib: yes"], user_agent="lib/1", cookies=["k=v"]) as dl:
+        result = dl.download(url, tmp_path / "dest")
+        with pytest.raises(UsageError, match="malformed URL"):
+            dl.download("http://[::1", tmp_path / "dest")
+    assert result.ok and (tmp_path / "dest" / "lib.pdf").read_bytes() == b"library bytes"
+    record = next(r for r in server.requests if r.path == "/lib.pdf")
+    assert (record.headers["X-Lib"], record.headers["User-Agent"], record.headers["Cookie"]) == ("yes", "lib/1", "k=v")
+    assert not (tmp_path / "dest" / "logs").exists()  # no empty folders in the destination

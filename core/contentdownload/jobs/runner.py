@@ -16,13 +16,14 @@ import time
 import uuid
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import attrs
 
 from contentdownload.errors import Cancelled, LeaseLostError, StoreError
 from contentdownload.transfer.http import HttpClient
+from contentdownload.transfer.options import client_options
 from contentdownload.jobs.inputs import BadLine
 from contentdownload.jobs.ledger import ManifestLedger
 from contentdownload.records.log import EVENTS, get_logger
@@ -85,13 +86,14 @@ def transfer_options(settings: Any) -> TransferOptions:
     )
 
 
-def make_http(settings: Any) -> HttpClient:
+def make_http(settings: Any, environ: Mapping[str, str] | None = None) -> HttpClient:
+    """The client of a run: timeouts and retries, and the request options of :mod:`contentdownload.transfer.options`."""
     return HttpClient(
         timeout=(settings.connect_timeout, settings.timeout),
         retries=settings.retries,
         backoff_factor=settings.backoff_factor,
-        verify=settings.verify_tls,
         pool_maxsize=max(settings.workers, settings.per_host),
+        **client_options(settings, os.environ if environ is None else environ),
     )
 
 

@@ -76,8 +76,7 @@ class Workspace:
             except UnsafePathError as exc:
                 raise UsageError(str(exc)) from None
             try:
-                ws.staging.mkdir(parents=True, exist_ok=True)
-                ws.logs.mkdir(parents=True, exist_ok=True)
+                ws.staging.mkdir(parents=True, exist_ok=True)  # logs/ is made when a log is written there
             except OSError as exc:
                 raise UsageError(f"cannot create output folder {out}: {exc.strerror}") from None
             check_same_filesystem(ws.staging, ws.out)

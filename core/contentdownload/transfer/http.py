@@ -4,7 +4,11 @@
 
 - one :class:`requests.Session` per thread (connection pooling without sharing a session
   across threads);
-- a ``User-Agent`` naming the product and its version; TLS verification on by default;
+- a ``User-Agent`` naming the product and its version (or the one given), extra
+  headers, cookies and a proxy for every request; TLS verification on by default;
+- ``verify`` and ``proxies`` passed with every request, so that what the caller chose
+  beats requests' environment merge (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``,
+  ``HTTP(S)_PROXY``); with nothing chosen those variables and ``~/.netrc`` apply as usual;
 - redirects followed by requests, but only to ``http``/``https`` targets (anything else
   raises :class:`~contentdownload.errors.UnsafeRedirectError`), at most ``max_redirects``
   of them, and with the ``Authorization`` header dropped whenever the host, port or
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import http.client
+import http.cookiejar
 import re
 import socket
 import ssl
@@ -352,7 +357,10 @@ class HttpClient:
     backoff; ``max_retry_after``: cap on a server's ``Retry-After`` (and on backoff).
     ``verify``: verify TLS certificates (or a CA bundle path). ``max_redirects``: at most
     this many redirects. ``user_agent``: default ``contentdownload/<version>``.
-    ``pool_maxsize``: connections kept per host per thread.
+    ``pool_maxsize``: connections kept per host per thread. ``headers``: sent with every
+    request (a stage's own headers win). ``cookies``: a cookie jar copied into every
+    thread's session. ``proxies``: requests' ``{scheme: proxy URL}`` (empty: the
+    environment's proxy variables).
     """
 
     def __init__(
@@ -366,7 +374,13 @@ class HttpClient:
         user_agent: str | None = None,
         pool_maxsize: int = 10,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        headers: Mapping[str, str] | None = None,
+        cookies: http.cookiejar.CookieJar | None = None,
+        proxies: Mapping[str, str] | None = None,
     ):
+        self.headers = dict(headers or {})
+        self.cookies = cookies
+        self.proxies = dict(proxies or {})
         self.timeout = (float(timeout[0]), float(timeout[1]))
         self.retries = int(retries)
         self.backoff_factor = float(backoff_factor)
@@ -413,6 +427,9 @@ class HttpClient:
             session.headers["User-Agent"] = self.user_agent
             session.headers["Accept-Encoding"] = ACCEPT_ENCODING
             session.headers["Want-Repr-Digest"] = WANT_REPR_DIGEST  # RFC 9530: offer one if you can
+            session.headers.update(self.headers)
+            if self.cookies is not None:
+                session.cookies.update(self.cookies)
             adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=self._retry())
             session.mount("http://", adapter)
             session.mount("https://", adapter)
@@ -439,7 +456,8 @@ class HttpClient:
         scheme = urlsplit(url).scheme.lower()
         if scheme not in SAFE_SCHEMES:
             raise requests.exceptions.InvalidSchema(f"unsupported URL scheme {scheme or '(none)'!r}: only http and https")
-        response = self.session().get(url, headers=dict(headers or {}), timeout=timeout or self.timeout, stream=stream, allow_redirects=True)
+        response = self.session().get(url, headers=dict(headers or {}), timeout=timeout or self.timeout, stream=stream,
+                                      allow_redirects=True, verify=self.verify, proxies=self.proxies or None)
         with self._lock:
             self._responses.add(response)
         return response

@@ -73,7 +73,10 @@ def _without_dot_segments(path: str) -> str:
 
 def canonical_url(url: str) -> str:
     """Return the canonical form of an http(s) URL; raise :class:`UsageError` for anything else."""
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:  # an unclosed IPv6 bracket, for instance
+        raise UsageError(f"malformed URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
         raise UsageError(f"unsupported URL scheme {parts.scheme or '(none)'!r} in {url!r}: only http and https")
