@@ -57,7 +57,7 @@ def test_bad_env_value_and_bad_user_file_are_one_line_exit_2(tmp_path):
 
 
 def test_run_uses_the_user_file(server, tmp_path):
-    url = server.add_file("/u.pdf", b"user file agent")
+    url = server.add_file("/u.pdf", b"%PDF-1.4 user file agent")
     user = tmp_path / "xdg" / "contentdownload" / "config.toml"
     user.parent.mkdir(parents=True)
     user.write_text('[run]\nuser_agent = "configured/2"\nheaders = ["X-From: user-file"]\n')

@@ -12,7 +12,7 @@ from helpers import run_cli
 
 trustme = pytest.importorskip("trustme")
 
-BODY = b"tls body " * 500
+BODY = b"%PDF-1.4\n" + b"tls body " * 500
 
 
 @pytest.fixture

@@ -100,12 +100,12 @@ def test_request_options_reach_the_wire_and_nothing_extra_is_created(server, tmp
 
     from contentdownload.errors import UsageError
 
-    url = server.add_file("/lib.pdf", b"library bytes")
+    url = server.add_file("/lib.pdf", b"%PDF-1.4 library bytes")
     with Downloader(headers=["X-Lib: yes"], user_agent="lib/1", cookies=["k=v"]) as dl:
         result = dl.download(url, tmp_path / "dest")
         with pytest.raises(UsageError, match="malformed URL"):
             dl.download("http://[::1", tmp_path / "dest")
-    assert result.ok and (tmp_path / "dest" / "lib.pdf").read_bytes() == b"library bytes"
+    assert result.ok and (tmp_path / "dest" / "lib.pdf").read_bytes() == b"%PDF-1.4 library bytes"
     record = next(r for r in server.requests if r.path == "/lib.pdf")
     assert (record.headers["X-Lib"], record.headers["User-Agent"], record.headers["Cookie"]) == ("yes", "lib/1", "k=v")
     assert not (tmp_path / "dest" / "logs").exists()  # no empty folders in the destination

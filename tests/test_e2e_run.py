@@ -138,9 +138,9 @@ def test_resume_from_sends_the_earlier_manifests_validators(server, tmp_path):
 
 
 def test_hostile_job_list_stays_inside_out(server, tmp_path):
-    server.add_file("/a.pdf", b"A" * 1000)
-    server.add_file("/b.pdf", b"B" * 1000)
-    server.add_file("/c.pdf", b"C" * 1000)
+    server.add_file("/a.pdf", b"%PDF-1.4\n" + b"A" * 1000)
+    server.add_file("/b.pdf", b"%PDF-1.4\n" + b"B" * 1000)
+    server.add_file("/c.pdf", b"%PDF-1.4\n" + b"C" * 1000)
     names = ["../escape.pdf", "/etc/absolute.pdf", "nul\x00byte.pdf", "ctrl\x07\x1b.pdf", "x" * 5000 + ".pdf", "same.pdf", "same.pdf"]
     urls = ["/a.pdf", "/b.pdf", "/c.pdf", "/a.pdf", "/b.pdf", "/a.pdf", "/b.pdf"]
     jobs = tmp_path / "jobs.jsonl"
@@ -154,14 +154,14 @@ def test_hostile_job_list_stays_inside_out(server, tmp_path):
     assert outside == []
     finals = [p for p in out.iterdir() if p.is_file() and p.name not in ("manifest.jsonl", "manifest.metrics.json")]
     assert len(finals) == 7
-    contents = sorted(p.read_bytes()[:1] for p in finals)
+    contents = sorted(p.read_bytes()[9:10] for p in finals)
     assert contents == sorted([b"A", b"B", b"C", b"A", b"B", b"A", b"B"])
     same = sorted(p.name for p in finals if p.name.startswith("same"))
     assert "same.pdf" in same and len(same) == 2
 
 
 def test_bad_lines_fail_alone_and_bad_input_exits_2(server, tmp_path):
-    server.add_file("/ok.pdf", b"ok" * 100)
+    server.add_file("/ok.pdf", b"%PDF-1.4\n" + b"ok" * 100)
     listing = tmp_path / "urls.txt"
     listing.write_text(f"# list\n{server.url('/ok.pdf')}\nftp://example.com/x\nnot-a-url\n")
     out = tmp_path / "out"

@@ -31,7 +31,7 @@ def _corpus(n: int, seed: int = 7) -> list[tuple[str, bytes]]:
     files = []
     for i in range(n):
         size = 3 * (1 << 20) if i == 0 else rng.randint(2_000, 400_000)
-        files.append((f"/corpus/doc-{i:03d}.pdf", rng.randbytes(size)))
+        files.append((f"/corpus/doc-{i:03d}.pdf", b"%PDF-1.7\n" + rng.randbytes(size)))  # real magic bytes, or the content check refuses them
     return files
 
 
