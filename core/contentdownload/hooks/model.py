@@ -77,7 +77,7 @@ class Job:
         return self.urls[0]
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class JobKey:
     """A job's identity: the same job gives the same key in every process and run.
 
@@ -188,7 +188,7 @@ class TransferOptions:
     revalidate: bool = False
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class JobKeyContext:
     """Input of ``job_key``.
 
@@ -200,7 +200,7 @@ class JobKeyContext:
     relative_path: str
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class ResumeContext:
     """Input of ``resume_decision``.
 
@@ -222,7 +222,7 @@ class ResumeContext:
     previous: "StreamResult | None" = None
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class ResumeDecision:
     """Result of ``resume_decision``: how to request the URL, decided before any request is sent.
 
@@ -245,7 +245,7 @@ class ResumeDecision:
     expected_total: int | None = None
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class StreamContext:
     """Input of ``stream_io``: the decision to carry out and everything needed to do it.
 
@@ -271,7 +271,7 @@ class StreamContext:
     progress: Callable[[int], None] | None = None
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class StreamResult:
     """Result of ``stream_io``: what the transfer did.
 
@@ -305,7 +305,7 @@ class StreamResult:
     ttfb_ms: float | None = None
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class FinalizeContext:
     """Input of ``finalize``: a complete part to promote to ``paths.final``.
 
@@ -323,7 +323,7 @@ class FinalizeContext:
     effects: Effects = attrs.field(factory=Effects)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class FinalizeResult:
     """Result of ``finalize``.
 
@@ -355,7 +355,7 @@ HOOK_CONTEXT_TYPES: dict[str, type] = {
 }
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class JobResult:
     """The outcome of one job, as the library returns it and the manifest records it.
 
