@@ -131,3 +131,18 @@ def test_two_implementations_of_one_hook_fail_the_plugin(third_party):
     info = Runtime(environ={}).plugins.infos["acme_twice"]
     assert info.status == "failed"
     assert "2 implementations of job_key (first_key, second_key, via specname)" in info.error
+
+
+GENERATOR = """
+from contentdownload import hookimpl
+
+@hookimpl
+def job_key(ctx):
+    yield
+"""
+
+
+def test_generator_answer_without_wrapper_fails_the_plugin(third_party):
+    third_party("acme-gen", {"acme_gen": GENERATOR})
+    info = Runtime(environ={}).plugins.infos["acme_gen"]
+    assert info.status == "failed" and "generator or coroutine without wrapper=True" in info.error
