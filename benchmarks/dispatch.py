@@ -63,10 +63,10 @@ class BenchPlugin:
 
 def contexts():
     return (
-        JobKeyContext(JOB, "a.pdf"),
-        ResumeContext(JOB, KEY, JOB.url, PATHS),
-        StreamContext(JOB, KEY, JOB.url, PATHS, DECISION, http=None),  # type: ignore[arg-type]
-        FinalizeContext(JOB, KEY, PATHS, STREAM),
+        JobKeyContext(job=JOB, relative_path="a.pdf"),
+        ResumeContext(job=JOB, job_key=KEY, url=JOB.url, paths=PATHS),
+        StreamContext(job=JOB, job_key=KEY, url=JOB.url, paths=PATHS, decision=DECISION, http=None),  # type: ignore[arg-type]
+        FinalizeContext(job=JOB, job_key=KEY, paths=PATHS, stream=STREAM),
     )
 
 

@@ -72,7 +72,7 @@ def _pipeline_client(plugin: str, url: str, out: Path) -> dict:
         chunk = int(os.environ.get("CONTENTDOWNLOAD_BENCH_CHUNK") or TransferOptions().chunk_size)
         pipeline = Pipeline(runtime, http, TransferOptions(chunk_size=chunk), retries=0)
         started = time.perf_counter()
-        result = pipeline.run(Job(urls=(url,)), JobKey(key, "bench"), paths, runtime.policy.plan(key))
+        result = pipeline.run(Job(urls=(url,)), JobKey(key=key, scheme="bench"), paths, runtime.policy.plan(key))
         elapsed = time.perf_counter() - started
     if result.outcome not in ("downloaded", "resumed"):
         raise SystemExit(f"{plugin}: {result.outcome} {result.reason}")

@@ -531,7 +531,7 @@ def test_a_206_for_another_representation_is_rejected(tmp_path, server):
             mode="resume", reason="test", offset=70_000, etag='"written-under-another"',
             headers=(("Range", "bytes=70000-"), ("If-Range", server.last_modified("/other-rep.bin"))),
         )
-        ctx = StreamContext(job=Job(urls=(url,)), job_key=JobKey("k", "t"), url=url, paths=paths, decision=decision, http=http)
+        ctx = StreamContext(job=Job(urls=(url,)), job_key=JobKey(key="k", scheme="t"), url=url, paths=paths, decision=decision, http=http)
         result = stream_io(ctx)
     assert result.status == "retry" and result.reason == "validator_changed" and result.http_status == 206
     assert result.bytes_written == 0 and ctx.effects.bytes_written == 0

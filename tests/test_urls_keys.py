@@ -56,9 +56,9 @@ def test_streaming_key_ignores_url_spelling_but_not_identity():
     a = Job(urls=("HTTP://Example.com:80/paper.pdf#page=2",), work_id="W1")
     b = Job(urls=("http://example.com/paper.pdf",), work_id="W1")
     c = Job(urls=("http://example.com/paper.pdf",), work_id="W2")
-    ka = streaming_job_key(JobKeyContext(a, "paper.pdf"))
-    kb = streaming_job_key(JobKeyContext(b, "other-name.pdf"))
-    kc = streaming_job_key(JobKeyContext(c, "paper.pdf"))
+    ka = streaming_job_key(JobKeyContext(job=a, relative_path="paper.pdf"))
+    kb = streaming_job_key(JobKeyContext(job=b, relative_path="other-name.pdf"))
+    kc = streaming_job_key(JobKeyContext(job=c, relative_path="paper.pdf"))
     assert ka == kb
     assert ka.key != kc.key
     assert ka.scheme == "streaming-v1" and ka.canonical_url == "http://example.com/paper.pdf"
@@ -66,8 +66,8 @@ def test_streaming_key_ignores_url_spelling_but_not_identity():
 
 
 def test_legacy_key_is_the_output_path():
-    a = legacy_job_key(JobKeyContext(Job("http://a/x"), "docs/x.pdf"))
-    b = legacy_job_key(JobKeyContext(Job("http://b/y"), "docs/x.pdf"))
+    a = legacy_job_key(JobKeyContext(job=Job("http://a/x"), relative_path="docs/x.pdf"))
+    b = legacy_job_key(JobKeyContext(job=Job("http://b/y"), relative_path="docs/x.pdf"))
     assert a == b and a.scheme == "legacy-v1"
     assert a.key == path_key("docs/x.pdf") != path_key("docs/y.pdf")
 

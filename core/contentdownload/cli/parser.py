@@ -98,6 +98,8 @@ def cmd_plugins_list(args: argparse.Namespace) -> int:
     print(_table(rows, ["NAME", "DISTRIBUTION", "VERSION", "STATUS", "HOOKS"]))
     for info in runtime.plugins.failed:
         print(f"\n{info.name}: failed to load: {info.error}\n  disable it with --disable-plugin {info.name} or CONTENTDOWNLOAD_DISABLE_PLUGINS={info.name}")
+    for info in (i for i in runtime.plugins.infos.values() if i.status == "skipped"):
+        print(f"\n{info.name}: skipped: {info.error}\n  upgrade contentdownload or install a release of {info.distribution or info.name} for this hook API")
     return EXIT_OK
 
 

@@ -81,7 +81,7 @@ class Job:
         return self.urls[0]
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class JobKey:
     """A job's identity: the same job gives the same key in every process and run.
 
@@ -196,7 +196,7 @@ class TransferOptions:
     accept_any_content: bool = False
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class JobKeyContext:
     """Input of ``job_key``.
 
@@ -208,7 +208,7 @@ class JobKeyContext:
     relative_path: str
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class ResumeContext:
     """Input of ``resume_decision``.
 
@@ -230,7 +230,7 @@ class ResumeContext:
     previous: "StreamResult | None" = None
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class ResumeDecision:
     """Result of ``resume_decision``: how to request the URL, decided before any request is sent.
 
@@ -253,7 +253,7 @@ class ResumeDecision:
     expected_total: int | None = None
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class StreamContext:
     """Input of ``stream_io``: the decision to carry out and everything needed to do it.
 
@@ -279,7 +279,7 @@ class StreamContext:
     progress: Callable[[int], None] | None = None
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class StreamResult:
     """Result of ``stream_io``: what the transfer did.
 
@@ -318,7 +318,7 @@ class StreamResult:
     verified_by: tuple[str, ...] = ()
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class FinalizeContext:
     """Input of ``finalize``: a complete part to promote to ``paths.final``.
 
@@ -338,7 +338,7 @@ class FinalizeContext:
     options: TransferOptions = attrs.field(factory=TransferOptions)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class FinalizeResult:
     """Result of ``finalize``.
 
@@ -375,7 +375,7 @@ HOOK_CONTEXT_TYPES: dict[str, type] = {
 }
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class JobResult:
     """The outcome of one job, as the library returns it and the manifest records it.
 

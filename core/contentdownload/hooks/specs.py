@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PROJECT = "contentdownload"
 #: Bumped when a context or result loses or changes a field; added fields do not bump it.
+#: A plugin module declaring ``CONTENTDOWNLOAD_HOOKSPEC`` above this is skipped at load.
 HOOKSPEC_VERSION = 1
 
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -219,7 +219,7 @@ def item_for_claim(plan: Plan, claim: Any) -> WorkItem:
     if item is None:
         payload = claim.record.payload
         job = job_from_payload(payload)
-        item = WorkItem(job=job, key=JobKey(claim.key, claim.record.scheme), identity=payload.get("identity", claim.key),
+        item = WorkItem(job=job, key=JobKey(key=claim.key, scheme=claim.record.scheme), identity=payload.get("identity", claim.key),
                         relative_path=payload["relative_path"])
     record = item.record or record_of(claim.record)
     return attrs.evolve(item, epoch=claim.epoch, record=record)

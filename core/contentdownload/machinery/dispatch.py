@@ -1,6 +1,7 @@
 """Dispatch: ask the plugins of a selection's chain, one at a time, in order.
 
-Only the chosen plugin's implementation is called (never pluggy's whole hook loop).
+Each plugin is asked through pluggy's caller for that plugin alone
+(:meth:`PluginSet.caller`), so hook wrappers and pluggy's monitoring see every call.
 ``None`` means declined: the next plugin is asked. An exception is a plugin fault:
 logged with "falling back", counted, and the next plugin is asked where the stage says
 that is safe (:func:`fallback_safe`). :class:`~contentdownload.errors.JobAbort` is not
@@ -71,13 +72,13 @@ class Dispatcher:
         attempts: list[tuple[str, str]] = []
         record = self.telemetry.record
         for position, name in enumerate(selection.chain):
-            impl = self.plugins.impl(hook, name)
-            if impl is None:
+            caller = self.plugins.caller(hook, name)
+            if caller is None:
                 attempts.append((name, "does not implement the hook"))
                 continue
             started = time.perf_counter_ns()
             try:
-                result = impl(ctx)
+                result = caller(ctx=ctx)
             except JobAbort:
                 record(hook, name, "error", time.perf_counter_ns() - started)
                 raise

@@ -32,8 +32,6 @@ ENV_VARS = (ENV_INTEGRATION, ENV_STREAMING, ENV_IDEMPOTENCY, ENV_SCHEMA, ENV_RAT
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
-FEATURES = ("streaming_integration", "streaming", "idempotency", "streaming_schema")
-
 
 def parse_bool(text: str, where: str) -> bool:
     value = text.strip().lower()

@@ -9,6 +9,7 @@ hook always has a last fallback.
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import inspect
 from typing import Any, Callable, Iterable, Mapping
 
 import attrs
@@ -35,7 +36,7 @@ class PluginInfo:
     name: str
     distribution: str | None
     version: str | None
-    status: str  # "active", "disabled" or "failed"
+    status: str  # "active", "disabled", "skipped" (newer hook API) or "failed"
     hooks: tuple[str, ...] = ()
     error: str | None = None
     value: str | None = None  # the entry point's target, e.g. "pkg.module"
@@ -57,32 +58,64 @@ class PluginInfo:
         }
 
 
-def _call_with(argnames: tuple[str, ...], function: Callable) -> Callable[[Any], Any]:
-    """A one-argument caller for a hook implementation that may omit ``ctx``."""
-    if argnames == ("ctx",):
-        return function
-    if not argnames:
-        return lambda ctx: function()
-    raise PluginLoadError(f"hook implementation {function!r} takes unknown arguments {argnames}")
+class PluginSkipped(Exception):
+    """A plugin that declares a newer hook API than this host's: not registered."""
+
+
+def _is_wrapper(impl: Any) -> bool:
+    return bool(impl.wrapper or impl.hookwrapper)
+
+
+def _check_hook_api(obj: object) -> None:
+    """Raise :class:`PluginSkipped` when ``obj`` needs a newer hook API than :data:`HOOKSPEC_VERSION`."""
+    needed = getattr(obj, "CONTENTDOWNLOAD_HOOKSPEC", 1)
+    if not isinstance(needed, int) or isinstance(needed, bool) or needed < 1:
+        raise PluginLoadError(f"CONTENTDOWNLOAD_HOOKSPEC must be a positive integer, not {needed!r}")
+    if needed > hookspecs.HOOKSPEC_VERSION:
+        raise PluginSkipped(f"needs hook API {needed}, this host has {hookspecs.HOOKSPEC_VERSION}")
+
+
+def _check_impls(pm: pluggy.PluginManager, name: str) -> None:
+    """Reject what the dispatcher cannot honour: two answers to one hook, or an answer that is not a plain function."""
+    plugin = pm.get_plugin(name)
+    for hook in HOOKS:
+        answers = [i for i in getattr(pm.hook, hook).get_hookimpls() if i.plugin is plugin and not _is_wrapper(i)]
+        if len(answers) > 1:
+            functions = ", ".join(i.function.__name__ for i in answers)
+            raise PluginLoadError(f"{len(answers)} implementations of {hook} ({functions}, via specname); a plugin may have one")
+        for impl in answers:
+            if inspect.isgeneratorfunction(impl.function) or inspect.iscoroutinefunction(impl.function):
+                raise PluginLoadError(
+                    f"{impl.function.__name__} implements {hook} as a generator or coroutine without wrapper=True; "
+                    f"a hook implementation must return its answer"
+                )
 
 
 class PluginSet:
-    """The loaded plugins, their records and a direct map to each hook implementation."""
+    """The loaded plugins, their records and, per hook and plugin, a pluggy caller for that plugin alone.
+
+    The caller of ``(hook, name)`` is pluggy's subset caller without the other plugins that
+    answer ``hook``: plugins that only wrap it (``wrapper=True`` or ``hookwrapper=True``) stay,
+    so hook wrappers, :meth:`pluggy.PluginManager.add_hookcall_monitoring` and tracing see the call.
+    """
 
     def __init__(self, pm: pluggy.PluginManager, infos: Mapping[str, PluginInfo]):
         self.pm = pm
         self.infos: dict[str, PluginInfo] = dict(infos)
-        self._impls: dict[tuple[str, str], Callable[[Any], Any]] = {}
+        self._callers: dict[tuple[str, str], Callable[..., Any]] = {}
         for hook in HOOKS:
-            for impl in getattr(pm.hook, hook).get_hookimpls():
-                self._impls[(hook, impl.plugin_name)] = _call_with(tuple(impl.argnames), impl.function)
+            answering = {i.plugin_name: i.plugin for i in getattr(pm.hook, hook).get_hookimpls() if not _is_wrapper(i)}
+            for name in answering:
+                others = [plugin for other, plugin in answering.items() if other != name]
+                self._callers[(hook, name)] = pm.subset_hook_caller(hook, remove_plugins=others)
 
-    def impl(self, hook: str, name: str) -> Callable[[Any], Any] | None:
-        """The implementation of ``hook`` in plugin ``name``, called with the context."""
-        return self._impls.get((hook, name))
+    def caller(self, hook: str, name: str) -> Callable[..., Any] | None:
+        """The pluggy caller that asks plugin ``name`` alone for ``hook`` (call it with ``ctx=``)."""
+        return self._callers.get((hook, name))
 
     def implements(self, name: str, hook: str) -> bool:
-        return (hook, name) in self._impls
+        """Whether ``name`` answers ``hook`` (a plugin that only wraps it does not)."""
+        return (hook, name) in self._callers
 
     @property
     def active(self) -> list[str]:
@@ -127,9 +160,11 @@ def _hooks_of(pm: pluggy.PluginManager, name: str) -> tuple[str, ...]:
 def _register(pm: pluggy.PluginManager, name: str, load: Callable[[], object]) -> tuple[str, ...]:
     """Import and register one plugin; raise whatever went wrong, leaving ``pm`` clean."""
     obj = load()
+    _check_hook_api(obj)
     pm.register(obj, name=name)
     try:
         pm.check_pending()
+        _check_impls(pm, name)
     except Exception:
         pm.unregister(name=name)
         raise
@@ -174,6 +209,10 @@ def load_plugins(
             continue
         try:
             hooks = _register(pm, name, load)
+        except PluginSkipped as exc:
+            log.warning("plugin needs a newer hook API, skipped", plugin=name, distribution=dist, reason=str(exc))
+            infos[name] = PluginInfo(name, dist, version, "skipped", error=str(exc), value=value)
+            continue
         except Exception as exc:  # a broken plugin must not break the host
             error = f"{type(exc).__name__}: {exc}"
             if strict:

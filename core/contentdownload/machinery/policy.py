@@ -207,8 +207,3 @@ class Policy:
     @property
     def canaried(self) -> bool:
         return bool(self._canary)
-
-    @staticmethod
-    def check_hook_name(hook: str) -> None:
-        if hook not in HOOKS:
-            raise UnknownPluginError(f"unknown hook {hook!r}; hooks: {', '.join(HOOKS)}{did_you_mean(hook, HOOKS)}")

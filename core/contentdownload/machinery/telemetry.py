@@ -64,10 +64,6 @@ class Telemetry:
                 else:
                     stats.errors += 1
 
-    def hook_stats(self, hook: str) -> HookStats:
-        with self._lock:
-            return attrs.evolve(self._per_hook[hook])
-
     def snapshot(self) -> dict:
         """``{hook: {"total": {...}, "plugins": {name: {...}}}}`` for every hook."""
         with self._lock:
