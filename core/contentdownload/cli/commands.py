@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ from contentdownload.cli import parser as cli
 from contentdownload.cli.parser import EXIT_FAILED, EXIT_OK, _print_json, _table, runtime_from_args
 from contentdownload.machinery.config import check_run_value
 from contentdownload.errors import ConfigError, UsageError
-from contentdownload.records.log import close_logging, configure_logging
+from contentdownload.records.guard import RunLock, check_records
+from contentdownload.records.log import close_logging, configure_logging, log_traceback
 from contentdownload.cli.progress import human_bytes
+from contentdownload.transfer.urls import redact_url
 
 # -- run -----------------------------------------------------------------------------
 
@@ -83,11 +86,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from contentdownload.jobs.workspace import Workspace
 
     ws = Workspace.open(args.out)  # a bad --out is a usage error before anything is written
-    configure_logging(runtime.settings.log_level, ws.logs / "download.log")
-    try:
-        report = Run(runtime, ws.out, entries, resume_from=args.resume_from, install_signal_handlers=True).execute()
-    finally:
-        close_logging()
+    check_records(ws.out, ws.logs, (ws.manifest, ws.metrics, ws.logs / "download.log"))
+    with contextlib.ExitStack() as stack:
+        if not runtime.policy.streaming_schema.enabled:  # no store to share: one process per folder
+            stack.enter_context(RunLock(ws.hidden / "run.lock"))
+        configure_logging(runtime.settings.log_level, ws.logs / "download.log")
+        stack.callback(close_logging)
+        try:
+            report = Run(runtime, ws.out, entries, resume_from=args.resume_from, install_signal_handlers=True).execute()
+        except Exception as exc:  # noted in the log file while it is open; the CLI's guard prints one line
+            log_traceback("run failed", exc)
+            raise
     print_summary(report)
     return report.exit_code
 
@@ -111,12 +120,12 @@ def _dry_run(runtime: Any, args: argparse.Namespace, entries: list) -> int:
         store.close()
     rows = []
     for result in plan.settled:
-        rows.append([result.outcome, result.reason, result.job.url, str(result.path or "-")])
+        rows.append([result.outcome, result.reason, redact_url(result.job.url), str(result.path or "-")])
     for item in plan.items.values():
         parts = ws.parts_of(item.key.key)
         action = "revalidate" if item.revalidate and item.record else f"resume from {parts[0][1].stat().st_size} bytes" if parts else "download"
         winners = ",".join(f"{h}={s.winner}" for h, s in runtime.policy.plan(item.identity).items())
-        rows.append([action, winners, item.job.url, item.relative_path])
+        rows.append([action, winners, redact_url(item.job.url), item.relative_path])
     for bad in (e for e in entries if isinstance(e, BadLine)):
         rows.append(["fail", f"line {bad.line}: {bad.reason}", bad.text, "-"])
     print(_table(rows, ["ACTION", "DETAIL", "URL", "PATH"]))

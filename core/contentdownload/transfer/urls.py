@@ -10,7 +10,7 @@ made ``/``. The order of query parameters is kept: servers may depend on it.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import idna
 
@@ -58,19 +58,23 @@ def _ascii_host(host: str) -> str:
 
 def canonical_url(url: str) -> str:
     """Return the canonical form of an http(s) URL; raise :class:`UsageError` for anything else."""
-    parts = urlsplit(url.strip())
+    shown = redact_url(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:
+        raise UsageError(f"malformed URL {shown!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
-        raise UsageError(f"unsupported URL scheme {parts.scheme or '(none)'!r} in {url!r}: only http and https")
+        raise UsageError(f"unsupported URL scheme {parts.scheme or '(none)'!r} in {shown!r}: only http and https")
     if not parts.hostname:
-        raise UsageError(f"URL has no host: {url!r}")
+        raise UsageError(f"URL has no host: {shown!r}")
     host = _ascii_host(parts.hostname)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     try:
         port = parts.port
     except ValueError as exc:
-        raise UsageError(f"invalid port in URL: {url!r}") from exc
+        raise UsageError(f"invalid port in URL: {shown!r}") from None
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     if parts.username is not None:
         userinfo = parts.username + (f":{parts.password}" if parts.password is not None else "")
@@ -80,12 +84,48 @@ def canonical_url(url: str) -> str:
     return urlunsplit((scheme, netloc, path, query, ""))
 
 
+#: Query parameters that sign a URL or carry a credential (AWS SigV4/v2, GCS, Azure SAS,
+#: CloudFront); compared case-insensitively. Their values are never written anywhere.
+SIGNED_QUERY_PARAMS = frozenset(
+    name.lower()
+    for name in (
+        "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "Signature", "Expires", "AWSAccessKeyId",
+        "X-Goog-Signature", "X-Goog-Credential",
+        "sig", "se", "st", "sp", "sv", "skoid", "sktid", "skt", "ske", "sks", "skv",
+        "Policy", "Key-Pair-Id",
+    )
+)
+REDACTED = "REDACTED"
+_AUTHORITY = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*:)?//(?P<authority>[^/?#]*)")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]*")
+
+
+def _redact_query(query: str) -> str:
+    pairs = []
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        if eq and unquote(name).lower() in SIGNED_QUERY_PARAMS:
+            pair = f"{name}={REDACTED}"
+        pairs.append(pair)
+    return "&".join(pairs)
+
+
 def redact_url(url: str) -> str:
-    """The URL without credentials, for logs and records."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    """The URL without userinfo and with signing query values replaced, for every place a URL is written.
+
+    Works on the text alone and never raises, so a malformed or rejected URL is redacted too.
+    """
+    match = _AUTHORITY.match(url)
+    if match and "@" in match["authority"]:
+        host = match["authority"].rpartition("@")[2]
+        url = f"{match['head'] or ''}//{host}{url[match.end():]}"
+    rest, hash_, fragment = url.partition("#")
+    base, question, query = rest.partition("?")
+    if not question:
         return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return f"{base}?{_redact_query(query)}{hash_}{fragment}"
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (for error messages that quote a URL)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
