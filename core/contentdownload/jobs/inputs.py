@@ -90,8 +90,9 @@ def _bounded_lines(stream: IO) -> Iterator[tuple[int, str | None, str]]:
         if not chunk:
             return
         number += 1
-        if len(chunk) > MAX_LINE and not chunk.endswith(b"\n" if isinstance(chunk, bytes) else "\n"):
-            while chunk and not chunk.endswith(b"\n" if isinstance(chunk, bytes) else "\n"):
+        newline = b"\n" if isinstance(chunk, bytes) else "\n"
+        if len(chunk) > MAX_LINE and not chunk.endswith(newline):
+            while chunk and not chunk.endswith(newline):
                 chunk = stream.readline(MAX_LINE)
             yield number, None, f"line longer than {MAX_LINE // 1024} KiB"
             continue
