@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,20 +94,30 @@ def test_broken_pipe_exits_quietly():
     assert proc.stdout.startswith("NAME") and proc.stderr == ""
 
 
-def test_read_only_output_folder_is_exit_2(tmp_path, server):
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
+def _read_only_mount_command(folder: Path, command: list[str]) -> list[str] | None:
+    """``command`` run with ``folder`` bind-mounted read-only in a private mount namespace, or ``None`` where impossible."""
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    script = 'mount --make-rprivate / && mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, "sh", str(folder), *command]
+
+
+def test_read_only_output_folder_is_exit_2(tmp_path):
     out = tmp_path / "out"
     (out / "logs").mkdir(parents=True)
     (out / ".contentdownload" / "staging").mkdir(parents=True)
     jobs = tmp_path / "jobs.txt"
-    jobs.write_text(server.url("/a") + "\n")
-    out.chmod(0o555)
-    try:
-        proc = run_cli("run", str(jobs), "--out", str(out), "--no-progress")
-    finally:
-        out.chmod(0o755)
-    assert proc.returncode == 2 and "not writable" in proc.stderr
+    jobs.write_text("http://127.0.0.1:9/a\n")
+    command = _read_only_mount_command(out, [sys.executable, "-m", "contentdownload", "run", str(jobs), "--out", str(out), "--no-progress"])
+    if command is None:
+        pytest.skip("cannot mount a read-only folder here (no unshare or no mount namespace)")
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'core'}:{REPO / 'plugins'}"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not writable (read-only)" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     _no_traceback(proc)
 
 
