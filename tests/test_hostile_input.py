@@ -189,3 +189,15 @@ def test_fuzzed_job_lists_never_crash_the_cli(tmp_path_factory, lines):
         rows = {r["line"] for r in _rows(folder / "out") if r["outcome"] == "failed" and "bad_input" in (r["reason"] or "")}
         bad = {i.line for i in parse_lines(io.BytesIO(jobs.read_bytes())) if isinstance(i, BadLine)}
         assert bad <= rows
+
+
+def test_an_unexpected_error_is_one_line_and_exit_2(monkeypatch, capsys):
+    from contentdownload.cli import parser as cli
+
+    def explode(args):
+        raise RuntimeError("http://alice:pw0rd@h/x went wrong")
+
+    monkeypatch.setattr(cli, "cmd_status", explode)
+    assert cli.main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RuntimeError" in err and "pw0rd" not in err and "Traceback" not in err
