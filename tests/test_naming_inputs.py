@@ -108,7 +108,7 @@ def test_unreadable_inputs_are_usage_errors(tmp_path):
     with pytest.raises(UsageError, match="folder"):
         read_jobs(str(tmp_path))
     binary = tmp_path / "bin.txt"
-    binary.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(UsageError, match="UTF-8"):
-        read_jobs(str(binary))
+    binary.write_bytes(b"\xff\xfe\x00garbage\nhttp://x/2\n")
+    bad, job = read_jobs(str(binary))  # a line that is not UTF-8 is that line's problem, not the list's
+    assert isinstance(bad, BadLine) and bad.line == 1 and "UTF-8" in bad.reason and job.url == "http://x/2"
     assert [j.url for j in read_jobs("-", io.StringIO("http://x/1\n"))] == ["http://x/1"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ from contentdownload.cli import parser as cli
 from contentdownload.cli.parser import EXIT_FAILED, EXIT_OK, _print_json, _table
 from contentdownload.machinery.config import check_option
 from contentdownload.errors import UsageError
-from contentdownload.records.log import close_logging, configure_logging, get_logger
+from contentdownload.records.guard import RunLock, check_records
+from contentdownload.records.log import close_logging, configure_logging, get_logger, log_traceback
 from contentdownload.cli.progress import human_bytes
+from contentdownload.transfer.urls import redact_url
 
 log = get_logger(__name__)
 
@@ -126,17 +129,21 @@ def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | P
     from contentdownload.jobs.workspace import Workspace
 
     ws = Workspace.open(out)  # a bad --out is a usage error before anything is written
-    level = runtime.settings.log_level
-    stderr_level = level if args.verbose else "ERROR" if args.quiet else "WARNING"
-    configure_logging(level, ws.logs / "download.log", stderr_level=stderr_level)
-    notice = _single_host_notice(runtime, entries)
-    if notice:
-        log.info("workers_above_per_host", workers=runtime.settings.workers, per_host=runtime.settings.per_host)
-        if not args.quiet:
-            print(notice, file=sys.stderr)
-    _log_run_start(runtime, entries)
-    try:
-        report = Run(runtime, ws.out, entries, resume_from=resume_from, install_signal_handlers=True).execute()
+    check_records(ws.out, ws.logs, (ws.manifest, ws.metrics, ws.logs / "download.log"))
+    with contextlib.ExitStack() as stack:
+        if not runtime.policy.streaming_schema.enabled:  # no store to share: one process per folder
+            stack.enter_context(RunLock(ws.hidden / "run.lock"))
+        level = runtime.settings.log_level
+        stderr_level = level if args.verbose else "ERROR" if args.quiet else "WARNING"
+        configure_logging(level, ws.logs / "download.log", stderr_level=stderr_level)
+        stack.callback(close_logging)
+        _notice_single_host(runtime, args, entries)
+        _log_run_start(runtime, entries)
+        try:
+            report = Run(runtime, ws.out, entries, resume_from=resume_from, install_signal_handlers=True).execute()
+        except Exception as exc:  # noted in the log file while it is open; the CLI's guard prints one line
+            log_traceback("run failed", exc)
+            raise
         if report.error:
             print(f"contentdownload: {report.error}", file=sys.stderr)
         m = report.metrics
@@ -144,8 +151,14 @@ def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | P
                  failures_by_reason=m["failures_by_reason"], bytes_downloaded=m["bytes_downloaded"],
                  elapsed_s=m["elapsed_s"], interrupted=bool(m.get("interrupted")))
         return report
-    finally:
-        close_logging()
+
+
+def _notice_single_host(runtime: Any, args: argparse.Namespace, entries: list) -> None:
+    notice = _single_host_notice(runtime, entries)
+    if notice:
+        log.info("workers_above_per_host", workers=runtime.settings.workers, per_host=runtime.settings.per_host)
+        if not args.quiet:
+            print(notice, file=sys.stderr)
 
 
 def print_summary(report: Any, stream=None) -> None:
@@ -222,12 +235,12 @@ def _dry_run(runtime: Any, args: argparse.Namespace, entries: list) -> int:
         store.close()
     rows = []
     for result in plan.settled:
-        rows.append([result.outcome, result.reason, result.job.url, str(result.path or "-")])
+        rows.append([result.outcome, result.reason, redact_url(result.job.url), str(result.path or "-")])
     for item in plan.items.values():
         parts = ws.parts_of(item.key.key)
         action = "revalidate" if item.revalidate and item.record else f"resume from {parts[0][1].stat().st_size} bytes" if parts else "download"
         winners = ",".join(f"{h}={s.winner}" for h, s in runtime.policy.plan(item.identity).items())
-        rows.append([action, winners, item.job.url, item.relative_path])
+        rows.append([action, winners, redact_url(item.job.url), item.relative_path])
     for bad in (e for e in entries if isinstance(e, BadLine)):
         rows.append(["fail", f"line {bad.line}: {bad.reason}", bad.text, "-"])
     print(_table(rows, ["ACTION", "DETAIL", "URL", "PATH"]))

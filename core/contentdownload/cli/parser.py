@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,8 @@ from contentdownload import __version__
 from contentdownload.errors import ContentDownloadError, PluginLoadError, UsageError
 from contentdownload.machinery.flags import FlagLayer, parse_pin, parse_ratio
 from contentdownload.machinery.runtime import Runtime
+from contentdownload.records.log import log_traceback
+from contentdownload.transfer.urls import redact_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -189,18 +192,42 @@ def _load_subcommands() -> None:
                 raise
 
 
+def _guarded(args: argparse.Namespace) -> int:
+    """Run the subcommand; every failure is one line on stderr and an exit code, never a traceback."""
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, PluginLoadError) as exc:
+        print(f"contentdownload: error: {redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except ContentDownloadError as exc:
+        print(f"contentdownload: {redact_text(str(exc))}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("contentdownload: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise
+    except Exception as exc:  # the guard of last resort: the traceback goes to the log file only
+        log_traceback("unexpected error", exc)
+        print(f"contentdownload: error: unexpected {type(exc).__name__}: {redact_text(str(exc))[:300]}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _quiet_broken_pipe() -> int:
+    """A reader that stopped early (``| head``): leave quietly, without Python's flush error at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _load_subcommands()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (UsageError, PluginLoadError) as exc:
-        print(f"contentdownload: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ContentDownloadError as exc:
-        print(f"contentdownload: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("contentdownload: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = _guarded(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    return code

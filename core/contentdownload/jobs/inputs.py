@@ -5,8 +5,11 @@ list has one object a line with ``url`` or ``urls`` (ordered candidates), and op
 ``work_id``, ``artifact_id``, ``filename``, ``sha256``, ``size``, ``expected_type``. The format is JSONL
 when the first entry starts with ``{``.
 
-A bad line (not JSON, no URL, an unsupported scheme, a malformed field) becomes a
-:class:`BadLine` that the runner records as a ``failed`` job; the other lines go on.
+A leading UTF-8 BOM and CRLF line ends are accepted. A bad line (not JSON, nested too
+deeply, no URL, an unsupported scheme, a malformed field, not UTF-8, longer than 64 KiB)
+becomes a :class:`BadLine` that the runner records as a ``failed`` job with its line
+number; the other lines go on. A long line is read past in bounded chunks, so memory
+never grows with the length of a line. URLs in a bad line's text and reason are redacted.
 An input that cannot be read at all is a :class:`UsageError`.
 """
 
@@ -16,13 +19,13 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import IO, Iterator
 
 import attrs
 
 from contentdownload.errors import UsageError
 from contentdownload.hooks.model import Job
-from contentdownload.transfer.urls import canonical_url
+from contentdownload.transfer.urls import canonical_url, redact_text, redact_url
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -71,44 +74,87 @@ def _check_urls(job: Job) -> None:
         canonical_url(url)  # raises UsageError with the reason
 
 
-def parse_lines(stream: TextIO) -> Iterator[Job | BadLine]:
-    """Jobs and bad lines, in input order."""
+#: The longest line read whole; a longer one is a bad line, read past in chunks of this size.
+MAX_LINE = 64 * 1024
+_BOM = "\ufeff"
+
+
+def _bounded_lines(stream: IO) -> Iterator[tuple[int, str | None, str]]:
+    """``(number, text, problem)`` per line, never holding more than :data:`MAX_LINE` of one line.
+
+    ``stream`` is binary or text; ``text`` is ``None`` when the line is too long or not
+    UTF-8 (``problem`` says which). A leading BOM and CR before the newline are dropped.
+    """
+    number = 0
+    while True:
+        chunk = stream.readline(MAX_LINE + 1)
+        if not chunk:
+            return
+        number += 1
+        newline = b"\n" if isinstance(chunk, bytes) else "\n"
+        if len(chunk) > MAX_LINE and not chunk.endswith(newline):
+            while chunk and not chunk.endswith(newline):
+                chunk = stream.readline(MAX_LINE)
+            yield number, None, f"line longer than {MAX_LINE // 1024} KiB"
+            continue
+        if isinstance(chunk, bytes):
+            try:
+                chunk = chunk.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, None, f"not UTF-8 text (byte {exc.start})"
+                continue
+        if number == 1:
+            chunk = chunk.removeprefix(_BOM)
+        yield number, chunk.rstrip("\r\n"), ""
+
+
+def _parse_entry(text: str, number: int, jsonl: bool) -> Job:
+    if jsonl:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+        except RecursionError:
+            raise ValueError("not JSON: nested too deeply") from None
+        job = _job_from_object(obj, number)
+    else:
+        job = Job(urls=(text,), line=number)
+    _check_urls(job)
+    return job
+
+
+def parse_lines(stream: IO) -> Iterator[Job | BadLine]:
+    """Jobs and bad lines, in input order; whatever is wrong with a line makes it a :class:`BadLine`."""
     jsonl: bool | None = None
-    for number, raw in enumerate(stream, start=1):
+    for number, raw, problem in _bounded_lines(stream):
+        if raw is None:
+            yield BadLine(number, problem, "")
+            continue
         text = raw.strip()
         if not text or text.startswith("#"):
             continue
         if jsonl is None:
             jsonl = text.startswith("{")
         try:
-            if jsonl:
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
-                job = _job_from_object(obj, number)
-            else:
-                job = Job(urls=(text,), line=number)
-            _check_urls(job)
-        except (ValueError, UsageError) as exc:
-            yield BadLine(number, str(exc), text[:200])
+            job = _parse_entry(text, number, jsonl)
+        except Exception as exc:  # any parser failure is this line's fault, never the run's
+            reason = str(exc) if isinstance(exc, (ValueError, UsageError)) else f"malformed line ({type(exc).__name__})"
+            yield BadLine(number, redact_text(reason)[:300], redact_url(text[:200]))
             continue
         yield job
 
 
-def read_jobs(source: str, stdin: TextIO | None = None) -> list[Job | BadLine]:
+def read_jobs(source: str, stdin: IO | None = None) -> list[Job | BadLine]:
     """Read a whole job list from a path or ``-``; raise :class:`UsageError` when it cannot be read."""
     if source == "-":
-        return list(parse_lines(stdin or sys.stdin))
+        return list(parse_lines(stdin or sys.stdin.buffer))
     path = Path(source)
     try:
-        with path.open("r", encoding="utf-8") as fh:
+        with path.open("rb") as fh:
             return list(parse_lines(fh))
     except FileNotFoundError:
         raise UsageError(f"input file not found: {source}") from None
     except IsADirectoryError:
         raise UsageError(f"input is a folder, not a job list: {source}") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"input is not UTF-8 text: {source} (byte {exc.start})") from None
     except OSError as exc:
         raise UsageError(f"cannot read input {source}: {exc.strerror}") from None

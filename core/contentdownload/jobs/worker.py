@@ -28,6 +28,7 @@ import attrs
 from contentdownload.errors import Cancelled, UnsafePathError
 from contentdownload.transfer.files import file_matches, sha256_file
 from contentdownload.jobs import ledger
+from contentdownload.transfer.urls import redact_url
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, TransferOptions
 from contentdownload.jobs.workspace import Workspace
@@ -70,8 +71,9 @@ def owner_is_dead_local_process(owner: str | None) -> bool:
 
 
 def job_payload(job: Job, relative_path: str, identity: str) -> dict:
+    """What the store keeps of a job: URLs without credentials or signatures (a rerun takes them from the job list)."""
     return {
-        "urls": list(job.urls),
+        "urls": [redact_url(url) for url in job.urls],
         "work_id": job.work_id,
         "artifact_id": job.artifact_id,
         "filename": job.filename,

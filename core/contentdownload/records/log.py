@@ -9,6 +9,7 @@ to ``DIR/logs/download.log`` and warnings to stderr.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import Counter
 from pathlib import Path
@@ -67,6 +68,16 @@ def get_logger(name: str = LOGGER_NAME) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
 
 
+class _NoFollowFileHandler(logging.FileHandler):
+    """A file handler that refuses to open its file through a symlink."""
+
+    def _open(self):  # noqa: ANN202 (logging's hook)
+        from contentdownload.records.guard import NOFOLLOW
+
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def configure_logging(level: str = "INFO", log_file: Path | None = None, stderr_level: str = "WARNING") -> None:
     """Send events as JSON lines to ``log_file`` (at ``level``) and as plain text to stderr (at ``stderr_level``)."""
     _configure_structlog()
@@ -82,7 +93,7 @@ def configure_logging(level: str = "INFO", log_file: Path | None = None, stderr_
         raise UsageError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler = _NoFollowFileHandler(log_file, encoding="utf-8")
         file_handler.setLevel(numeric)
         file_handler.setFormatter(
             structlog.stdlib.ProcessorFormatter(
@@ -104,6 +115,15 @@ def configure_logging(level: str = "INFO", log_file: Path | None = None, stderr_
         root.addHandler(handler)
     root.setLevel(numeric)
     root.propagate = False
+
+
+def log_traceback(message: str, exc: BaseException) -> None:
+    """Write ``exc`` with its traceback to the log file only (never to stderr)."""
+    root = logging.getLogger(LOGGER_NAME)
+    record = root.makeRecord(root.name, logging.ERROR, __file__, 0, message, (), (type(exc), exc, exc.__traceback__))
+    for handler in _handlers:
+        if isinstance(handler, _NoFollowFileHandler):
+            handler.handle(record)
 
 
 def close_logging() -> None:

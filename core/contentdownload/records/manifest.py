@@ -1,6 +1,7 @@
 """``manifest.jsonl``: one row per job outcome, sorted keys, appended durably.
 
-Rows are written with one ``write`` each and fsynced. A row torn by a crash (no final
+Rows are appended whole or not at all (a short ``write`` is continued, a failed one cut
+off again) and fsynced; the file is opened without following a symlink. A row torn by a crash (no final
 newline) is cut off when the manifest is opened again, so every line is valid JSON.
 :func:`read_manifest` turns a manifest (this folder's or another's, for
 ``--resume-from``) into records of what is done and the validators to send.
@@ -20,6 +21,7 @@ import attrs
 from contentdownload.errors import UsageError
 from contentdownload.hooks.model import HOOKS, SUCCESS_OUTCOMES, JobResult, PriorRecord
 from contentdownload.jobs.keys import identity_key
+from contentdownload.records.guard import NOFOLLOW
 from contentdownload.transfer.urls import canonical_url, redact_url
 
 SCHEMA_VERSION = 1
@@ -71,7 +73,7 @@ def result_row(result: JobResult, run_id: str, out_dir: Path) -> dict:
 def repair_tail(path: Path) -> int:
     """Cut a torn last line (no newline) off ``path``; return the bytes removed."""
     try:
-        with path.open("rb+") as fh:
+        with os.fdopen(os.open(path, os.O_RDWR | NOFOLLOW), "rb+") as fh:
             size = fh.seek(0, os.SEEK_END)
             if size == 0:
                 return 0
@@ -106,6 +108,23 @@ def iter_rows(path: Path) -> Iterator[dict]:
                 yield row
 
 
+def append_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` to the ``O_APPEND`` file ``fd`` whole or not at all.
+
+    A short ``os.write`` is continued; when a later write fails, the part already written
+    is cut off again (if no other process appended meanwhile) and the error is raised.
+    """
+    start = os.fstat(fd).st_size
+    done = 0
+    try:
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError:
+        if done and os.fstat(fd).st_size == start + done:
+            os.ftruncate(fd, start)
+        raise
+
+
 class ManifestWriter:
     """Appends rows to ``manifest.jsonl``; thread-safe.
 
@@ -122,12 +141,12 @@ class ManifestWriter:
         self._sync_lock = threading.Lock()
         self._written = 0  # rows handed to the kernel
         self._synced = 0  # rows known to be on disk
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
 
     def write(self, row: dict) -> None:
         data = (json.dumps(row, sort_keys=True, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         with self._lock:
-            os.write(self._fd, data)  # one O_APPEND write: rows of concurrent processes never interleave
+            append_whole(self._fd, data)  # O_APPEND: rows of concurrent processes never interleave
             self._written += 1
             mine = self._written
         with self._sync_lock:

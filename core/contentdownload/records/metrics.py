@@ -89,7 +89,9 @@ def build_metrics(
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
-    """Write ``metrics`` to ``path`` atomically (temp file, fsync, rename)."""
+    """Write ``metrics`` to ``path`` atomically (temp file, fsync, rename), mode 0644.
+
+    The rename replaces a symlink at ``path`` instead of writing through it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=path.parent)
     try:

@@ -17,7 +17,7 @@ alone may mean something else to an ordinary server.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import idna
 
@@ -73,22 +73,23 @@ def _without_dot_segments(path: str) -> str:
 
 def canonical_url(url: str) -> str:
     """Return the canonical form of an http(s) URL; raise :class:`UsageError` for anything else."""
+    shown = redact_url(url.strip())
     try:
         parts = urlsplit(url.strip())
-    except ValueError as exc:  # an unclosed IPv6 bracket, for instance
-        raise UsageError(f"malformed URL: {exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"malformed URL {shown!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
-        raise UsageError(f"unsupported URL scheme {parts.scheme or '(none)'!r} in {url!r}: only http and https")
+        raise UsageError(f"unsupported URL scheme {parts.scheme or '(none)'!r} in {shown!r}: only http and https")
     if not parts.hostname:
-        raise UsageError(f"URL has no host: {url!r}")
+        raise UsageError(f"URL has no host: {shown!r}")
     host = _ascii_host(parts.hostname)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     try:
         port = parts.port
-    except ValueError as exc:
-        raise UsageError(f"invalid port in URL: {url!r}") from exc
+    except ValueError:
+        raise UsageError(f"invalid port in URL: {shown!r}") from None
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     if parts.username is not None:
         userinfo = parts.username + (f":{parts.password}" if parts.password is not None else "")
@@ -133,12 +134,43 @@ def identity_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+#: Query parameters that sign a URL or carry a credential (AWS SigV4/v2, GCS, Azure SAS,
+#: CloudFront), lower case; their values are never written anywhere, with or without the
+#: signature beside them (redacting too much costs nothing, too little leaks a credential).
+SIGNED_QUERY_PARAMS = frozenset(
+    {"x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature", "x-goog-credential"}
+).union(*(members for _, members in _SIGNING_SCHEMES if isinstance(members, frozenset)))
+REDACTED = "REDACTED"
+_AUTHORITY = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*:)?//(?P<authority>[^/?#]*)")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]*")
+
+
+def _redact_query(query: str) -> str:
+    pairs = []
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        if eq and unquote(name).lower() in SIGNED_QUERY_PARAMS:
+            pair = f"{name}={REDACTED}"
+        pairs.append(pair)
+    return "&".join(pairs)
+
+
 def redact_url(url: str) -> str:
-    """The URL without credentials, for logs and records."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    """The URL without userinfo and with signing query values replaced, for every place a URL is written.
+
+    Works on the text alone and never raises, so a malformed or rejected URL is redacted too.
+    """
+    match = _AUTHORITY.match(url)
+    if match and "@" in match["authority"]:
+        host = match["authority"].rpartition("@")[2]
+        url = f"{match['head'] or ''}//{host}{url[match.end():]}"
+    rest, hash_, fragment = url.partition("#")
+    base, question, query = rest.partition("?")
+    if not question:
         return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc = f"{netloc}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return f"{base}?{_redact_query(query)}{hash_}{fragment}"
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (for error messages that quote a URL)."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
