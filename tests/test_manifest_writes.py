@@ -52,3 +52,13 @@ def test_metrics_file_is_world_readable(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "manifest.metrics.json").stat().st_mode) == 0o644
+
+
+def test_a_row_with_unicode_line_breaks_stays_one_line(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    writer = ManifestWriter(path)
+    writer.write({"url": "http://h/a\x85b\u2028c\u2029d", "name": "é"})
+    writer.close()
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 1  # what str.splitlines-based JSONL readers see
+    assert json.loads(text)["url"] == "http://h/a\x85b\u2028c\u2029d" and "é" in text

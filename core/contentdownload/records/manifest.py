@@ -125,6 +125,15 @@ def append_whole(fd: int, data: bytes) -> None:
         raise
 
 
+#: Characters JSON leaves raw that ``str.splitlines`` and some JSONL readers take for line ends.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _json_line(row: dict) -> str:
+    """One manifest row as one line of JSON (UTF-8 kept readable; Unicode line breaks escaped)."""
+    return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).translate(_LINE_BREAKS)
+
+
 class ManifestWriter:
     """Appends rows to ``manifest.jsonl``; thread-safe.
 
@@ -144,7 +153,7 @@ class ManifestWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
 
     def write(self, row: dict) -> None:
-        data = (json.dumps(row, sort_keys=True, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        data = (_json_line(row) + "\n").encode("utf-8")
         with self._lock:
             append_whole(self._fd, data)  # O_APPEND: rows of concurrent processes never interleave
             self._written += 1
