@@ -50,9 +50,15 @@ class RunReport:
     workspace: Workspace
 
 
-def manifest_op(job_key: str, outcome: str, reason: str, run_id: str) -> str:
-    """The ledger key of a manifest row: a success once per job, a revalidation once per run, a failure once per reason."""
-    kind = {"not_modified": f"manifest:not_modified:{run_id}", "failed": f"manifest:failed:{reason}"}.get(outcome, "manifest")
+def manifest_op(job_key: str, outcome: str, reason: str, run_id: str, sha256: str | None = None) -> str:
+    """The ledger key of a manifest row.
+
+    A success once per content of the job (its SHA-256: a file fetched again with other
+    bytes gets its row, a replay of the same outcome does not), a revalidation once per
+    run, a failure once per reason.
+    """
+    kind = {"not_modified": f"manifest:not_modified:{run_id}", "failed": f"manifest:failed:{reason}"}.get(
+        outcome, f"manifest:{sha256 or ''}")
     return operation_key(job_key, kind)
 
 
@@ -61,7 +67,7 @@ def rows_on_disk(path: Path) -> frozenset[str]:
     if not path.is_file():
         return frozenset()
     return frozenset(
-        manifest_op(row["job_key"], row.get("outcome", ""), row.get("reason", ""), row.get("run_id", ""))
+        manifest_op(row["job_key"], row.get("outcome", ""), row.get("reason", ""), row.get("run_id", ""), row.get("sha256"))
         for row in iter_rows(path)
         if row.get("job_key")
     )
@@ -253,7 +259,7 @@ class Run:
         with self._lock:
             self._results.append(result)
         if leasing and result.job_key:
-            op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id)
+            op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id, result.sha256)
             if store.op_begin(op, result.job_key, "manifest", 0) == "done":
                 return
             if op in self._rows_on_disk:  # written before a crash that came before the ledger update
