@@ -64,6 +64,7 @@ def plan_jobs(
         identity, url = identity_key(job)
         identified.setdefault(identity, (job, url))
     existing = {rec.key: rec for rec in store.records()}
+    recorded_keys = _keys_by_identity(existing.values())
     recorded_names = {
         rec.payload.get("identity"): rec.payload.get("relative_path")
         for rec in existing.values()
@@ -92,7 +93,7 @@ def plan_jobs(
             settled.append(JobResult(outcome="failed", job=job, reason="no_plugin", url=job.url))
             log.error("no plugin keyed the job", url=redact_url(job.url), error=str(exc))
             continue
-        key: JobKey = answer.result
+        key: JobKey = _recorded_key(answer.result, identity, relative, existing, recorded_keys)
         if key.key in items:
             continue  # two jobs with one key (legacy keys are paths): the first one stands
         prior = by_key.get(key.key) or by_url.get(canonical)
@@ -149,6 +150,31 @@ def plan_jobs(
             store.release(key, rec.epoch)
             log.info("released the lease of a process that is gone", job_key=key, owner=rec.lease_owner)
     return Plan(items=items, settled=settled, keys=frozenset(items), order=[k for k in items])
+
+
+def _keys_by_identity(records: Iterable[Any]) -> dict[str, JobKey]:
+    """The key each content identity (and each output path) was first recorded under."""
+    keys: dict[str, JobKey] = {}
+    for rec in records:
+        path = rec.payload.get("relative_path")
+        ref = rec.payload.get("identity") or (f"path:{path}" if path else None)  # a path only for records without identity
+        if ref:
+            keys.setdefault(ref, JobKey(rec.key, rec.scheme))
+    return keys
+
+
+def _recorded_key(answered: JobKey, identity: str, relative: str, existing: Mapping[str, Any],
+                  recorded: Mapping[str, JobKey]) -> JobKey:
+    """The key of a job: the one its record already has, whichever plugin keys it now.
+
+    A job keeps the key it was first recorded under (found by its content identity,
+    else by its output path), so switching the ``job_key`` winner (a canary ramp, a
+    rollback) finds the finished file instead of planning a new job.
+    """
+    if answered.key in existing:
+        return answered
+    found = recorded.get(identity) or recorded.get(f"path:{relative}")
+    return attrs.evolve(found, canonical_url=answered.canonical_url) if found else answered
 
 
 def _skipped(item: WorkItem, path: Path | None, size: int | None, sha256: str | None, info: Any) -> JobResult:
