@@ -92,3 +92,51 @@ def test_a_job_served_by_its_mirror_is_named_after_its_first_url(server, tmp_pat
     assert (out / "wanted-name.pdf").read_bytes() == b"%PDF-1.4 mirrored " * 100
     assert not (out / "other-name.pdf").exists()
     assert Path(_last_row(out, "wanted-name.pdf")["path"]).name == "wanted-name.pdf"
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "manifest.metrics.json").read_text())
+
+
+def _small_folder(server, tmp_path, name: str = "m") -> tuple[Path, Path]:
+    for i in range(4):
+        server.add_file(f"/{name}/{i}.bin", bytes([i]) * 3000)
+    return _jobs(tmp_path / f"{name}.jsonl", [server.url(f"/{name}/{i}.bin") for i in range(4)]), tmp_path / name
+
+
+def test_compare_of_a_revalidate_only_run_reports_what_was_not_measured(server, tmp_path):
+    jobs, full = _small_folder(server, tmp_path, "full")
+    _run(jobs, full)
+    reval = tmp_path / "reval"
+    _run(jobs, reval)
+    _run(jobs, reval, "--revalidate")
+    proc = run_cli("compare", str(full), str(reval), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout
+    assert "not measured" in proc.stdout
+    assert run_cli("compare", str(full), str(reval), "--allow-unmeasured", cwd=tmp_path).returncode == 0
+
+
+def test_metrics_hold_the_last_run_and_the_folder_totals(server, tmp_path):
+    jobs, out = _small_folder(server, tmp_path)
+    _run(jobs, out)
+    _run(jobs, out, "--revalidate")
+    metrics = _metrics(out)
+    assert metrics["scope"] == "last run" and metrics["outcomes"]["not_modified"] == 4
+    folder = metrics["folder_totals"]
+    assert folder["scope"] == "all runs in this folder" and folder["runs"] == 2
+    assert folder["outcomes"]["downloaded"] == 4 and folder["outcomes"]["not_modified"] == 4
+    assert folder["bytes_downloaded"] == 4 * 3000
+
+
+def test_counters_are_named_after_the_plugin_and_ignore_the_log_level(server, tmp_path):
+    jobs, out = _small_folder(server, tmp_path, "lg")
+    _run(jobs, out, "--disable-streaming-integration")
+    legacy = _metrics(out)
+    assert "streaming.resume_decisions_made" not in legacy
+    assert legacy["legacy.resume_decisions_made"] == 4
+    streaming = tmp_path / "st"
+    _run(jobs, streaming)
+    _run(jobs, streaming, "--revalidate", "--log-level", "WARNING")
+    metrics = _metrics(streaming)
+    assert metrics["streaming.resume_decisions_made"] == 4
+    assert metrics["decision_log_share"] == 1.0

@@ -26,7 +26,7 @@ from contentdownload.jobs.inputs import BadLine
 from contentdownload.jobs.keys import operation_key
 from contentdownload.records.log import EVENTS, get_logger
 from contentdownload.records.manifest import ManifestWriter, iter_rows, read_manifest, result_row
-from contentdownload.records.metrics import DECISION_EVENT, build_metrics, write_metrics
+from contentdownload.records.metrics import DECISION_EVENT, build_metrics, previous_totals, with_folder_totals, write_metrics
 from contentdownload.hooks.model import Job, JobResult, TransferOptions
 from contentdownload.jobs.pipeline import Pipeline
 from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining
@@ -205,6 +205,7 @@ class Run:
                        "idempotency": self.runtime.policy.idempotency.enabled,
                        "streaming_schema": self.runtime.policy.streaming_schema.enabled},
             )
+            metrics = with_folder_totals(metrics, previous_totals(self.ws.metrics))
             write_metrics(self.ws.metrics, metrics)
             store.close()
             http.close()
