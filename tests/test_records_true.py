@@ -83,12 +83,14 @@ def test_a_canary_ramp_and_rollbacks_fetch_nothing_twice(server, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.is_file() and p.suffix == ".bin") == sorted(Path(p).name for p in paths)
 
 
-def test_a_job_served_by_its_mirror_is_named_after_its_first_url(server, tmp_path):
+@pytest.mark.parametrize("flags", [(), ("--disable-streaming-integration",)], ids=["streaming", "legacy"])
+def test_a_job_served_by_its_mirror_is_named_after_its_first_url(server, tmp_path, flags):
     server.add_status("/m/wanted-name.pdf", 404)
     server.add_file("/mirror/other-name.pdf", b"%PDF-1.4 mirrored " * 100)
     jobs = _jobs(tmp_path / "jobs.jsonl", [[server.url("/m/wanted-name.pdf"), server.url("/mirror/other-name.pdf")]])
     out = tmp_path / "out"
-    _run(jobs, out)
+    _run(jobs, out, *flags)
+    assert server.stats("/m/wanted-name.pdf").statuses == [404]
     assert (out / "wanted-name.pdf").read_bytes() == b"%PDF-1.4 mirrored " * 100
     assert not (out / "other-name.pdf").exists()
     assert Path(_last_row(out, "wanted-name.pdf")["path"]).name == "wanted-name.pdf"
