@@ -199,8 +199,8 @@ def _record_finished(store: Any, key: str, final: Path, prior: PriorRecord) -> N
 
 def remaining(store: Any, keys: Iterable[str]) -> set[str]:
     """Keys among ``keys`` that are not finished or failed yet (someone may still hold them)."""
-    wanted = set(keys)
-    return {rec.key for rec in store.records() if rec.key in wanted and _state(rec) in ACTIVE_STATES}
+    wanted = set(keys)  # only active records are read: the cost follows the run, not the store's history
+    return {rec.key for state in ACTIVE_STATES for rec in store.records(state) if rec.key in wanted}
 
 
 def item_for_claim(plan: Plan, claim: Any) -> WorkItem:
