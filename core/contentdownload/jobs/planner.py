@@ -7,6 +7,7 @@ job key once in the store.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -63,13 +64,8 @@ def plan_jobs(
     for job in jobs:
         identity, url = identity_key(job)
         identified.setdefault(identity, (job, url))
-    existing = {rec.key: rec for rec in store.records()}
-    recorded_keys = _keys_by_identity(existing.values())
-    recorded_names = {
-        rec.payload.get("identity"): rec.payload.get("relative_path")
-        for rec in existing.values()
-        if rec.payload.get("identity") and rec.payload.get("relative_path")
-    }
+    history = _History.read(store)
+    recorded_names = history.names
     for identity, owned in (resume_from.names.items() if resume_from else ()):
         if Path(owned).parent == ws.out:
             recorded_names.setdefault(identity, Path(owned).name)
@@ -93,7 +89,7 @@ def plan_jobs(
             settled.append(JobResult(outcome="failed", job=job, reason="no_plugin", url=job.url))
             log.error("no plugin keyed the job", url=redact_url(job.url), error=str(exc))
             continue
-        key: JobKey = _recorded_key(answer.result, identity, relative, existing, recorded_keys)
+        key: JobKey = history.key_of(answer.result, identity, relative)
         if key.key in items:
             continue  # two jobs with one key (legacy keys are paths): the first one stands
         prior = by_key.get(key.key) or by_url.get(canonical)
@@ -119,7 +115,7 @@ def plan_jobs(
             del items[key]
 
     # What earlier runs left: finished files, failures, leases of dead processes.
-    existing = {rec.key: rec for rec in store.records() if rec.key in items}
+    existing = {key: rec for key in items if (rec := store.get(key)) is not None}
     for key, rec in existing.items():
         item = items[key]
         state = _state(rec)
@@ -152,29 +148,42 @@ def plan_jobs(
     return Plan(items=items, settled=settled, keys=frozenset(items), order=[k for k in items])
 
 
-def _keys_by_identity(records: Iterable[Any]) -> dict[str, JobKey]:
-    """The key each content identity (and each output path) was first recorded under."""
-    keys: dict[str, JobKey] = {}
-    for rec in records:
-        path = rec.payload.get("relative_path")
-        ref = rec.payload.get("identity") or (f"path:{path}" if path else None)  # a path only for records without identity
-        if ref:
-            keys.setdefault(ref, JobKey(rec.key, rec.scheme))
-    return keys
+@attrs.frozen
+class _History:
+    """What the store already holds, reduced to what planning needs: keys, names, keys by identity."""
 
+    keys: Mapping[str, str]  # key -> scheme
+    names: dict[str, str]  # identity -> relative path
+    keys_by_ref: Mapping[str, JobKey]  # identity (or "path:" + relative path) -> first recorded key
 
-def _recorded_key(answered: JobKey, identity: str, relative: str, existing: Mapping[str, Any],
-                  recorded: Mapping[str, JobKey]) -> JobKey:
-    """The key of a job: the one its record already has, whichever plugin keys it now.
+    @classmethod
+    def read(cls, store: Any) -> "_History":
+        keys: dict[str, str] = {}
+        names: dict[str, str] = {}
+        refs: dict[str, JobKey] = {}
+        for rec in store.records():
+            keys[rec.key] = sys.intern(rec.scheme)
+            identity, path = rec.payload.get("identity"), rec.payload.get("relative_path")
+            if identity and path:
+                names.setdefault(identity, path)
+            ref = identity or (f"path:{path}" if path else None)  # a path only for records without identity
+            if ref and ref != rec.key:  # a record keyed by its identity is found by its key
+                refs.setdefault(ref, JobKey(rec.key, rec.scheme))
+        return cls(keys, names, refs)
 
-    A job keeps the key it was first recorded under (found by its content identity,
-    else by its output path), so switching the ``job_key`` winner (a canary ramp, a
-    rollback) finds the finished file instead of planning a new job.
-    """
-    if answered.key in existing:
-        return answered
-    found = recorded.get(identity) or recorded.get(f"path:{relative}")
-    return attrs.evolve(found, canonical_url=answered.canonical_url) if found else answered
+    def key_of(self, answered: JobKey, identity: str, relative: str) -> JobKey:
+        """The key of a job: the one its record already has, whichever plugin keys it now.
+
+        A job keeps the key it was first recorded under (found by its content identity,
+        else by its output path), so switching the ``job_key`` winner (a canary ramp, a
+        rollback) finds the finished file instead of planning a new job.
+        """
+        if answered.key in self.keys:
+            return answered
+        if identity in self.keys:
+            return JobKey(identity, self.keys[identity], canonical_url=answered.canonical_url)
+        found = self.keys_by_ref.get(identity) or self.keys_by_ref.get(f"path:{relative}")
+        return attrs.evolve(found, canonical_url=answered.canonical_url) if found else answered
 
 
 def _skipped(item: WorkItem, path: Path | None, size: int | None, sha256: str | None, info: Any) -> JobResult:
