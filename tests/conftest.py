@@ -10,6 +10,8 @@ import pytest
 from contentdownload.testing.server import LoopbackServer
 from helpers import make_distribution
 
+pytest_plugins = ("realservers",)  # real third-party servers (nginx) as fixtures
+
 
 @pytest.fixture
 def server(tmp_path):
@@ -33,8 +35,9 @@ def third_party(tmp_path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _clean_flag_env(monkeypatch):
-    """Tests start with no selection flags from the developer's shell."""
+def _clean_flag_env(monkeypatch, tmp_path_factory):
+    """Tests start with no selection flags from the developer's shell, and no user config file."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("user-config")))
     for key in list(os.environ):
         if key.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_")):
             monkeypatch.delenv(key)

@@ -33,6 +33,8 @@ def make_distribution(root: Path, dist: str, plugins: dict[str, str], version: s
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python -m contentdownload`` in a subprocess with a clean flag environment."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
+    if base.get("PYTHONPATH"):  # absolute, so that a test's own cwd still imports this checkout
+        base["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in base["PYTHONPATH"].split(os.pathsep) if p)
     base.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "contentdownload", *args],

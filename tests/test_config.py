@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contentdownload.machinery.config import RUN_SCHEMA, RunSettings, load_config, parse_config, run_settings
+from contentdownload.machinery.config import RUN_SCHEMA, RunSettings, load_config, parse_config, resolve_settings
 from contentdownload.errors import ConfigError
 
 
@@ -13,7 +13,7 @@ def test_contentdownload_toml_in_working_folder(tmp_path):
     cfg = load_config(cwd=tmp_path)
     assert cfg.layer.streaming is False
     assert cfg.layer.pins == {"job_key": "legacy"}
-    assert run_settings(cfg).workers == 3
+    assert resolve_settings(cfg)[0].workers == 3
 
 
 def test_pyproject_tool_section(tmp_path):
@@ -56,8 +56,9 @@ def test_bad_config_names_key_and_file(tmp_path, text, message):
 
 def test_cli_overrides_config_run_values():
     cfg = parse_config({"run": {"workers": 2, "retries": 9}}, "c.toml")
-    settings = run_settings(cfg, {"workers": 7, "retries": None})
+    settings, origin = resolve_settings(cfg, {}, {"workers": 7, "retries": None})
     assert settings.workers == 7 and settings.retries == 9
+    assert origin["workers"] == "--workers" and origin["retries"] == "c.toml" and origin["timeout"] == "default"
 
 
 def test_schema_covers_every_run_setting():

@@ -18,6 +18,7 @@ from contentdownload.transfer.http import (
     is_strong_etag,
     parse_content_range,
     parse_retry_after,
+    failure_detail,
     request_failure,
 )
 from contentdownload.testing.server import Fault, LoopbackServer
@@ -182,7 +183,8 @@ def test_connection_refused_is_retried_then_reported():
     with HttpClient(retries=1, backoff_factor=0.0, timeout=(2.0, 2.0)) as http:
         with pytest.raises(requests.exceptions.ConnectionError) as info:
             http.get(f"http://127.0.0.1:{port}/x")
-    assert request_failure(info.value) == ("retry", "connection_error")
+    assert request_failure(info.value) == ("retry", "connection_refused")
+    assert "ConnectionRefusedError" in failure_detail(info.value)
 
 
 def test_each_thread_has_its_own_session(client):
@@ -238,3 +240,23 @@ def test_strong_and_weak_etags():
 def test_decodable_content_codings():
     assert decodable(None) and decodable("gzip") and decodable("x-gzip, deflate")
     assert not decodable("compress") and not decodable("gzip, compress")
+
+
+def _get_failure(client, url, **kwargs):
+    with pytest.raises(Exception) as info:
+        response = client.get(url, **kwargs)
+        response.content  # noqa: B018 - read the body
+    return request_failure(info.value)
+
+
+def test_failures_are_named_for_what_happened(server):
+    url = server.add_file("/named.bin", b"x" * 200_000)
+    with HttpClient(retries=0, backoff_factor=0.0, timeout=(2.0, 0.3)) as http:
+        server.add_fault("/named.bin", Fault.add_headers({"Content-Length": "5"}))
+        assert _get_failure(http, url) == ("failed", "protocol_error")
+        server.add_fault("/named.bin", Fault.stall(30, after=0))
+        assert _get_failure(http, url) == ("retry", "read_timeout")
+        server.add_fault("/named.bin", Fault.cut_after(1000, reset=True))
+        assert _get_failure(http, url) == ("retry", "connection_reset")
+        server.add_fault("/named.bin", Fault.cut_after(1000))
+        assert _get_failure(http, url) == ("retry", "connection_lost")

@@ -11,7 +11,7 @@ from contentdownload.errors import LeaseLostError
 from contentdownload.hooks.model import Job, Lease, PriorRecord, TransferOptions
 from contentdownload.testing.conformance import TransferRig, sha256_hex
 from contentdownload.testing.server import Fault
-from contentdownload_streaming import sidecar as sidecars
+from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
 
 LEGACY_EVERYWHERE = {"resume_decision": "legacy", "stream_io": "legacy", "finalize": "legacy"}
 STREAMING_EVERYWHERE = {"resume_decision": "streaming", "stream_io": "streaming", "finalize": "streaming"}
@@ -45,7 +45,7 @@ def test_legacy_ignores_a_resumable_streaming_part(rig, server):
     url = server.add_file("/left.bin", data)
     paths = rig.paths("left.bin")
     paths.part.write_bytes(data[:100_000])
-    sidecars.save(paths.sidecar, sidecars.Sidecar(url=sidecars.url_identity(url), committed=100_000,
+    PartStore.for_paths(paths).save_sidecar(paths, Sidecar(url=url_identity(url), committed=100_000,
                                                   etag=server.etag("/left.bin"), expected_total=len(data)))
     result = rig.run(Job(urls=(url,)), "left.bin")
     assert result.decisions == ("discard",) and result.outcome == "downloaded"
@@ -135,7 +135,7 @@ def test_503_is_retried(rig, server):
 
 def test_gzip_is_decoded(rig, server):
     data = b"legacy text " * 30_000
-    url = server.add_file("/t.txt", data, gzip=True)
+    url = server.add_file("/t.txt", data, gzip="always")
     result = rig.run(Job(urls=(url,), size=len(data)), "t.txt")
     assert result.outcome == "downloaded" and rig.paths("t.txt").final.read_bytes() == data
     assert result.etag == server.etag("/t.txt", gzip=True)
@@ -204,7 +204,7 @@ def _scenario(name, server):
         server.add_fault(path, Fault.change_etag())
     elif name == "gzip":
         data = b"flag gzip " * 20_000
-        url = server.add_file(path, data, gzip=True)
+        url = server.add_file(path, data, gzip="always")
     else:
         url = server.add_status(path, 404, body=b"<html>FLAG 404</html>")
         return url, None, "http_404"

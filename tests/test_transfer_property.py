@@ -10,13 +10,13 @@ import random
 import tempfile
 import threading
 from pathlib import Path
-from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from contentdownload.hooks.model import Job
+from contentdownload.transfer import parts
 from contentdownload.testing.conformance import TransferRig
 from contentdownload.testing.server import Fault, LoopbackServer
 
@@ -114,19 +114,21 @@ def test_the_promoted_file_is_the_served_one_and_nothing_else_ever_sits_at_the_f
     path = f"/prop/{next(_paths)}.bin"
     url = server.add_file(path, data)
     contents = _queue(server, path, size, faults, rng)
-    real_replace = os.replace
     promoted: list[bytes] = []
 
     with tempfile.TemporaryDirectory() as tmp, TransferRig(plugin, Path(tmp), retries=len(faults) + 2) as rig:
         final = rig.paths("file.bin").final
 
-        def checked_replace(src, dst, *args, **kwargs):
-            if Path(dst) == final:
-                promoted.append(Path(src).read_bytes())
-            return real_replace(src, dst, *args, **kwargs)
+        def before_rename(paths):
+            if paths.final == final:
+                promoted.append(paths.part.read_bytes())
 
-        with mock.patch("os.replace", checked_replace), FinalWatcher(final) as watcher:
-            result = rig.run(Job(urls=(url,)), "file.bin")
+        parts.set_test_hook("before_rename", before_rename)
+        try:
+            with FinalWatcher(final) as watcher:
+                result = rig.run(Job(urls=(url,)), "file.bin")
+        finally:
+            parts.set_test_hook("before_rename", None)
 
         expected = _served_last(server, path, data, contents)
         assert result.outcome in ("downloaded", "resumed"), (result.outcome, result.reason, faults)
@@ -134,4 +136,57 @@ def test_the_promoted_file_is_the_served_one_and_nothing_else_ever_sits_at_the_f
         assert promoted == [expected]
         assert watcher.seen <= {hashlib.sha256(expected).hexdigest()}
         assert not rig.leftovers("file.bin")
+    server.clear_faults(path)
+
+
+origin_change = st.one_of(
+    st.tuples(st.just("cut"), st.floats(0.0, 0.999)),
+    st.tuples(st.just("change"), st.just(0)),  # new content, new validators
+    st.tuples(st.just("change_quietly"), st.just(0)),  # same size, same validators (mtime/size-derived ETags)
+    st.tuples(st.just("ignore_if_range"), st.just(0)),
+    st.tuples(st.just("change_etag"), st.just(0)),
+)
+
+
+def _queue_changes(server: LoopbackServer, path: str, size: int, changes, rng: random.Random) -> list[bytes]:
+    """Queue origin changes and faults; returns every version the origin may serve."""
+    versions = []
+    for kind, value in changes:
+        if kind == "cut":
+            server.add_fault(path, Fault.cut_after(int(size * value)))
+        elif kind in ("change", "change_quietly"):
+            new = rng.randbytes(size)
+            versions.append(new)
+            server.add_fault(path, Fault.change_content(new, keep_validators=kind == "change_quietly"))
+        elif kind == "ignore_if_range":
+            server.add_fault(path, Fault.ignore_if_range())
+        else:
+            server.add_fault(path, Fault.change_etag())
+    return versions
+
+
+@settings(max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    plugin=st.sampled_from(["streaming", "legacy"]),
+    size=st.integers(1, 300_000),
+    seed=st.integers(0, 2**32 - 1),
+    changes=st.lists(origin_change, max_size=6),
+    weak=st.booleans(),
+)
+@example(plugin="streaming", size=200_000, seed=1, changes=[("cut", 0.5), ("change_quietly", 0)], weak=False)
+@example(plugin="streaming", size=200_000, seed=2, changes=[("cut", 0.3), ("change_quietly", 0)], weak=True)
+@example(plugin="streaming", size=200_000, seed=3, changes=[("cut", 0.5), ("change", 0), ("ignore_if_range", 0)], weak=False)
+def test_an_origin_that_changes_under_the_transfer_never_gets_two_versions_spliced(server, plugin, size, seed, changes, weak):
+    rng = random.Random(seed)
+    data = rng.randbytes(size)
+    path = f"/change/{next(_paths)}.bin"
+    url = server.add_file(path, data, weak_etag=weak)
+    versions = [data, *_queue_changes(server, path, size, changes, rng)]
+    with tempfile.TemporaryDirectory() as tmp, TransferRig(plugin, Path(tmp), retries=len(changes) + 2) as rig:
+        final = rig.paths("file.bin").final
+        result = rig.run(Job(urls=(url,)), "file.bin")
+        if result.outcome in ("downloaded", "resumed"):
+            assert final.read_bytes() in versions, (result.outcome, changes)
+        else:
+            assert not final.exists(), (result.outcome, result.reason, changes)
     server.clear_faults(path)

@@ -10,7 +10,7 @@ import pytest
 from contentdownload.errors import UsageError
 from contentdownload.jobs.keys import identity_key, operation_key, path_key
 from contentdownload.hooks.model import Job, JobKeyContext
-from contentdownload.transfer.urls import canonical_url, redact_url
+from contentdownload.transfer.urls import canonical_url, redact_url, identity_url
 from contentdownload_legacy.job_key import job_key as legacy_job_key
 from contentdownload_streaming.job_key import job_key as streaming_job_key
 
@@ -90,3 +90,42 @@ def test_operation_keys_differ_per_operation():
 def test_redact_url_drops_credentials():
     assert redact_url("https://user:secret@h.example/x?y=1") == "https://h.example/x?y=1"
     assert redact_url("https://h.example/x") == "https://h.example/x"
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("http://h/./a.pdf", "http://h/a.pdf"),
+        ("http://h/x/../a.pdf", "http://H:80/a.pdf"),
+        ("https://bucket.s3.amazonaws.com/k.pdf?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261201"
+         "&X-Amz-Date=20261201T000000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Signature=abc",
+         "https://bucket.s3.amazonaws.com/k.pdf?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261202"
+         "&X-Amz-Date=20261202T000000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Signature=def"),
+        ("https://a.blob.core.windows.net/c/b.pdf?sv=2022-11-02&se=2026-12-01&sp=r&sig=AAA",
+         "https://a.blob.core.windows.net/c/b.pdf?sv=2022-11-02&se=2026-12-09&sp=r&sig=BBB"),
+        ("https://d.cloudfront.net/p.pdf?Expires=1&Signature=x&Key-Pair-Id=K", "https://d.cloudfront.net/p.pdf"),
+        ("https://s.example/o?AWSAccessKeyId=A&Expires=1&Signature=s&versionId=3", "https://s.example/o?versionId=3"),
+        ("https://storage.googleapis.com/b/o?X-Goog-Signature=1&X-Goog-Date=2", "https://storage.googleapis.com/b/o"),
+        ("https://alice:pw@h/a.pdf", "https://h/a.pdf"),
+    ],
+)
+def test_the_same_resource_has_one_identity(a, b):
+    assert identity_url(a) == identity_url(b)
+    assert identity_key(Job(urls=(a,))) == identity_key(Job(urls=(b,)))
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("http://h/a.pdf?st=1", "http://h/a.pdf?st=2"),  # no SAS signature: st is the server's business
+        ("http://h/a.pdf?Expires=1", "http://h/a.pdf?Expires=2"),
+        ("http://h/a.pdf?page=1", "http://h/a.pdf?page=2"),
+    ],
+)
+def test_parameters_that_sign_nothing_stay_in_the_identity(a, b):
+    assert identity_url(a) != identity_url(b)
+
+
+def test_the_identity_keeps_no_secret():
+    assert "pw" not in identity_url("https://alice:pw@h/a.pdf?X-Amz-Signature=topsecret&X-Amz-Credential=AKIA")
+    assert "topsecret" not in identity_url("https://h/a.pdf?X-Amz-Signature=topsecret")

@@ -75,3 +75,14 @@ class IllegalTransition(ContentDownloadError, ValueError):
 
 class StoreError(ContentDownloadError, RuntimeError):
     """The job store is unreachable, has an unknown schema version, or refused an operation."""
+
+
+class UnsafePathError(StagingError):
+    """A staging or output path is a symlink (or not what it should be): nothing is written through it.
+
+    ``reason`` is the short failure reason recorded for the job (``part_path_is_symlink``, ...).
+    """
+
+    def __init__(self, message: str, reason: str = "unsafe_path"):
+        self.reason = reason
+        super().__init__(message)

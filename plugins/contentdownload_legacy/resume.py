@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
 from contentdownload.transfer.files import file_matches
+from contentdownload.transfer.http import conditional_headers
+from contentdownload.transfer.parts import PartStore
 from contentdownload.records.log import get_logger
 
 log = get_logger("contentdownload.legacy")
@@ -26,20 +28,15 @@ def _verified_record(ctx: ResumeContext) -> bool:
 def decide(ctx: ResumeContext) -> ResumeDecision:
     """The legacy decision for ``ctx``; deletes any part and sidecar."""
     paths = ctx.paths
-    had_part = paths.part.exists()
-    paths.part.unlink(missing_ok=True)
-    paths.sidecar.unlink(missing_ok=True)
+    had_part = PartStore.part_size(paths) is not None
+    PartStore.for_paths(paths, mode="plain").discard(paths)
     previous = ctx.previous
     if previous is not None and previous.reason == "precondition_failed":
         return ResumeDecision(mode="fresh", reason="precondition_failed_dropped_validators")
     record = ctx.record
     if _verified_record(ctx) and record is not None and (record.etag or record.last_modified):
-        headers = []
-        if record.etag:
-            headers.append(("If-None-Match", record.etag))
-        if record.last_modified:
-            headers.append(("If-Modified-Since", record.last_modified))
-        return ResumeDecision(mode="revalidate", reason="finished_file_verified", headers=tuple(headers),
+        headers = conditional_headers(record.etag, record.last_modified)
+        return ResumeDecision(mode="revalidate", reason="finished_file_verified", headers=headers,
                               etag=record.etag, last_modified=record.last_modified)
     if had_part:
         return ResumeDecision(mode="discard", reason="legacy_restarts_from_zero")

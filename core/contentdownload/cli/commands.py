@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from contentdownload.cli import parser as cli
-from contentdownload.cli.parser import EXIT_FAILED, EXIT_OK, _print_json, _table, runtime_from_args
-from contentdownload.machinery.config import check_run_value
-from contentdownload.errors import ConfigError, UsageError
-from contentdownload.records.log import close_logging, configure_logging
+from contentdownload.cli.parser import EXIT_FAILED, EXIT_OK, _print_json, _table
+from contentdownload.machinery.config import check_option
+from contentdownload.errors import UsageError
+from contentdownload.records.log import close_logging, configure_logging, get_logger
 from contentdownload.cli.progress import human_bytes
+
+log = get_logger(__name__)
 
 # -- run -----------------------------------------------------------------------------
 
@@ -29,27 +31,121 @@ RUN_FLAGS = {
     "connect_timeout": "connect_timeout",
     "lease_ttl": "lease_ttl",
     "log_level": "log_level",
+    "header": "headers",
+    "user_agent": "user_agent",
+    "cookie": "cookies",
+    "cookie_jar": "cookie_jar",
+    "proxy": "proxy",
+    "ca_bundle": "ca_bundle",
 }
+#: run setting -> the flag that sets it (for messages and ``contentdownload config``)
+SETTING_FLAGS = {key: "--" + dest.replace("_", "-") for dest, key in RUN_FLAGS.items()}
+SETTING_FLAGS.update(revalidate="--revalidate", accept_any_content="--accept-any-content", retry_failed="--retry-failed",
+                     progress="--no-progress", verify_tls="--insecure")
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for dest, key in RUN_FLAGS.items():
         value = getattr(args, dest, None)
-        if value is None:
-            continue
-        flag = "--" + dest.replace("_", "-")
-        try:
-            overrides[key] = check_run_value(key, value, flag)
-        except ConfigError as exc:
-            raise UsageError(str(exc).replace(f"{flag}: run.{key}", flag)) from None
-    if args.revalidate:
-        overrides["revalidate"] = True
-    if args.retry_failed:
-        overrides["retry_failed"] = True
-    if args.no_progress:
-        overrides["progress"] = False
+        if value is not None:
+            overrides[key] = check_option(key, value, SETTING_FLAGS[key])
+    for dest, key, value in (("revalidate", "revalidate", True), ("accept_any_content", "accept_any_content", True),
+                             ("retry_failed", "retry_failed", True),
+                             ("no_progress", "progress", False), ("quiet", "progress", False), ("insecure", "verify_tls", False)):
+        if getattr(args, dest, False):
+            overrides[key] = value
     return overrides
+
+
+def _runtime(args: argparse.Namespace) -> Any:
+    from contentdownload.machinery.runtime import Runtime
+
+    return Runtime.from_options(config_path=args.config, cli=cli.cli_layer(args), run_overrides=_run_overrides(args),
+                                override_label=lambda key: SETTING_FLAGS.get(key, key))
+
+
+def looks_like_url(text: str) -> bool:
+    """Whether a command-line argument is a URL to fetch (``http://`` or ``https://``) rather than a job list."""
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+def _url_job(url: str, filename: str | None = None) -> Any:
+    from contentdownload.hooks.model import Job
+    from contentdownload.transfer.urls import canonical_url
+
+    canonical_url(url)  # a malformed URL on the command line is a usage error (exit 2)
+    return Job(urls=(url,), filename=filename)
+
+
+def _entries(args: argparse.Namespace) -> list:
+    """Jobs from the URL and list-file arguments and ``-i`` lists, in the order given."""
+    from contentdownload.jobs.inputs import read_jobs
+
+    sources = [*args.inputs, *(args.input_file or [])]
+    if not sources:
+        raise UsageError("give URLs or a job list file (or - for stdin): contentdownload run URL... --out DIR")
+    entries: list = []
+    for source in sources:
+        entries.extend([_url_job(source)] if looks_like_url(source) else read_jobs(source))
+    return entries
+
+
+def _check_requests(runtime: Any) -> None:
+    """Refuse a bad cookie file or CA bundle before anything is written; say once that TLS is not checked."""
+    from contentdownload.transfer.options import INSECURE_WARNING, client_options
+
+    client_options(runtime.settings, runtime.environ)
+    if not runtime.settings.verify_tls:
+        print(INSECURE_WARNING, file=sys.stderr)
+
+
+def _single_host_notice(runtime: Any, entries: list) -> str | None:
+    """A notice when ``--workers`` cannot be reached because every job is on one host and ``--per-host`` is lower."""
+    from urllib.parse import urlsplit
+
+    settings = runtime.settings
+    hosts = {(urlsplit(e.urls[0]).hostname or "").lower() for e in entries if getattr(e, "urls", None)}
+    if len(hosts) == 1 and settings.workers > settings.per_host:
+        return (f"contentdownload: notice: every job is on {hosts.pop()}: at most --per-host {settings.per_host} "
+                f"of the {settings.workers} workers transfer at once (raise --per-host to use them all)")
+    return None
+
+
+def _log_run_start(runtime: Any, entries: list) -> None:
+    from contentdownload import __version__
+    from contentdownload.hooks.model import HOOKS
+
+    settings = runtime.settings_report()["settings"]
+    log.info("run_started", version=__version__, jobs=len(entries), settings={k: v["value"] for k, v in settings.items()},
+             winners={hook: runtime.policy.select(hook).winner for hook in HOOKS})
+
+
+def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | Path, resume_from: str | None = None) -> Any:
+    from contentdownload.jobs.runner import Run
+    from contentdownload.jobs.workspace import Workspace
+
+    ws = Workspace.open(out)  # a bad --out is a usage error before anything is written
+    level = runtime.settings.log_level
+    stderr_level = level if args.verbose else "ERROR" if args.quiet else "WARNING"
+    configure_logging(level, ws.logs / "download.log", stderr_level=stderr_level)
+    notice = _single_host_notice(runtime, entries)
+    if notice:
+        log.info("workers_above_per_host", workers=runtime.settings.workers, per_host=runtime.settings.per_host)
+        if not args.quiet:
+            print(notice, file=sys.stderr)
+    _log_run_start(runtime, entries)
+    try:
+        report = Run(runtime, ws.out, entries, resume_from=resume_from, install_signal_handlers=True).execute()
+        if report.error:
+            print(f"contentdownload: {report.error}", file=sys.stderr)
+        m = report.metrics
+        log.info("run_finished", exit_code=report.exit_code, jobs=m["jobs"], outcomes=m["outcomes"],
+                 failures_by_reason=m["failures_by_reason"], bytes_downloaded=m["bytes_downloaded"],
+                 elapsed_s=m["elapsed_s"], interrupted=bool(m.get("interrupted")))
+        return report
+    finally:
+        close_logging()
 
 
 def print_summary(report: Any, stream=None) -> None:
@@ -64,31 +160,46 @@ def print_summary(report: Any, stream=None) -> None:
         f"({human_bytes(m['throughput_bytes_per_s'])}/s); manifest: {report.workspace.manifest}",
         file=stream,
     )
-    if m.get("interrupted"):
+    if report.left:
+        print(f"{report.left} of {report.planned} planned jobs left: {report.left_reason}; "
+              "parts are kept, run the same command again to finish", file=stream)
+    elif m.get("interrupted"):
         print("interrupted: parts are kept; run the same command again to finish", file=stream)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from contentdownload.jobs.inputs import read_jobs
-    from contentdownload.jobs.runner import Run
-
-    runtime = runtime_from_args(args, _run_overrides(args))
-    entries = read_jobs(args.input)  # unreadable input: exit 2 before anything is written
+    runtime = _runtime(args)
+    entries = _entries(args)  # unreadable input: exit 2 before anything is written
     if args.resume_from:
         from contentdownload.records.manifest import read_manifest
 
         read_manifest(args.resume_from)  # a missing manifest is a usage error, before any download
     if args.dry_run:
         return _dry_run(runtime, args, entries)
-    from contentdownload.jobs.workspace import Workspace
+    _check_requests(runtime)
+    report = _execute(runtime, args, entries, args.out, resume_from=args.resume_from)
+    if args.json:
+        _print_json({**report.metrics, "manifest": str(report.workspace.manifest), "exit_code": report.exit_code})
+    elif not args.quiet:
+        print_summary(report)
+    return report.exit_code
 
-    ws = Workspace.open(args.out)  # a bad --out is a usage error before anything is written
-    configure_logging(runtime.settings.log_level, ws.logs / "download.log")
-    try:
-        report = Run(runtime, ws.out, entries, resume_from=args.resume_from, install_signal_handlers=True).execute()
-    finally:
-        close_logging()
-    print_summary(report)
+
+def cmd_get(args: argparse.Namespace) -> int:
+    target = Path(args.output).expanduser() if args.output else None
+    if target is not None and target.is_dir():
+        out, filename = target, None
+    else:
+        out, filename = (args.out or (target.parent if target else ".")), (target.name if target else None)
+    runtime = _runtime(args)
+    entries = [_url_job(args.url, filename)]
+    _check_requests(runtime)
+    report = _execute(runtime, args, entries, out)
+    for result in report.results:
+        if result.ok and not args.quiet:
+            print(f"{result.outcome}: {result.path}")
+        elif not result.ok:
+            print(f"failed: {result.reason}: {args.url}", file=sys.stderr)
     return report.exit_code
 
 
@@ -124,26 +235,54 @@ def _dry_run(runtime: Any, args: argparse.Namespace, entries: list) -> int:
     return EXIT_OK
 
 
+def add_request_options(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``run`` and ``get``: what every request carries, timeouts, output verbosity."""
+    g = p.add_argument_group("requests")
+    g.add_argument("--header", action="append", metavar="'NAME: VALUE'", help="send this header with every request (repeatable)")
+    g.add_argument("--user-agent", metavar="TEXT", help="User-Agent header (default contentdownload/VERSION)")
+    g.add_argument("--cookie", action="append", metavar="NAME=VALUE", help="send this cookie to every host (repeatable)")
+    g.add_argument("--cookie-jar", metavar="FILE", help="cookies from a Netscape cookie file (as curl -b and wget --load-cookies read)")
+    g.add_argument("--proxy", metavar="URL", help="proxy for http and https (default: HTTP_PROXY / HTTPS_PROXY / NO_PROXY)")
+    g.add_argument("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE (beats REQUESTS_CA_BUNDLE and SSL_CERT_FILE)")
+    g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (one warning is printed)")
+    g.add_argument("--max-bytes", type=int, metavar="N", help="abort a body larger than N bytes")
+    g.add_argument("--retries", type=int, metavar="N", help="retries of a transfer per candidate URL (default 5)")
+    g.add_argument("--timeout", type=float, metavar="S", help="read timeout in seconds (default 60)")
+    g.add_argument("--connect-timeout", type=float, metavar="S", help="connect timeout in seconds (default 10)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary; errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print log lines (at --log-level) on stderr")
+    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+
+
 def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("run", parents=[common], help="download a job list into a folder")
-    p.add_argument("input", metavar="INPUT", help="text file of URLs, JSONL file of jobs, or - for stdin")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p = sub.add_parser("run", parents=[common], help="download URLs or job lists into a folder")
+    p.add_argument("inputs", nargs="*", metavar="URL|LIST", help="http(s) URLs to fetch, or job lists: a text file of URLs, a JSONL file of jobs, - for stdin")
+    p.add_argument("-i", "--input-file", action="append", metavar="LIST", help="a job list (repeatable)")
+    p.add_argument("-P", "--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (and nothing else)")
     p.add_argument("--max", type=int, metavar="N", help="only the first N jobs")
     p.add_argument("--workers", type=int, metavar="N", help="concurrent transfers (default 4)")
     p.add_argument("--per-host", type=int, metavar="N", help="concurrent transfers per host (default 4)")
     p.add_argument("--resume-from", metavar="MANIFEST", help="an earlier manifest: what is done, and the validators to send")
     p.add_argument("--db", metavar="URL", help="job store: sqlite:///path or postgresql://... (default: SQLite in DIR/.contentdownload)")
-    p.add_argument("--max-bytes", type=int, metavar="N", help="abort a body larger than N bytes")
-    p.add_argument("--retries", type=int, metavar="N", help="retries of a transfer per candidate URL (default 5)")
-    p.add_argument("--timeout", type=float, metavar="S", help="read timeout in seconds (default 60)")
-    p.add_argument("--connect-timeout", type=float, metavar="S", help="connect timeout in seconds (default 10)")
+    add_request_options(p)
     p.add_argument("--lease-ttl", type=float, metavar="S", help="job lease length in seconds (default 60)")
     p.add_argument("--revalidate", action="store_true", help="send conditional requests for finished files instead of skipping them")
+    p.add_argument("--accept-any-content", action="store_true",
+                   help="save a body whatever its first bytes show (by default an HTML page where the job expects a PDF fails as unexpected_content)")
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed for good in earlier runs")
-    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.add_argument("--dry-run", action="store_true", help="plan and print decisions; download nothing")
     p.set_defaults(func=cmd_run)
+
+
+def add_get(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("get", parents=[common], help="download one URL")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("-o", "--output", metavar="FILE", help="save as FILE (default: a name from the URL, in the current folder)")
+    p.add_argument("-P", "--out", metavar="DIR", help="output folder (default: FILE's folder, else the current folder)")
+    add_request_options(p)
+    p.set_defaults(func=cmd_get)
 
 
 # -- compare -------------------------------------------------------------------------
@@ -309,6 +448,28 @@ def add_gc(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_gc)
 
 
+# -- config --------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    report = _runtime(args).settings_report()
+    if args.json:
+        _print_json(report)
+        return EXIT_OK
+    rows = [[key, json.dumps(s["value"]), s["source"]] for key, s in report["settings"].items()]
+    print(_table(rows, ["SETTING", "VALUE", "SOURCE"]))
+    files = report["config_files"]
+    print(f"\nconfig files read: {', '.join(files) if files else '(none)'}")
+    print(f"user config file:  {report['user_config']}")
+    return EXIT_OK
+
+
+def add_config(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("config", parents=[common], help="the effective [run] settings and where each came from")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config)
+
+
 # -- demo ----------------------------------------------------------------------------
 
 
@@ -326,4 +487,4 @@ def add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-cli.SUBCOMMANDS.extend([add_run, add_demo, add_compare, add_jobs, add_gc])
+cli.SUBCOMMANDS.extend([add_run, add_get, add_config, add_demo, add_compare, add_jobs, add_gc])

@@ -29,7 +29,7 @@ def selection_options() -> argparse.ArgumentParser:
     """The flags that decide which plugin answers each hook (shared by every subcommand)."""
     common = _Parser(add_help=False)
     group = common.add_argument_group("plugin selection")
-    group.add_argument("--config", metavar="FILE", help="config file (default: ./contentdownload.toml or [tool.contentdownload] in ./pyproject.toml)")
+    group.add_argument("--config", metavar="FILE", help="config file, read after the user file and ./contentdownload.toml (or [tool.contentdownload] in ./pyproject.toml)")
     switch = group.add_mutually_exclusive_group()
     switch.add_argument("--enable-streaming-integration", dest="integration", action="store_const", const=True, help="streaming plugins win every hook (overrides env and config)")
     switch.add_argument("--disable-streaming-integration", dest="integration", action="store_const", const=False, help="legacy wins every hook: the one-flag rollback")

@@ -54,8 +54,11 @@ class Job:
     ``urls`` are candidate URLs tried in order until one succeeds. ``work_id`` and
     ``artifact_id`` identify the artifact independently of where it is served from.
     ``filename`` names the output file (sanitised by the runner). ``sha256`` and
-    ``size`` are what the finished file must match, when known. ``line`` is the input
-    line the job came from, for error reports.
+    ``size`` are what the finished file must match, when known. ``expected_type`` is what
+    the body must be (a media type such as ``application/pdf`` or a family: ``pdf``,
+    ``html``, ``xml``, ``json``, ``zip``, ``gzip``, ``image``, ``text``); without it the
+    file name's or URL's extension says. ``line`` is the input line the job came from,
+    for error reports.
     """
 
     urls: tuple[str, ...] = attrs.field(converter=_tuple_of_str)
@@ -64,6 +67,7 @@ class Job:
     filename: str | None = None
     sha256: str | None = attrs.field(default=None, converter=attrs.converters.optional(str.lower))
     size: int | None = None
+    expected_type: str | None = None
     line: int | None = attrs.field(default=None, eq=False)
 
     @urls.validator
@@ -99,7 +103,7 @@ class Effects:
     ``bytes_written`` counts body bytes written to the part by ``stream_io`` in this
     attempt; ``renamed`` is set by ``finalize`` the moment the part was moved into place.
     A plugin must call :meth:`wrote` before (or as) it writes and :meth:`mark_renamed`
-    right after ``os.replace``.
+    right after the rename (the part store's ``promote`` does both).
     """
 
     bytes_written: int = 0
@@ -159,16 +163,18 @@ class PriorRecord:
 @attrs.frozen
 class StagePaths:
     """Where a job's bytes live: ``final`` (the finished file), ``part`` (the staging file
-    being written) and ``sidecar`` (the part's JSON metadata)."""
+    being written) and ``sidecar`` (the part's JSON metadata). ``root`` is the output
+    folder the final path lies in (its parent folders are created and checked below it)."""
 
     final: Path
     part: Path
     sidecar: Path
+    root: Path | None = None
 
     @classmethod
-    def for_key(cls, final: Path, staging_dir: Path, key: str, suffix: str = "") -> "StagePaths":
+    def for_key(cls, final: Path, staging_dir: Path, key: str, suffix: str = "", root: Path | None = None) -> "StagePaths":
         part = staging_dir / f"{key}{suffix}.part"
-        return cls(final=final, part=part, sidecar=part.with_name(part.name + ".json"))
+        return cls(final=final, part=part, sidecar=part.with_name(part.name + ".json"), root=root)
 
 
 @attrs.frozen
@@ -178,7 +184,8 @@ class TransferOptions:
     ``max_bytes``: abort a body larger than this. ``chunk_size``: read and write size.
     ``checkpoint_bytes``: fsync the part and update its sidecar every so many bytes.
     ``timeout``: (connect, read) seconds. ``revalidate``: send a conditional request
-    for finished files instead of skipping them.
+    for finished files instead of skipping them. ``accept_any_content``: promote a body
+    whatever its first bytes show (no check against the job's expected type).
     """
 
     max_bytes: int | None = None
@@ -186,6 +193,7 @@ class TransferOptions:
     checkpoint_bytes: int = 16 << 20
     timeout: tuple[float, float] = (10.0, 60.0)
     revalidate: bool = False
+    accept_any_content: bool = False
 
 
 @attrs.frozen
@@ -284,7 +292,10 @@ class StreamResult:
     the final response's status, ``url`` the URL requested and ``final_url`` the one
     after redirects. ``content_type``, ``content_encoding``, ``etag`` and
     ``last_modified`` come from the response headers. ``elapsed_ms`` is the time the
-    attempt took, ``ttfb_ms`` the time to the status line.
+    attempt took, ``ttfb_ms`` the time to the status line. ``server_digests`` are the
+    representation digests the server offered (``{"repr-digest:sha256": hex, ...}``),
+    checked when the part is promoted; ``verified_by`` names digests already checked while
+    streaming (a ``Content-Digest`` over a partial body).
     """
 
     status: StreamStatus = attrs.field(validator=attrs.validators.in_(STREAM_STATUSES))
@@ -303,6 +314,8 @@ class StreamResult:
     retry_after: float | None = None
     elapsed_ms: float = 0.0
     ttfb_ms: float | None = None
+    server_digests: Mapping[str, str] = attrs.field(factory=dict)
+    verified_by: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -313,6 +326,7 @@ class FinalizeContext:
     job; ``paths`` give the part and the final path; ``stream`` is the ``complete``
     result of ``stream_io``. ``lease``: ``lease.assert_held()`` must be called right
     before the rename. ``effects``: ``effects.mark_renamed()`` right after it.
+    ``options``: the run's transfer settings (``accept_any_content``).
     """
 
     job: Job
@@ -321,6 +335,7 @@ class FinalizeContext:
     stream: StreamResult
     lease: Lease = NO_LEASE
     effects: Effects = attrs.field(factory=Effects)
+    options: TransferOptions = attrs.field(factory=TransferOptions)
 
 
 @attrs.frozen
@@ -330,7 +345,10 @@ class FinalizeResult:
     ``ok`` true: the file is at ``path`` with ``size`` bytes and ``sha256``; ``durable``
     says whether it was fsynced (file and directory). ``ok`` false: nothing was
     promoted, the part was removed when it cannot be trusted, and ``reason`` says why
-    (``size_mismatch``, ``sha256_mismatch``, ...).
+    (``size_mismatch``, ``sha256_mismatch``, ``digest_mismatch``, ``unexpected_content``, ...).
+    ``verified_by`` names what the bytes were checked against (``sha256`` of the job,
+    ``repr-digest:sha256``, ``content-md5:md5``, ...); ``detected_type`` is the media type
+    the first bytes show (``None`` when they show nothing recognisable), ok or not.
     """
 
     ok: bool
@@ -339,6 +357,8 @@ class FinalizeResult:
     sha256: str | None = None
     reason: str = ""
     durable: bool = False
+    verified_by: tuple[str, ...] = ()
+    detected_type: str | None = None
 
 
 HOOK_RESULT_TYPES: dict[str, type] = {
@@ -370,6 +390,7 @@ class JobResult:
     ``last_modified`` come from the server. ``attempts`` counts transfer attempts,
     ``elapsed_ms`` the job's wall time. ``decisions`` lists the resume decision mode of
     each attempt, in order (``fresh``, ``resume``, ``revalidate``, ``discard``).
+    ``verified_by`` and ``detected_type`` are the finalize stage's (see :class:`FinalizeResult`).
     """
 
     outcome: Outcome = attrs.field(validator=attrs.validators.in_(OUTCOMES))
@@ -392,6 +413,8 @@ class JobResult:
     plugins: Mapping[str, str] = attrs.field(factory=dict)
     fallbacks: Mapping[str, bool] = attrs.field(factory=dict)
     decisions: tuple[str, ...] = ()
+    verified_by: tuple[str, ...] = ()
+    detected_type: str | None = None
 
     @property
     def ok(self) -> bool:

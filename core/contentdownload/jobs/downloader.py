@@ -22,7 +22,9 @@ from typing import Any, Mapping
 
 import attrs
 
+from contentdownload.machinery.config import check_option
 from contentdownload.machinery.flags import FlagLayer
+from contentdownload.transfer.urls import canonical_url
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import Job, JobResult
 from contentdownload.jobs.pipeline import Pipeline
@@ -42,7 +44,9 @@ class Downloader:
     ``pyproject.toml``). ``environ``: the environment to read flags from (default
     ``os.environ``). ``pins``: ``{hook: plugin}`` choices that beat env and config, like
     ``--plugin``. ``plugins``: extra plugin objects to register by name. Any other keyword
-    is a ``[run]`` setting (``retries``, ``timeout``, ``max_bytes``, ``revalidate`` ...).
+    is a ``[run]`` setting (``retries``, ``timeout``, ``max_bytes``, ``revalidate``,
+    ``headers``, ``cookie_jar``, ``ca_bundle`` ...), checked as the CLI checks its flags: an
+    unknown name or a bad value raises :class:`~contentdownload.errors.UsageError`.
     """
 
     def __init__(
@@ -54,10 +58,13 @@ class Downloader:
         plugins: Mapping[str, object] | None = None,
         **settings: Any,
     ):
+        for key, value in settings.items():
+            check_option(key, value, key)  # the CLI's checks and messages: UsageError (a ValueError)
         cli = FlagLayer(source="cli", pins=dict(pins or {}), origin={f"pin:{h}": f"Downloader(pins={{{h!r}: {n!r}}})" for h, n in (pins or {}).items()})
-        self.runtime = Runtime.from_options(config_path=config, cli=cli, environ=environ, extra_plugins=plugins, run_overrides=settings)
+        self.runtime = Runtime.from_options(config_path=config, cli=cli, environ=environ, extra_plugins=plugins,
+                                            run_overrides=settings, override_label=lambda key: f"Downloader({key}=...)")
         self.settings = self.runtime.settings
-        self._http = make_http(self.settings)
+        self._http = make_http(self.settings, self.runtime.environ)
         self._pipeline = Pipeline(self.runtime, self._http, transfer_options(self.settings), retries=self.settings.retries, backoff_factor=self.settings.backoff_factor)
         self._owner = make_owner()
         self._lock = threading.Lock()
@@ -74,6 +81,8 @@ class Downloader:
     def download(self, job_or_url: Job | str, dest_dir: str | Path) -> JobResult:
         """Fetch one job (or URL) into ``dest_dir``; returns its :class:`~contentdownload.hooks.model.JobResult`."""
         job = Job(urls=(job_or_url,)) if isinstance(job_or_url, str) else job_or_url
+        for url in job.urls:
+            canonical_url(url)  # a malformed URL is a UsageError, as on the command line
         ws, store, plan_lock = self._folder(dest_dir)
         with plan_lock:  # naming and planning see each other's choices
             plan = plan_jobs(self.runtime, store, ws, [job], revalidate=self.settings.revalidate, retry_failed=True)

@@ -2,7 +2,7 @@
 
 A text list has one URL a line; blank lines and ``#`` comments are skipped. A JSONL
 list has one object a line with ``url`` or ``urls`` (ordered candidates), and optional
-``work_id``, ``artifact_id``, ``filename``, ``sha256``, ``size``. The format is JSONL
+``work_id``, ``artifact_id``, ``filename``, ``sha256``, ``size``, ``expected_type``. The format is JSONL
 when the first entry starts with ``{``.
 
 A bad line (not JSON, no URL, an unsupported scheme, a malformed field) becomes a
@@ -44,7 +44,7 @@ def _job_from_object(obj: object, line: int) -> Job:
         urls = [urls]
     if not urls or not isinstance(urls, list) or not all(isinstance(u, str) and u.strip() for u in urls):
         raise ValueError("no url: give 'url' (a string) or 'urls' (a list of strings)")
-    for name in ("work_id", "artifact_id", "filename"):
+    for name in ("work_id", "artifact_id", "filename", "expected_type"):
         value = obj.get(name)
         if value is not None and not isinstance(value, (str, int)):
             raise ValueError(f"{name} must be a string")
@@ -61,6 +61,7 @@ def _job_from_object(obj: object, line: int) -> Job:
         filename=obj.get("filename") and str(obj["filename"]),
         sha256=sha256,
         size=size,
+        expected_type=obj.get("expected_type") and str(obj["expected_type"]),
         line=line,
     )
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from contentdownload.hooks.model import Job
-from contentdownload.transfer.urls import canonical_url
+from contentdownload.transfer.urls import identity_url
 
 IDENTITY_VERSION = 1
 
@@ -17,11 +17,13 @@ def identity_key(job: Job) -> tuple[str, str]:
     """The content identity of a job: ``(hex SHA-256, canonical URL)``.
 
     SHA-256 of canonical JSON (sorted keys, no spaces) of ``{version, work_id,
-    artifact_id, url}`` where ``url`` is the canonical form of the first candidate URL.
+    artifact_id, url}`` where ``url`` is the identity form of the first candidate URL
+    (:func:`~contentdownload.transfer.urls.identity_url`: canonical, no credentials, no signing
+    parameters).
     This is the ``streaming`` plugin's job key and what the canary bucket hashes, so it
     is the same in every process and run.
     """
-    url = canonical_url(job.url)
+    url = identity_url(job.url)
     payload = {
         "artifact_id": job.artifact_id,
         "url": url,

@@ -65,10 +65,11 @@ __all__ = ["Pipeline", "check_same_filesystem", "backoff_delay", "PROTOCOL_STEPS
 
 #: ``retry`` reasons that are steps of the protocol (validators dropped, part dropped,
 #: restart); each may happen a few times per candidate without using the retry budget.
-PROTOCOL_STEPS = frozenset({"precondition_failed", "range_not_satisfiable", "bad_content_range", "part_changed"})
+PROTOCOL_STEPS = frozenset({"precondition_failed", "range_not_satisfiable", "bad_content_range", "part_changed",
+                            "validator_changed", "overlap_mismatch"})
 _FREE_STEPS = 3
 #: ``retry`` reasons of a transport failure before any response.
-_NO_RESPONSE = frozenset({"connection_error", "connect_timeout", "timeout"})
+_NO_RESPONSE = frozenset({"connection_error", "connect_timeout", "connection_refused", "connection_reset", "read_timeout"})
 
 
 def backoff_delay(retry_number: int, backoff_factor: float, retry_after: float | None = None,
@@ -217,6 +218,7 @@ class _JobRun:
         self.attempts = 0
         self.bytes_downloaded = 0
         self.decisions: list[str] = []
+        self.detected_type: str | None = None
         self.last: StreamResult | None = None
         self.failure = ""
         self.failure_url: str | None = None
@@ -264,6 +266,7 @@ class _JobRun:
             "plugins": dict(self.plugins),
             "fallbacks": dict(self.fallbacks),
             "decisions": tuple(self.decisions),
+            "detected_type": self.detected_type,
         }
         if last is not None:
             base.update(http_status=last.http_status, final_url=last.final_url, content_type=last.content_type,
@@ -384,7 +387,8 @@ class _JobRun:
     def finish(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> JobResult | None:
         if self.before_finalize is not None:
             self.before_finalize(stream)
-        fctx = FinalizeContext(job=self.job, job_key=self.job_key, paths=paths, stream=stream, lease=self.lease, effects=Effects())
+        fctx = FinalizeContext(job=self.job, job_key=self.job_key, paths=paths, stream=stream, lease=self.lease, effects=Effects(),
+                               options=self.options)
         try:
             answer = self.dispatcher.call(self.selections["finalize"], fctx)
         except NoPluginAnsweredError as exc:
@@ -396,13 +400,14 @@ class _JobRun:
             return self.failed("stage_failed", cand.url)
         self.note("finalize", answer)
         done = answer.result
+        self.detected_type = done.detected_type or self.detected_type
         if not done.ok:
             self.failure, self.failure_url = done.reason or "finalize_failed", cand.url
             log.warning("finalize refused the part", url=redact_url(cand.url), reason=done.reason)
             return None
         outcome = "resumed" if cand.resumed_from > 0 else "downloaded"
         return self.result(outcome, url=redact_url(cand.url), path=done.path, size=done.size, sha256=done.sha256,
-                           resumed_from=cand.resumed_from)
+                           resumed_from=cand.resumed_from, verified_by=done.verified_by)
 
     def not_modified(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> JobResult:
         record = self.record

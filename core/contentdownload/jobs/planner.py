@@ -64,23 +64,40 @@ def plan_jobs(
     for job in jobs:
         identity, url = identity_key(job)
         identified.setdefault(identity, (job, url))
+    ordered = list(identified.items())
     history = _History.read(store)
+    names = _names(history, ws, ordered, resume_from)
+    items, settled, planned = _key_jobs(runtime, ordered, names, resume_from, revalidate, history)
+    if not dry_run:
+        store.plan(planned)
+    settled += _settle_from_manifest(store, ws, items, revalidate, dry_run)
+    settled += _settle_from_store(store, ws, items, retry_failed, dry_run)
+    return Plan(items=items, settled=settled, keys=frozenset(items), order=[k for k in items])
+
+
+def _names(history: "_History", ws: Workspace, ordered: Sequence[tuple[str, tuple[Job, str]]], resume_from: ManifestRecords | None) -> list[str]:
+    """A relative path per job: the name on record (store, earlier manifest) or a new one no other file has."""
     recorded_names = history.names
     for identity, owned in (resume_from.names.items() if resume_from else ()):
         if Path(owned).parent == ws.out:
             recorded_names.setdefault(identity, Path(owned).name)
     mine = {name.casefold() for name in recorded_names.values()}
     foreign = [p.name for p in ws.out.iterdir() if p.is_file() and p.name.casefold() not in mine] if ws.out.is_dir() else []
-    ordered = list(identified.items())
-    names = plan_names([(job, identity) for identity, (job, _) in ordered], recorded_names, taken=foreign)
+    return plan_names([(job, identity) for identity, (job, _) in ordered], recorded_names, taken=foreign)
+
+
+def _key_jobs(
+    runtime: Any, ordered: Sequence[tuple[str, tuple[Job, str]]], names: Sequence[str],
+    resume_from: ManifestRecords | None, revalidate: bool, history: "_History",
+) -> tuple[dict[str, WorkItem], list[JobResult], list[Any]]:
+    """The job key of each job (through the ``job_key`` chain): work items, failures, and the store's planned rows."""
+    from contentdownload.store import PlannedJob  # the store package imports drivers lazily
 
     items: dict[str, WorkItem] = {}
     settled: list[JobResult] = []
     planned = []
     by_key = resume_from.by_key if resume_from else {}
     by_url = resume_from.by_url if resume_from else {}
-    from contentdownload.store import PlannedJob  # the store package imports drivers lazily
-
     for (identity, (job, canonical)), relative in zip(ordered, names):
         selection = runtime.policy.plan(identity)["job_key"]
         try:
@@ -99,10 +116,12 @@ def plan_jobs(
             adopt_from=prior.path if prior is not None and prior.path else None,
         )
         planned.append(PlannedJob(key=key.key, scheme=key.scheme, payload=job_payload(job, relative, identity)))
-    if not dry_run:
-        store.plan(planned)
+    return items, settled, planned
 
-    # A finished file an earlier manifest recorded at this very path: done, record it as such.
+
+def _settle_from_manifest(store: Any, ws: Workspace, items: dict[str, WorkItem], revalidate: bool, dry_run: bool) -> list[JobResult]:
+    """A finished file an earlier manifest recorded at this very path: done, record it as such (removed from ``items``)."""
+    settled = []
     for key, item in list(items.items()):
         prior = item.record
         if prior is None or not prior.path or not prior.sha256 or revalidate:
@@ -113,28 +132,23 @@ def plan_jobs(
                 _record_finished(store, key, final, prior)
             settled.append(_skipped(item, final, prior.size, prior.sha256, prior))
             del items[key]
+    return settled
 
-    # What earlier runs left: finished files, failures, leases of dead processes.
+
+def _settle_from_store(store: Any, ws: Workspace, items: dict[str, WorkItem], retry_failed: bool, dry_run: bool) -> list[JobResult]:
+    """What earlier runs left: finished files, failures, leases of dead processes (settled ones leave ``items``)."""
+    settled = []
     existing = {key: rec for key in items if (rec := store.get(key)) is not None}
     for key, rec in existing.items():
         item = items[key]
         state = _state(rec)
         if state == "finalized":
-            stored = record_of(rec)
-            path = Path(rec.path) if rec.path else None
-            ours = path is not None and (path == ws.out or ws.out in path.parents)
-            if ours and not file_matches(path, rec.size, rec.sha256, rec.mtime_ns):
-                log.warning("finished file is gone or changed, fetching it again", job_key=key, path=str(path))
-                if not dry_run:
-                    store.reopen(key)
-                items[key] = attrs.evolve(item, record=None, adopt_from=None)
-            elif ours and item.revalidate:
-                if not dry_run:
-                    store.reopen(key)
-                items[key] = attrs.evolve(item, record=stored, adopt_from=None)
-            else:
-                settled.append(_skipped(item, path, rec.size, rec.sha256, rec))
+            outcome = _finalized(store, ws, item, rec, dry_run)
+            if isinstance(outcome, JobResult):
+                settled.append(outcome)
                 del items[key]
+            else:
+                items[key] = outcome
         elif state == "failed":
             if retry_failed or not is_permanent(rec.last_error or ""):
                 if not dry_run:
@@ -145,7 +159,24 @@ def plan_jobs(
         elif state in ("leased", "streaming") and owner_is_dead_local_process(rec.lease_owner) and not dry_run:
             store.release(key, rec.epoch)
             log.info("released the lease of a process that is gone", job_key=key, owner=rec.lease_owner)
-    return Plan(items=items, settled=settled, keys=frozenset(items), order=[k for k in items])
+    return settled
+
+
+def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: bool) -> WorkItem | JobResult:
+    """A job the store calls finished: skipped, or reopened (file gone or changed, or revalidation asked)."""
+    key = item.key.key
+    path = Path(rec.path) if rec.path else None
+    ours = path is not None and (path == ws.out or ws.out in path.parents)
+    if ours and not file_matches(path, rec.size, rec.sha256, rec.mtime_ns):
+        log.warning("finished file is gone or changed, fetching it again", job_key=key, path=str(path))
+        if not dry_run:
+            store.reopen(key)
+        return attrs.evolve(item, record=None, adopt_from=None)
+    if ours and item.revalidate:
+        if not dry_run:
+            store.reopen(key)
+        return attrs.evolve(item, record=record_of(rec), adopt_from=None)
+    return _skipped(item, path, rec.size, rec.sha256, rec)
 
 
 @attrs.frozen
@@ -210,6 +241,12 @@ def remaining(store: Any, keys: Iterable[str]) -> set[str]:
     """Keys among ``keys`` that are not finished or failed yet (someone may still hold them)."""
     wanted = set(keys)  # only active records are read: the cost follows the run, not the store's history
     return {rec.key for state in ACTIVE_STATES for rec in store.records(state) if rec.key in wanted}
+
+
+def finished_elsewhere(store: Any, keys: Iterable[str]) -> set[str]:
+    """Keys among ``keys`` the store calls finished (another process may have done them)."""
+    wanted = set(keys)
+    return {rec.key for rec in store.records() if rec.key in wanted and _state(rec) == "finalized"}
 
 
 def item_for_claim(plan: Plan, claim: Any) -> WorkItem:

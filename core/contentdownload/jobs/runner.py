@@ -8,6 +8,7 @@ written at the end, also when jobs failed or the run was interrupted.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -15,62 +16,50 @@ import time
 import uuid
 from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import attrs
 
-from contentdownload.errors import Cancelled, LeaseLostError
+from contentdownload.errors import Cancelled, LeaseLostError, StoreError
 from contentdownload.transfer.http import HttpClient
+from contentdownload.transfer.options import client_options
 from contentdownload.jobs.inputs import BadLine
-from contentdownload.jobs.keys import operation_key
+from contentdownload.jobs.ledger import ManifestLedger
 from contentdownload.records.log import EVENTS, get_logger
-from contentdownload.records.manifest import ManifestWriter, iter_rows, read_manifest, result_row
+from contentdownload.records.manifest import ManifestWriter, read_manifest
 from contentdownload.records.metrics import DECISION_EVENT, build_metrics, previous_totals, with_folder_totals, write_metrics
 from contentdownload.hooks.model import Job, JobResult, TransferOptions
 from contentdownload.jobs.pipeline import Pipeline
-from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining
+from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining, finished_elsewhere
 from contentdownload.cli.progress import Progress
 from contentdownload.store import open_store
+from contentdownload.transfer.urls import redact_url
 from contentdownload.jobs.worker import JobWorker, make_owner
 from contentdownload.jobs.workspace import Workspace
 
 log = get_logger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_FAILED = 0, 1
 
 
 @attrs.frozen
 class RunReport:
-    """What a run did: results in completion order, the metrics written, the exit code."""
+    """What a run did: results in completion order, the metrics written, the exit code.
+
+    ``planned``: jobs of the list (after ``--max``); ``left``: how many of them did not end
+    finished, skipped or failed (by this process or another), and ``left_reason`` why;
+    ``error``: the one line naming an infrastructure failure (the job store) that stopped the run.
+    """
 
     results: Sequence[JobResult]
     metrics: dict
     exit_code: int
     workspace: Workspace
-
-
-def manifest_op(job_key: str, outcome: str, reason: str, run_id: str, sha256: str | None = None) -> str:
-    """The ledger key of a manifest row.
-
-    A success once per content of the job (its SHA-256: a file fetched again with other
-    bytes gets its row, a replay of the same outcome does not), a revalidation once per
-    run, a failure once per reason.
-    """
-    kind = {"not_modified": f"manifest:not_modified:{run_id}", "failed": f"manifest:failed:{reason}"}.get(
-        outcome, f"manifest:{sha256 or ''}")
-    return operation_key(job_key, kind)
-
-
-def rows_on_disk(path: Path) -> frozenset[str]:
-    """Ledger keys of the rows the manifest already holds (the file is the truth when the ledger lags)."""
-    if not path.is_file():
-        return frozenset()
-    return frozenset(
-        manifest_op(row["job_key"], row.get("outcome", ""), row.get("reason", ""), row.get("run_id", ""), row.get("sha256"))
-        for row in iter_rows(path)
-        if row.get("job_key")
-    )
+    planned: int = 0
+    left: int = 0
+    left_reason: str | None = None
+    error: str | None = None
 
 
 class HostGate:
@@ -93,16 +82,18 @@ def transfer_options(settings: Any) -> TransferOptions:
         chunk_size=settings.chunk_size,
         timeout=(settings.connect_timeout, settings.timeout),
         revalidate=settings.revalidate,
+        accept_any_content=settings.accept_any_content,
     )
 
 
-def make_http(settings: Any) -> HttpClient:
+def make_http(settings: Any, environ: Mapping[str, str] | None = None) -> HttpClient:
+    """The client of a run: timeouts and retries, and the request options of :mod:`contentdownload.transfer.options`."""
     return HttpClient(
         timeout=(settings.connect_timeout, settings.timeout),
         retries=settings.retries,
         backoff_factor=settings.backoff_factor,
-        verify=settings.verify_tls,
         pool_maxsize=max(settings.workers, settings.per_host),
+        **client_options(settings, os.environ if environ is None else environ),
     )
 
 
@@ -114,7 +105,14 @@ def open_job_store(runtime: Any, ws: Workspace) -> Any:
 
 
 class Run:
-    """One execution of ``contentdownload run`` over a list of jobs."""
+    """One execution of ``contentdownload run`` over a list of jobs.
+
+    ``store_factory(runtime, workspace)`` opens the job store (default :func:`open_job_store`).
+    Nothing a job raises ends a worker thread: it becomes that job's result, or, for an
+    error of the job store, stops the run cleanly (parts kept, records written, exit 1).
+    The exit code comes from the plan: 0 only when every planned job ended finished or
+    skipped, by this process or another.
+    """
 
     def __init__(
         self,
@@ -125,6 +123,7 @@ class Run:
         resume_from: str | Path | None = None,
         show_progress: bool | None = None,
         install_signal_handlers: bool = False,
+        store_factory: Callable[[Any, Workspace], Any] = open_job_store,
     ):
         self.runtime = runtime
         self.settings = runtime.settings
@@ -135,89 +134,134 @@ class Run:
         self.resume_from = read_manifest(resume_from) if resume_from else None
         self.show_progress = self.settings.progress if show_progress is None else show_progress
         self.install_signal_handlers = install_signal_handlers
+        self.store_factory = store_factory
+        self.leasing = runtime.policy.idempotency.enabled
         self.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.cancel = threading.Event()
         self.owner = make_owner()
         self._results: list[JobResult] = []
+        self._ended: set[str] = set()  # job keys with an outcome recorded by this run
         self._lock = threading.Lock()
+        self._signal: int | None = None
+        self._store_error: str | None = None
+        self._http: HttpClient | None = None
 
     # -- entry point ----------------------------------------------------------------
 
     def execute(self) -> RunReport:
         started = time.monotonic()
         decisions_before = EVENTS.get(DECISION_EVENT)
-        jobs = [e for e in self.entries if isinstance(e, Job)]
-        bad = [e for e in self.entries if isinstance(e, BadLine)]
-        if self.settings.max_jobs is not None:
-            jobs = jobs[: self.settings.max_jobs]
-        store = open_job_store(self.runtime, self.ws)
+        jobs = [e for e in self.entries if isinstance(e, Job)][: self.settings.max_jobs]
+        store = self.store_factory(self.runtime, self.ws)
         manifest = ManifestWriter(self.ws.manifest)
-        self._rows_on_disk = rows_on_disk(self.ws.manifest)
-        http = make_http(self.settings)
-        interrupted = False
-        previous_handler = self._install_sigint() if self.install_signal_handlers else None
+        self._ledger = ManifestLedger(store, manifest, self.run_id, self.ws.out)
+        self._http = http = make_http(self.settings)
+        previous_handlers = self._install_signals() if self.install_signal_handlers else {}
+        plan: Plan | None = None
         try:
-            leasing = self.runtime.policy.idempotency.enabled
-            plan = plan_jobs(
-                self.runtime, store, self.ws, jobs,
-                revalidate=self.settings.revalidate, retry_failed=self.settings.retry_failed,
-                resume_from=self.resume_from,
-            )
-            for line in bad:
-                self._emit(JobResult(outcome="failed", job=Job(urls=(line.text or "-",), line=line.line),
-                                     reason=f"bad_input: line {line.line}: {line.reason}"), manifest, store, leasing=False)
-            for result in plan.settled:
-                self._emit(result, manifest, store, leasing)
-            progress = Progress(total=len(plan.items) + len(plan.settled) + len(bad), enabled=self.show_progress)
-            progress.done_many(plan.settled, bad=len(bad))
-            worker = JobWorker(
-                self.runtime,
-                Pipeline(self.runtime, http, transfer_options(self.settings), retries=self.settings.retries,
-                         backoff_factor=self.settings.backoff_factor),
-                store, self.ws, transfer_options(self.settings),
-                owner=self.owner, lease_ttl=self.settings.lease_ttl, leasing=leasing, cancel=self.cancel,
-                host_gate=HostGate(self.settings.per_host), progress=progress.bytes,
-                on_result=lambda result: self._emit(result, manifest, store, leasing),
-            )
-            threads = [
-                threading.Thread(target=self._work, args=(worker, plan, store, manifest, progress, leasing), name=f"worker-{i}", daemon=True)
-                for i in range(min(self.settings.workers, max(1, len(plan.items))))
-            ]
-            self._queue = deque(plan.order) if not leasing else deque()
-            for t in threads:
-                t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.2)
-            interrupted = self.cancel.is_set()
-            progress.close()
+            plan = self._plan(store, jobs)
+            self._drive(plan, store, http)
         except KeyboardInterrupt:
-            self.cancel.set()
-            interrupted = True
+            self._on_signal(signal.SIGINT, None)
+        except StoreError as exc:  # while planning or recording what planning settled
+            self._store_down(store, exc)
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             manifest.close()
-            metrics = build_metrics(
-                self._results, self.runtime.telemetry, run_id=self.run_id, elapsed_s=time.monotonic() - started,
-                decisions_logged=EVENTS.get(DECISION_EVENT) - decisions_before,
-                extra={"interrupted": interrupted, "store": store.url if hasattr(store, "url") else None,
-                       "idempotency": self.runtime.policy.idempotency.enabled,
-                       "streaming_schema": self.runtime.policy.streaming_schema.enabled},
-            )
+            left = self._left(store, plan, len(jobs))
+            metrics = self._metrics(store, started, decisions_before, planned=len(jobs), left=left)
             metrics = with_folder_totals(metrics, previous_totals(self.ws.metrics))
             write_metrics(self.ws.metrics, metrics)
             store.close()
             http.close()
+        return RunReport(results=list(self._results), metrics=metrics, exit_code=self._exit_code(left), workspace=self.ws,
+                         planned=len(jobs), left=left, left_reason=metrics["left_reason"], error=self._store_error)
+
+    def _plan(self, store: Any, jobs: Sequence[Job]) -> Plan:
+        """Plan the jobs into the store and record what is settled already (and the bad input lines)."""
+        plan = plan_jobs(
+            self.runtime, store, self.ws, jobs,
+            revalidate=self.settings.revalidate, retry_failed=self.settings.retry_failed, resume_from=self.resume_from,
+        )
+        bad = [e for e in self.entries if isinstance(e, BadLine)]
+        for line in bad:
+            self._emit(JobResult(outcome="failed", job=Job(urls=(line.text or "-",), line=line.line),
+                                 reason=f"bad_input: line {line.line}: {line.reason}"), leasing=False)
+        for result in plan.settled:
+            self._emit(result, self.leasing)
+        self._progress = Progress(total=len(plan.items) + len(plan.settled) + len(bad), enabled=self.show_progress)
+        self._progress.done_many(plan.settled, bad=len(bad))
+        return plan
+
+    def _drive(self, plan: Plan, store: Any, http: HttpClient) -> None:
+        """Run the worker threads over the plan until it is done, the run is interrupted or the store is lost."""
+        options = transfer_options(self.settings)
+        worker = JobWorker(
+            self.runtime,
+            Pipeline(self.runtime, http, options, retries=self.settings.retries, backoff_factor=self.settings.backoff_factor),
+            store, self.ws, options,
+            owner=self.owner, lease_ttl=self.settings.lease_ttl, leasing=self.leasing, cancel=self.cancel,
+            host_gate=HostGate(self.settings.per_host), progress=self._progress.bytes,
+            on_result=lambda result: self._emit(result, self.leasing),
+        )
+        self._queue = deque(plan.order) if not self.leasing else deque()
+        threads = [
+            threading.Thread(target=self._work, args=(worker, plan, store), name=f"worker-{i}", daemon=True)
+            for i in range(min(self.settings.workers, max(1, len(plan.items))))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.2)
+        self._progress.close()
+
+    # -- the end: what is left, metrics, exit code ----------------------------------
+
+    def _left(self, store: Any, plan: Plan | None, planned: int) -> int:
+        """Planned jobs that did not end finished, skipped or failed (by this run or, per the store, another)."""
+        if plan is None:
+            return planned
+        undone = set(plan.keys) - self._ended
+        if undone and self.leasing and self._store_error is None:
+            try:
+                undone -= finished_elsewhere(store, undone)
+            except Exception as exc:  # the store may be what failed; then the count stays as this run knows it
+                log.warning("could not ask the job store what other processes finished", error=f"{type(exc).__name__}: {exc}")
+        return len(undone)
+
+    def _left_reason(self, left: int) -> str | None:
+        if not left:
+            return None
+        if self._signal is not None:
+            return f"interrupted ({signal.Signals(self._signal).name})"
+        if self._store_error is not None:
+            return "the job store is unavailable"
+        return "not finished (see the log)"
+
+    def _metrics(self, store: Any, started: float, decisions_before: int, *, planned: int, left: int) -> dict:
+        return build_metrics(
+            self._results, self.runtime.telemetry, run_id=self.run_id, elapsed_s=time.monotonic() - started,
+            decisions_logged=EVENTS.get(DECISION_EVENT) - decisions_before,
+            extra={"interrupted": self._signal is not None, "store": redact_url(store.url) if hasattr(store, "url") else None,
+                   "idempotency": self.runtime.policy.idempotency.enabled,
+                   "streaming_schema": self.runtime.policy.streaming_schema.enabled,
+                   "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
+                   "store_error": self._store_error},
+        )
+
+    def _exit_code(self, left: int) -> int:
+        if self._signal is not None:
+            return 128 + self._signal
         failed = any(r.outcome == "failed" for r in self._results)
-        code = EXIT_INTERRUPTED if interrupted else EXIT_FAILED if failed else EXIT_OK
-        return RunReport(results=list(self._results), metrics=metrics, exit_code=code, workspace=self.ws)
+        return EXIT_FAILED if failed or left or self._store_error else EXIT_OK
 
     # -- workers --------------------------------------------------------------------
 
-    def _next_item(self, plan: Plan, store: Any, leasing: bool) -> Any:
+    def _next_item(self, plan: Plan, store: Any) -> Any:
         """The next claim (leasing) or queued key; ``None`` when this run has nothing left to do."""
-        if not leasing:
+        if not self.leasing:
             with self._lock:
                 return plan.items[self._queue.popleft()] if self._queue else None
         while not self.cancel.is_set():
@@ -229,60 +273,89 @@ class Run:
             self.cancel.wait(min(1.0, self.settings.lease_ttl / 4))  # another worker holds the rest
         return None
 
-    def _work(self, worker: JobWorker, plan: Plan, store: Any, manifest: ManifestWriter, progress: Progress, leasing: bool) -> None:
+    def _work(self, worker: JobWorker, plan: Plan, store: Any) -> None:
+        """A worker thread: claim and process jobs until none is left; never raises."""
         while not self.cancel.is_set():
-            item = self._next_item(plan, store, leasing)
+            try:
+                item = self._next_item(plan, store)
+            except Exception as exc:  # claiming is the store's work: whatever it raises, the store failed
+                self._store_down(store, exc)
+                return
             if item is None:
                 return
-            try:
-                progress.done(worker.process(item))  # the worker emits the row before recording
-                continue
-            except Cancelled:
-                if leasing:
-                    store.release(item.key.key, item.epoch)
-                return
-            except LeaseLostError as exc:
-                log.warning("lease taken over by another worker; not finalizing", job_key=item.key.key, error=str(exc))
-                continue
-            except Exception as exc:  # a bug must cost one job, not the run
-                log.error("job crashed", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}", exc_info=True)
-                result = JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=f"internal_error: {type(exc).__name__}", url=item.job.url)
-                if leasing:
-                    try:
-                        store.fail(item.key.key, item.epoch, result.reason, retryable=False, max_attempts=1)
-                    except Exception:  # the store may be what failed
-                        pass
-            self._emit(result, manifest, store, leasing)
-            progress.done(result)
+            self._process(worker, item, store)
 
-    def _emit(self, result: JobResult, manifest: ManifestWriter, store: Any, leasing: bool) -> None:
+    def _process(self, worker: JobWorker, item: Any, store: Any) -> None:
+        """One job to its record (the worker emits the row before recording); never raises."""
+        try:
+            self._progress.done(worker.process(item))
+            return
+        except Cancelled:
+            self._release(store, item)
+            return
+        except LeaseLostError as exc:
+            log.warning("lease taken over by another worker; not finalizing", job_key=item.key.key, error=str(exc))
+            return
+        except StoreError as exc:  # parts and the finalize intent are kept: a rerun resumes or recovers
+            self._store_down(store, exc)
+            self._release(store, item)
+            return
+        except Exception as exc:  # a bug must cost one job, not the run
+            log.error("job crashed", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            result = JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=f"internal_error: {type(exc).__name__}", url=item.job.url)
+        try:
+            if self.leasing:
+                store.fail(item.key.key, item.epoch, result.reason, retryable=False, max_attempts=1)
+            self._emit(result, self.leasing)
+            self._progress.done(result)
+        except StoreError as exc:
+            self._store_down(store, exc)
+        except Exception as exc:  # the manifest could not take the row: the job is left for a rerun
+            log.error("could not record a job's outcome", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
+
+    def _release(self, store: Any, item: Any) -> None:
+        """Give the job's lease back so a rerun can take it at once (best effort: the store may be away)."""
+        if not self.leasing:
+            return
+        try:
+            store.release(item.key.key, item.epoch)
+        except Exception as exc:
+            log.warning("could not release a lease; it expires on its own", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
+
+    def _store_down(self, store: Any, exc: BaseException) -> None:
+        """An infrastructure error: stop claiming, let the other workers stop, keep every part."""
+        where = redact_url(store.url) if hasattr(store, "url") else type(store).__name__
+        line = f"the job store {where} is unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        with self._lock:
+            first = self._store_error is None
+            if first:
+                self._store_error = line
+        if first:
+            log.error("stopping the run: " + line, exc_info=not isinstance(exc, StoreError))
+        self.cancel.set()
+
+    def _emit(self, result: JobResult, leasing: bool) -> None:
         """Record one outcome: a manifest row written once per job (the ledger's manifest op), counted in metrics."""
+        self._ledger.write(result, leasing=leasing)
         with self._lock:
             self._results.append(result)
-        if leasing and result.job_key:
-            op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id, result.sha256)
-            if store.op_begin(op, result.job_key, "manifest", 0) == "done":
-                return
-            if op in self._rows_on_disk:  # written before a crash that came before the ledger update
-                store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome, "reconciled": True})
-                return
-            manifest.write(result_row(result, self.run_id, self.ws.out))
-            store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome})
-        else:
-            manifest.write(result_row(result, self.run_id, self.ws.out))
+            if result.job_key:
+                self._ended.add(result.job_key)
 
-    # -- Ctrl-C ---------------------------------------------------------------------
+    # -- signals --------------------------------------------------------------------
 
-    def _install_sigint(self) -> Callable | None:
-        def handler(signum: int, frame: Any) -> None:
-            if self.cancel.is_set():
-                sys.stderr.write("contentdownload: second interrupt, stopping now\n")
-                sys.stderr.flush()
-                import os
+    def _install_signals(self) -> dict[int, Any]:
+        return {signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
 
-                os._exit(EXIT_INTERRUPTED)
-            sys.stderr.write("contentdownload: interrupted, finishing the current chunk and saving state (Ctrl-C again to stop at once)\n")
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """First SIGINT/SIGTERM: stop every worker (blocked reads too) and save state; a second: stop at once."""
+        if self._signal is not None:
+            sys.stderr.write("contentdownload: second signal, stopping now\n")
             sys.stderr.flush()
-            self.cancel.set()
-
-        return signal.signal(signal.SIGINT, handler)
+            os._exit(128 + self._signal)
+        self._signal = signum
+        sys.stderr.write("contentdownload: interrupted, saving state (send it again to stop at once)\n")
+        sys.stderr.flush()
+        self.cancel.set()
+        if self._http is not None:
+            self._http.abort()

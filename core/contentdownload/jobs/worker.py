@@ -5,9 +5,9 @@ everything between the job store and the pipeline:
 
 - a :class:`StoreLease` that heartbeats while the transfer streams and fences the
   finalize (a worker whose lease was taken over cannot promote its part);
-- the operation ledger: the finalize of a part is recorded (with its SHA-256) before the
-  rename, so a crash between the rename and the store update is recovered from the
-  file on disk instead of downloading it again; the manifest row of a job is written once;
+- the operation ledger (:mod:`~contentdownload.jobs.ledger`): the transfer op, and the
+  finalize intent recorded before the rename, so a crash between the rename and the store
+  update is recovered from the file on disk instead of downloading it again;
 - the files on disk are the truth: a finished record whose file is gone or changed is
   reopened, a part is resumed.
 """
@@ -25,14 +25,13 @@ from typing import Any, Callable, Iterator, Mapping
 
 import attrs
 
-from filelock import FileLock, Timeout
-
-from contentdownload.errors import Cancelled
+from contentdownload.errors import Cancelled, UnsafePathError
 from contentdownload.transfer.files import file_matches, sha256_file
-from contentdownload.jobs.keys import operation_key
+from contentdownload.jobs import ledger
 from contentdownload.records.log import get_logger
-from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, StreamResult, TransferOptions
+from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, TransferOptions
 from contentdownload.jobs.workspace import Workspace
+from contentdownload.transfer.parts import PartStore, PromoteRequest
 
 log = get_logger(__name__)
 
@@ -78,6 +77,7 @@ def job_payload(job: Job, relative_path: str, identity: str) -> dict:
         "filename": job.filename,
         "sha256": job.sha256,
         "size": job.size,
+        "expected_type": job.expected_type,
         "line": job.line,
         "relative_path": relative_path,
         "identity": identity,
@@ -92,6 +92,7 @@ def job_from_payload(payload: Mapping[str, Any]) -> Job:
         filename=payload.get("filename"),
         sha256=payload.get("sha256"),
         size=payload.get("size"),
+        expected_type=payload.get("expected_type"),
         line=payload.get("line"),
     )
 
@@ -110,38 +111,6 @@ def record_of(rec: Any) -> PriorRecord | None:
         content_type=rec.content_type,
         mtime_ns=rec.mtime_ns,
     )
-
-
-def adopt_previous_part(ws: Workspace, key: str, epoch: int, paths: Any) -> None:
-    """Carry the newest part of an earlier epoch over to this epoch's name, if its owner is gone.
-
-    Each epoch writes its own part (``KEY.EPOCH.part``) under a lock file held for the
-    whole job. A part whose lock can be taken belongs to a dead worker and is renamed
-    (with its sidecar) to this epoch's name so the transfer resumes. A part whose lock
-    is held belongs to a worker that is alive but lost its lease (paused, say): it is
-    left alone, since that worker may still write to it, and this epoch starts afresh.
-    """
-    if paths.part.exists():
-        return
-    for tag, part in ws.parts_of(key):
-        if tag is None or tag >= epoch:
-            continue
-        lock = FileLock(str(ws.lock_path(key, tag)))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log.warning("an earlier owner of this job is still alive; not reusing its part", job_key=key, epoch=tag)
-            continue
-        try:
-            sidecar = part.with_name(part.name + ".json")
-            if sidecar.exists():
-                os.replace(sidecar, paths.sidecar)
-            os.replace(part, paths.part)
-            log.info("resuming the part of an earlier attempt", job_key=key, from_epoch=tag, to_epoch=epoch)
-        finally:
-            lock.release()
-            Path(lock.lock_file).unlink(missing_ok=True)
-        return
 
 
 class StoreLease(Lease):
@@ -212,21 +181,7 @@ class JobWorker:
         self.progress = progress
         self.on_result = on_result
 
-    # -- the operation ledger -------------------------------------------------------
-
-    def _intent_key(self, key: str, sha256: str) -> str:
-        """The finalize op of one content: its key names the SHA-256, so a file on disk finds its own record."""
-        return operation_key(key, f"finalize:{sha256}")
-
-    def _record_intent(self, item: WorkItem, stream: StreamResult) -> None:
-        """Before the rename: record that this content is being promoted (the crash-recovery evidence)."""
-        op = self._intent_key(item.key.key, stream.sha256 or "")
-        self.store.op_begin(op, item.key.key, "finalize", item.epoch or 0)
-        self.store.op_done(op, {
-            "sha256": stream.sha256, "size": stream.total_size, "etag": stream.etag,
-            "last_modified": stream.last_modified, "final_url": stream.final_url,
-            "content_type": stream.content_type, "url": stream.url,
-        })
+    # -- crash recovery -------------------------------------------------------------
 
     def recover_finalized(self, item: WorkItem) -> JobResult | None:
         """A crash after the rename, before the store update: the file on disk finishes the job."""
@@ -234,10 +189,9 @@ class JobWorker:
         if not self.leasing or item.revalidate or not final.is_file():
             return None  # a reopened job (revalidation) was finished on record: nothing to recover
         sha = sha256_file(final)
-        op = self.store.op_get(self._intent_key(item.key.key, sha))
-        if not op or op["status"] != "done" or not op.get("result"):
+        intent = ledger.finalize_intent(self.store, item.key.key, sha)
+        if intent is None:
             return None
-        intent = op["result"]
         st = final.stat()
         log.info("recovered a finished file after a crash", job_key=item.key.key, path=str(final))
         return JobResult(
@@ -261,28 +215,32 @@ class JobWorker:
         lease: Lease = StoreLease(self.store, key, item.epoch or 0, self.owner, self.lease_ttl) if self.leasing else NO_LEASE
         if self.leasing:
             self.store.mark_streaming(key, item.epoch)
-            self.store.op_begin(operation_key(key, "transfer"), key, "transfer", item.epoch)
+            ledger.begin_transfer(self.store, key, item.epoch)
             recovered = self.recover_finalized(item)
             if recovered is not None:
                 self._report_and_record(item, recovered)
                 return recovered
-        if self.leasing:
-            part_lock = FileLock(str(self.ws.lock_path(key, item.epoch)))
-            part_lock.acquire(timeout=0)  # the epoch is ours alone: this cannot be held
-            paths = self.ws.stage_paths(item.relative_path, key, epoch=item.epoch)
-            adopt_previous_part(self.ws, key, item.epoch, paths)
-        else:
-            part_lock, paths = None, self.ws.stage_paths(item.relative_path, key)
-        try:
-            if item.adopt_from and item.record is not None and not paths.final.exists():
-                self._adopt(Path(item.adopt_from), item.record, paths)
-            result = self._transfer(item, paths, lease)
-        finally:
-            if part_lock is not None:
-                part_lock.release()
-                Path(part_lock.lock_file).unlink(missing_ok=True)
+        paths = self.ws.stage_paths(item.relative_path, key, epoch=item.epoch if self.leasing else None)
+        parts = PartStore(self.ws.staging, root=self.ws.out)
+        # With leases, each epoch has its own part, and taking the job over fences the older ones.
+        with parts.claim(key, item.epoch, self.cancel) if self.leasing else parts.exclusive(key, self.cancel):
+            result = self._unsafe_paths(item, paths) or self._attempt(item, paths, lease)
         self._report_and_record(item, result)
         return result
+
+    def _unsafe_paths(self, item: WorkItem, paths: Any) -> JobResult | None:
+        """A failed result when a staging path of the job is a planted symlink."""
+        try:
+            PartStore.check_paths(paths)
+        except UnsafePathError as exc:
+            log.error("job refused", job_key=item.key.key, reason=exc.reason, error=str(exc))
+            return JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=exc.reason, url=item.job.url)
+        return None
+
+    def _attempt(self, item: WorkItem, paths: Any, lease: Lease) -> JobResult:
+        if item.adopt_from and item.record is not None and not paths.final.exists():
+            self._adopt(Path(item.adopt_from), item, paths, lease)
+        return self._transfer(item, paths, lease)
 
     def _report_and_record(self, item: WorkItem, result: JobResult) -> None:
         """Hand the result on (the manifest row) first, then record it in the store.
@@ -302,7 +260,7 @@ class JobWorker:
             item.job, item.key, paths, selections,
             record=item.record, lease=lease, progress=self.progress, cancel=self.cancel,
             job_key_answer=item.job_key_answer, options=options,
-            before_finalize=(lambda stream: self._record_intent(item, stream)) if self.leasing else None,
+            before_finalize=(lambda stream: ledger.record_intent(self.store, item.key.key, item.epoch, stream)) if self.leasing else None,
             host_slot=(lambda url: self._host_slot(url, lease)) if self.host_gate else None,
         )
 
@@ -319,47 +277,41 @@ class JobWorker:
         finally:
             gate.release()
 
-    def _adopt(self, source: Path, record: PriorRecord, paths: Any) -> None:
-        """Copy a finished file from an earlier output folder into place (atomically) so it can be revalidated.
+    def _adopt(self, source: Path, item: WorkItem, paths: Any, lease: Lease) -> None:
+        """Copy a finished file from an earlier output folder into place (through the part store) so it can be revalidated.
 
         Only a file that still is what the earlier manifest recorded (size and SHA-256) is copied.
         """
-        if not record.sha256 or not source.is_file() or not file_matches(source, record.size, record.sha256):
+        record = item.record
+        if record is None or not record.sha256 or not source.is_file() or not file_matches(source, record.size, record.sha256):
             log.info("earlier file is gone or changed, not reusing it", path=str(source))
             return
-        tmp = paths.part.with_name(paths.part.name + ".adopt")
-        try:
-            with source.open("rb") as src, tmp.open("wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
-                dst.flush()
-                os.fsync(dst.fileno())
-            paths.final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, paths.final)
-        finally:
-            tmp.unlink(missing_ok=True)
+        parts = PartStore(self.ws.staging, root=self.ws.out)
+        with source.open("rb") as src, parts.open(paths, expected_size=record.size) as part:
+            while block := src.read(1 << 20):
+                part.append(block)
+            sha256 = part.close()
+        parts.promote(PromoteRequest(paths=paths, job=item.job, size=record.size, sha256=sha256, lease=lease))
 
     def _record(self, item: WorkItem, result: JobResult) -> None:
-        key = item.key.key
-        transfer_op = operation_key(key, "transfer")
+        """The job's state in the store (and, when leasing, its transfer op) from its result."""
+        if self.leasing:  # the ledger follows a success and precedes a failure, as the store's state does
+            finished = result.ok and result.path is not None
+            if not finished:
+                ledger.end_transfer(self.store, item.key.key, result)
+            self._record_claimed(item, result)
+            if finished:
+                ledger.end_transfer(self.store, item.key.key, result)
+            return
+        claim = self.store.claim_key(item.key.key, self.owner, self.lease_ttl)
+        if claim is not None:
+            self._record_claimed(attrs.evolve(item, epoch=claim.epoch), result)
+
+    def _record_claimed(self, item: WorkItem, result: JobResult) -> None:
         if result.ok and result.path is not None:
             final = Path(result.path)
             st = final.stat()
             info = {"etag": result.etag, "last_modified": result.last_modified, "final_url": result.final_url, "content_type": result.content_type}
-            if self.leasing:
-                self._finish(item, path=final, size=st.st_size, sha256=result.sha256 or sha256_file(final), mtime_ns=st.st_mtime_ns, info=info)
-                self.store.op_done(transfer_op, {"outcome": result.outcome, "bytes": result.bytes_downloaded})
-            else:
-                claim = self.store.claim_key(key, self.owner, self.lease_ttl)
-                if claim is not None:
-                    self.store.finish(key, claim.epoch, path=str(final), size=st.st_size, sha256=result.sha256 or sha256_file(final),
-                                      mtime_ns=st.st_mtime_ns, **info)
-            return
-        reason = result.reason or "failed"
-        if self.leasing:
-            self.store.op_failed(transfer_op, reason)
-            self.store.fail(key, item.epoch, reason, retryable=False, max_attempts=1)
+            self._finish(item, path=final, size=st.st_size, sha256=result.sha256 or sha256_file(final), mtime_ns=st.st_mtime_ns, info=info)
         else:
-            claim = self.store.claim_key(key, self.owner, self.lease_ttl)
-            if claim is not None:
-                self.store.fail(key, claim.epoch, reason, retryable=False, max_attempts=1)
+            self.store.fail(item.key.key, item.epoch, result.reason or "failed", retryable=False, max_attempts=1)

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import attrs
 
-from contentdownload.errors import StagingError, UsageError
+from contentdownload.errors import UnsafePathError, UsageError
 from contentdownload.hooks.model import StagePaths
+from contentdownload.transfer.parts import check_staging
 
 HIDDEN = ".contentdownload"
 #: Files in staging: ``KEY[.EPOCH].part``, its sidecar ``.part.json`` (written through
 #: ``.part.json.tmp``), a copy being adopted ``.part.adopt``, and the epoch's ``KEY.EPOCH.lock``.
-STAGING_SUFFIXES = (".part.json.tmp", ".part.json", ".part.adopt", ".part", ".lock")
+#: A part fenced off from an earlier owner of its job is ``KEY.EPOCH.fenced`` until gc removes it.
+STAGING_SUFFIXES = (".part.json.tmp", ".part.json", ".part.adopt", ".part", ".lock", ".fenced")
 
 
 def staging_owner(name: str) -> tuple[str, int | None] | None:
@@ -38,12 +40,9 @@ def staging_owner(name: str) -> tuple[str, int | None] | None:
 
 
 def check_same_filesystem(staging: Path, out: Path) -> None:
-    """Raise :class:`StagingError` unless ``staging`` and ``out`` are on one filesystem (so ``os.replace`` is atomic)."""
-    if os.stat(staging).st_dev != os.stat(out).st_dev:
-        raise StagingError(
-            f"staging folder {staging} is on another filesystem than the output folder {out}: "
-            "the final rename would not be atomic"
-        )
+    """Raise :class:`StagingError` unless ``staging`` and ``out`` are on one filesystem (so the rename is atomic),
+    or when the staging folder is a symlink."""
+    check_staging(staging, out)
 
 
 @attrs.frozen
@@ -73,8 +72,11 @@ class Workspace:
         )
         if create:
             try:
-                ws.staging.mkdir(parents=True, exist_ok=True)
-                ws.logs.mkdir(parents=True, exist_ok=True)
+                check_staging(ws.staging)  # before mkdir: never create folders through a planted symlink
+            except UnsafePathError as exc:
+                raise UsageError(str(exc)) from None
+            try:
+                ws.staging.mkdir(parents=True, exist_ok=True)  # logs/ is made when a log is written there
             except OSError as exc:
                 raise UsageError(f"cannot create output folder {out}: {exc.strerror}") from None
             check_same_filesystem(ws.staging, ws.out)
@@ -85,8 +87,11 @@ class Workspace:
         return f"sqlite:///{self.hidden / 'jobs.db'}"
 
     def final_path(self, relative: str) -> Path:
-        """``out/relative``, refusing anything that would land outside ``out``."""
-        candidate = (self.out / relative).resolve()
+        """``out/relative``, refusing anything that would land outside ``out``.
+
+        Symlinks are not resolved: the part store refuses to write through one at promotion.
+        """
+        candidate = Path(os.path.abspath(self.out / relative))
         if candidate.parent != self.out and self.out not in candidate.parents:
             raise UsageError(f"refusing a path outside the output folder: {relative!r}")
         if self.hidden in (candidate, *candidate.parents):
@@ -95,11 +100,7 @@ class Workspace:
 
     def stage_paths(self, relative: str, key: str, epoch: int | None = None) -> StagePaths:
         """Final, part and sidecar paths of a job; with leases, each epoch has its own part."""
-        return StagePaths.for_key(self.final_path(relative), self.staging, key, "" if epoch is None else f".{epoch}")
-
-    def lock_path(self, key: str, epoch: int) -> Path:
-        """The lock a worker holds on its epoch's part for the whole job."""
-        return self.staging / f"{key}.{epoch}.lock"
+        return StagePaths.for_key(self.final_path(relative), self.staging, key, "" if epoch is None else f".{epoch}", root=self.out)
 
     def parts_of(self, key: str) -> list[tuple[int | None, Path]]:
         """The job's parts in staging with their epochs, newest epoch first."""

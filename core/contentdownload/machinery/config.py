@@ -16,23 +16,33 @@ Layout::
 
     [run]                            # defaults for `contentdownload run`; CLI flags override
     workers = 8
+    headers = ["Accept: application/pdf"]
 
-Unknown keys and values of the wrong type are errors naming the key and the file.
+Files are read in this order, each overriding the one before: the user's file
+(``config.toml`` in the platformdirs user config folder ``contentdownload``), the
+project's file in the working folder, then ``--config FILE``. Every ``[run]`` key can
+also be set as ``CONTENTDOWNLOAD_<KEY>`` (upper case; list keys take one item a line),
+which beats the files; CLI flags beat everything. Unknown keys and values of the wrong
+type are errors naming the key and where it was set.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import attrs
+import platformdirs
 
 from contentdownload.errors import ConfigError, UsageError
-from contentdownload.machinery.flags import FlagLayer, check_hook, parse_ratio
+from contentdownload.machinery.flags import FlagLayer, check_hook, parse_bool, parse_ratio
 from contentdownload.machinery.suggest import did_you_mean
 
 CONFIG_NAME = "contentdownload.toml"
+USER_CONFIG_NAME = "config.toml"
+ENV_PREFIX = "CONTENTDOWNLOAD_"
 
 
 @attrs.frozen
@@ -48,6 +58,7 @@ class RunSettings:
     max_jobs: int | None = None
     db: str | None = None
     revalidate: bool = False
+    accept_any_content: bool = False
     retry_failed: bool = False
     chunk_size: int = 64 << 10
     lease_ttl: float = 60.0
@@ -55,12 +66,26 @@ class RunSettings:
     verify_tls: bool = True
     log_level: str = "INFO"
     progress: bool = True
+    headers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    user_agent: str | None = None
+    cookies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    cookie_jar: str | None = None
+    proxy: str | None = None
+    ca_bundle: str | None = None
 
 
 # key -> (accepted types, check, description of the check)
 _POSITIVE = (lambda v: v > 0, "must be greater than 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
 _ANY = (lambda v: True, "")
+_HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*$")
+_COOKIE = re.compile(r"^[^=;\s]+=[^;\r\n]*(;\s*[^=;\s]+=[^;\r\n]*)*;?$")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+")
+
+
+def _strings(pattern: re.Pattern[str], why: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: all(isinstance(x, str) and pattern.match(x.strip()) for x in v), why)
+
 RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "workers": ((int,), _POSITIVE),
     "per_host": ((int,), _POSITIVE),
@@ -71,6 +96,7 @@ RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "max_jobs": ((int,), _POSITIVE),
     "db": ((str,), _ANY),
     "revalidate": ((bool,), _ANY),
+    "accept_any_content": ((bool,), _ANY),
     "retry_failed": ((bool,), _ANY),
     "chunk_size": ((int,), (lambda v: v >= 4096, "must be at least 4096")),
     "lease_ttl": ((int, float), (lambda v: v >= 1, "must be at least 1 (seconds)")),
@@ -78,6 +104,12 @@ RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "verify_tls": ((bool,), _ANY),
     "log_level": ((str,), (lambda v: v.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "must be DEBUG, INFO, WARNING or ERROR")),
     "progress": ((bool,), _ANY),
+    "headers": ((list, tuple), _strings(_HEADER, "must be a list of 'Name: value' strings")),
+    "user_agent": ((str,), (lambda v: "\n" not in v and "\r" not in v, "must be one line")),
+    "cookies": ((list, tuple), _strings(_COOKIE, "must be a list of 'name=value' strings")),
+    "cookie_jar": ((str,), _ANY),
+    "proxy": ((str,), (lambda v: bool(_URL.match(v)), "must be a URL such as http://proxy.example:3128")),
+    "ca_bundle": ((str,), _ANY),
 }
 assert set(RUN_SCHEMA) == {f.name for f in attrs.fields(RunSettings)}
 
@@ -96,8 +128,8 @@ SELECTION_KEYS: dict[str, tuple[type, ...]] = {
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
-    return " or ".join(names[t] for t in types)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", tuple: "a list", dict: "a table"}
+    return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
 def _check_type(value: Any, types: tuple[type, ...], key: str, where: str) -> None:
@@ -106,15 +138,32 @@ def _check_type(value: Any, types: tuple[type, ...], key: str, where: str) -> No
         raise ConfigError(f"{where}: {key} must be {_type_name(types)}, not {value!r}")
 
 
-def check_run_value(key: str, value: Any, where: str) -> Any:
-    """Validate one ``[run]`` value (also used for CLI flags); returns it."""
-    if key not in RUN_SCHEMA:
-        raise ConfigError(f"{where}: unknown key run.{key}{did_you_mean(key, RUN_SCHEMA)}")
+def run_value_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the ``[run]`` key ``key`` ("must be ..., not ..."), ``None`` when it is fine."""
     types, (check, why) = RUN_SCHEMA[key]
-    _check_type(value, types, f"run.{key}", where)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        return f"must be {_type_name(types)}, not {value!r}"
     if not check(value):
-        raise ConfigError(f"{where}: run.{key} {why}, not {value!r}")
+        return f"{why}, not {value!r}"
+    return None
+
+
+def check_option(key: str, value: Any, name: str, unknown: str | None = None, error: type[UsageError] = UsageError) -> Any:
+    """Validate one ``[run]`` setting shown to the user as ``name`` (a flag, a variable, a keyword); returns it.
+
+    An unknown ``key`` is reported as ``unknown`` (default ``unknown option KEY``) with the closest match.
+    """
+    if key not in RUN_SCHEMA:
+        raise error(f"{unknown or f'unknown option {key}'}{did_you_mean(key, RUN_SCHEMA)}")
+    problem = run_value_problem(key, value)
+    if problem:
+        raise error(f"{name} {problem}")
     return value
+
+
+def check_run_value(key: str, value: Any, where: str) -> Any:
+    """Validate one ``[run]`` value of the config file ``where``; returns it (a :class:`ConfigError` otherwise)."""
+    return check_option(key, value, f"{where}: run.{key}", unknown=f"{where}: unknown key run.{key}", error=ConfigError)
 
 
 @attrs.frozen
@@ -124,6 +173,10 @@ class ConfigFile:
     path: Path | None
     layer: FlagLayer
     run: Mapping[str, Any]
+    #: ``[run]`` key -> the file (label) that set it
+    run_origin: Mapping[str, str] = attrs.field(factory=dict)
+    #: every file read, in the order read
+    paths: tuple[Path, ...] = ()
 
 
 EMPTY = ConfigFile(path=None, layer=FlagLayer(source="config"), run={})
@@ -163,7 +216,8 @@ def parse_config(data: Mapping[str, Any], where: str, path: Path | None = None) 
         else:
             values[key] = value
             origin[key] = f"{where} {key}"
-    return ConfigFile(path=path, layer=FlagLayer(source="config", pins=pins, origin=origin, **values), run=run)
+    layer = FlagLayer(source="config", pins=pins, origin=origin, **values)
+    return ConfigFile(path=path, layer=layer, run=run, run_origin={k: where for k in run}, paths=(path,) if path else ())
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -189,20 +243,104 @@ def find_config(cwd: Path) -> tuple[Path, Mapping[str, Any]] | None:
     return None
 
 
-def load_config(path: str | Path | None = None, cwd: Path | None = None) -> ConfigFile:
-    """Load ``path`` if given, else look in ``cwd`` (default: the working folder)."""
+def user_config_path() -> Path:
+    """``config.toml`` in the user's config folder (``$XDG_CONFIG_HOME/contentdownload`` on Linux)."""
+    return Path(platformdirs.user_config_dir("contentdownload", appauthor=False)) / USER_CONFIG_NAME
+
+
+def _merge_layers(layers: Iterable[FlagLayer]) -> FlagLayer:
+    """One config layer from several files, a later file's opinion winning."""
+    values: dict[str, Any] = {}
+    pins: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    disable: list[str] = []
+    for layer in layers:
+        for field in ("streaming_integration", "streaming", "idempotency", "streaming_schema", "streaming_ratio", "allow_fallback", "strict_plugins"):
+            if getattr(layer, field) is not None:
+                values[field] = getattr(layer, field)
+        pins.update(layer.pins)
+        disable.extend(layer.disable_plugins)
+        origin.update(layer.origin)
+    return FlagLayer(source="config", pins=pins, disable_plugins=tuple(dict.fromkeys(disable)), origin=origin, **values)
+
+
+def merge_configs(files: list[ConfigFile]) -> ConfigFile:
+    """The files read in order, each overriding the ones before."""
+    if not files:
+        return EMPTY
+    run: dict[str, Any] = {}
+    run_origin: dict[str, str] = {}
+    for file in files:
+        run.update(file.run)
+        run_origin.update(file.run_origin)
+    paths = tuple(p for f in files for p in f.paths)
+    return ConfigFile(path=paths[-1] if paths else None, layer=_merge_layers(f.layer for f in files), run=run, run_origin=run_origin, paths=paths)
+
+
+def load_config(path: str | Path | None = None, cwd: Path | None = None, user: bool = True) -> ConfigFile:
+    """The user's file (when ``user``), the project's file in ``cwd`` (default: the working folder), then ``path``."""
+    files: list[ConfigFile] = []
+    user_file = user_config_path()
+    if user and user_file.is_file():
+        files.append(parse_config(_read_toml(user_file), str(user_file), user_file))
+    found = find_config(cwd or Path.cwd())
+    if found is not None:
+        where, data = found
+        label = str(where) if where.name == CONFIG_NAME else f"{where} [tool.contentdownload]"
+        files.append(parse_config(data, label, where))
     if path is not None:
         path = Path(path)
-        return parse_config(_read_toml(path), str(path), path)
-    found = find_config(cwd or Path.cwd())
-    if found is None:
-        return EMPTY
-    where, data = found
-    label = str(where) if where.name == CONFIG_NAME else f"{where} [tool.contentdownload]"
-    return parse_config(data, label, where)
+        files.append(parse_config(_read_toml(path), str(path), path))
+    return merge_configs(files)
 
 
-def run_settings(config: ConfigFile, overrides: Mapping[str, Any] | None = None) -> RunSettings:
-    """Defaults, then the config's ``[run]``, then ``overrides`` (CLI flags that were given)."""
-    merged = {**config.run, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    return RunSettings(**merged)
+def _from_env(key: str, text: str, var: str) -> Any:
+    types = RUN_SCHEMA[key][0]
+    if bool in types:
+        return parse_bool(text, var)
+    if list in types:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    for kind in (int, float):
+        if kind in types:
+            try:
+                return kind(text.strip())
+            except ValueError:
+                raise UsageError(f"{var} must be {_type_name(types)}, not {text!r}") from None
+    return text.strip()
+
+
+def env_run_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``[run]`` values from ``CONTENTDOWNLOAD_<KEY>`` variables (validated; a bad one is a :class:`UsageError`)."""
+    values = {}
+    for key in RUN_SCHEMA:
+        var = ENV_PREFIX + key.upper()
+        if environ.get(var, "").strip():
+            values[key] = check_option(key, _from_env(key, environ[var], var), var)
+    return values
+
+
+def resolve_settings(
+    config: ConfigFile,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    override_label: Callable[[str], str] = lambda key: "--" + key.replace("_", "-"),
+) -> tuple[RunSettings, dict[str, str]]:
+    """Defaults, then the config files' ``[run]``, then ``CONTENTDOWNLOAD_<KEY>``, then ``overrides``; with each key's source."""
+    env = env_run_values(environ or {})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    origin = {key: "default" for key in RUN_SCHEMA}
+    origin.update(config.run_origin)
+    origin.update({k: f"{ENV_PREFIX}{k.upper()}" for k in env})
+    origin.update({k: override_label(k) for k in given})
+    return RunSettings(**{**config.run, **env, **given}), origin
+
+
+def redact_setting(key: str, value: Any) -> Any:
+    """A setting as it may be shown: header values, cookie values and proxy credentials hidden."""
+    if key == "headers":
+        return [f"{h.split(':', 1)[0]}: ***" for h in value]
+    if key == "cookies":
+        return ["; ".join(f"{c.split('=', 1)[0].strip()}=***" for c in v.split(";") if c.strip()) for v in value]
+    if key == "proxy" and value:
+        return re.sub(r"//[^/@]*@", "//***@", value)
+    return list(value) if isinstance(value, tuple) else value

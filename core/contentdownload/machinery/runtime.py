@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 from contentdownload import __version__
-from contentdownload.machinery.config import ConfigFile, RunSettings, load_config, run_settings
+import attrs
+
+from contentdownload.machinery.config import ConfigFile, RunSettings, load_config, redact_setting, resolve_settings, user_config_path
 from contentdownload.machinery.dispatch import Dispatcher
 from contentdownload.machinery.flags import ENV_VARS, FlagLayer, env_layer
 from contentdownload.hooks.specs import HOOKSPEC_VERSION
@@ -33,6 +35,7 @@ class Runtime:
         environ: Mapping[str, str] | None = None,
         extra_plugins: Mapping[str, object] | None = None,
         run_overrides: Mapping[str, Any] | None = None,
+        override_label: Callable[[str], str] | None = None,
     ):
         self.environ = dict(os.environ if environ is None else environ)
         self.cli = cli or FlagLayer(source="cli")
@@ -45,7 +48,11 @@ class Runtime:
         self.policy = Policy(self.layers, self.plugins)
         self.telemetry = Telemetry()
         self.dispatcher = Dispatcher(self.plugins, self.telemetry)
-        self.settings: RunSettings = run_settings(self.config, run_overrides)
+        labels = {} if override_label is None else {"override_label": override_label}
+        resolved = resolve_settings(self.config, self.environ, run_overrides, **labels)
+        self.settings: RunSettings = resolved[0]
+        #: ``[run]`` key -> where its value came from (default, a file, a variable, a flag)
+        self.settings_origin: dict[str, str] = resolved[1]
 
     @classmethod
     def from_options(
@@ -55,8 +62,10 @@ class Runtime:
         environ: Mapping[str, str] | None = None,
         extra_plugins: Mapping[str, object] | None = None,
         run_overrides: Mapping[str, Any] | None = None,
+        override_label: Callable[[str], str] | None = None,
     ) -> "Runtime":
-        return cls(cli=cli, config=load_config(config_path), environ=environ, extra_plugins=extra_plugins, run_overrides=run_overrides)
+        return cls(cli=cli, config=load_config(config_path), environ=environ, extra_plugins=extra_plugins,
+                   run_overrides=run_overrides, override_label=override_label)
 
     # -- reports -------------------------------------------------------------------
 
@@ -72,6 +81,12 @@ class Runtime:
         out["env"] = {k: self.environ[k] for k in ENV_VARS if k in self.environ}
         out["config_file"] = str(self.config.path) if self.config.path else None
         return out
+
+    def settings_report(self) -> dict:
+        """Every ``[run]`` setting with its effective value and its source; secrets shown as ``***``."""
+        values = attrs.asdict(self.settings)
+        settings = {k: {"value": redact_setting(k, v), "source": self.settings_origin[k]} for k, v in values.items()}
+        return {"config_files": [str(p) for p in self.config.paths], "user_config": str(user_config_path()), "settings": settings}
 
     def explain(self, job_key: str | None = None, url: str | None = None) -> dict:
         """Per hook: winner, fallback chain, deciding source, pinned; plus load failures."""

@@ -63,6 +63,8 @@ def result_row(result: JobResult, run_id: str, out_dir: Path) -> dict:
         "resumed_from": result.resumed_from,
         "plugins": {h: result.plugins.get(h) for h in HOOKS},
         "fallbacks": {h: bool(result.fallbacks.get(h, False)) for h in HOOKS},
+        "verified_by": list(result.verified_by),
+        "detected_type": result.detected_type,
     }
 
 

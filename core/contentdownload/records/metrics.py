@@ -122,6 +122,7 @@ def write_metrics(path: Path, metrics: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".metrics-", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # like every other file of the output folder (mkstemp makes 0600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(metrics, fh, indent=2, sort_keys=True, default=str)
             fh.write("\n")

@@ -148,7 +148,7 @@ class TransferRig:
     def paths(self, name: str) -> StagePaths:
         """Final, part and sidecar paths of output file ``name``."""
         key = sha256_hex(name.encode())
-        return StagePaths.for_key(self.out / name, self.staging, key)
+        return StagePaths.for_key(self.out / name, self.staging, key, root=self.out)
 
     def key(self, name: str) -> JobKey:
         """A job key for output file ``name``."""

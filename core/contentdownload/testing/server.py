@@ -31,6 +31,7 @@ first line of output.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import email.utils
 import errno
@@ -213,14 +214,27 @@ class Fault:
         return cls("ignore_range")
 
     @classmethod
+    def ignore_if_range(cls) -> Fault:
+        """Honour ``Range`` whatever ``If-Range`` says (a server that splices changed content)."""
+        return cls("ignore_if_range")
+
+    @classmethod
+    def add_headers(cls, headers: Mapping[str, str]) -> Fault:
+        """Answer normally, with these extra response headers (a lying digest, a second Content-Length)."""
+        return cls("add_headers", headers=tuple(headers.items()))
+
+    @classmethod
     def change_etag(cls) -> Fault:
         """Before answering, give the file a new ETag and Last-Modified (same content)."""
         return cls("change_etag")
 
     @classmethod
-    def change_content(cls, new_bytes: bytes) -> Fault:
-        """Before answering, replace the file's content (new ETag and Last-Modified)."""
-        return cls("change_content", data=bytes(new_bytes))
+    def change_content(cls, new_bytes: bytes, *, keep_validators: bool = False) -> Fault:
+        """Before answering, replace the file's content (new ETag and Last-Modified).
+
+        With ``keep_validators=True`` the ETag and Last-Modified stay (see :meth:`LoopbackServer.set_content`).
+        """
+        return cls("change_content", data=bytes(new_bytes), close=keep_validators)
 
     @classmethod
     def wrong_content_range(cls, delta: int) -> Fault:
@@ -381,6 +395,22 @@ def _parse_date(value: str) -> float | None:
     if parsed is None or parsed.tzinfo is None:
         return None
     return parsed.timestamp()
+
+
+def _sfv_sha256(digest: bytes) -> str:
+    return f"sha-256=:{base64.b64encode(digest).decode()}:"
+
+
+def _hash_range(fd: int, start: int, length: int) -> bytes:
+    h = hashlib.sha256()
+    while length > 0:
+        block = os.pread(fd, min(length, 1 << 20), start)
+        if not block:
+            break
+        h.update(block)
+        start += len(block)
+        length -= len(block)
+    return h.digest()
 
 
 def _http_date(ts: float) -> str:
@@ -953,7 +983,9 @@ class LoopbackServer:
     def add_file(self, path: str, data: bytes | None = None, *, source: Path | None = None,
                  etag: str | None = None, weak_etag: bool = False, no_etag: bool = False,
                  no_last_modified: bool = False, last_modified: float | None = None,
-                 content_type: str = "application/octet-stream", gzip: bool = False) -> str:
+                 content_type: str = "application/octet-stream", gzip: bool | str = False,
+                 headers: Mapping[str, str] | None = None, repr_digest: bool = False,
+                 content_digest: bool = False) -> str:
         """Serve a file at ``path`` and return its URL.
 
         Args:
@@ -969,7 +1001,12 @@ class LoopbackServer:
             last_modified: Unix time for Last-Modified; default :data:`DEFAULT_LAST_MODIFIED`.
             content_type: the ``Content-Type`` header.
             gzip: send a gzip-coded body (``Content-Encoding: gzip``, its own ETag, no range
-                support) to clients whose ``Accept-Encoding`` allows gzip.
+                support) to clients whose ``Accept-Encoding`` allows gzip; ``"always"``: to
+                every client, whatever it asked for (as misconfigured servers do).
+            headers: extra response headers sent with every answer for this file.
+            repr_digest: send ``Repr-Digest: sha-256=:...:`` of the whole representation.
+            content_digest: send ``Content-Digest: sha-256=:...:`` of each response's body
+                (on a 206, of the partial body only).
 
         Registering a path again replaces the earlier file, redirect or status.
         """
@@ -989,7 +1026,8 @@ class LoopbackServer:
         options = {
             "etag": etag, "weak_etag": weak_etag, "no_etag": no_etag, "no_last_modified": no_last_modified,
             "last_modified": DEFAULT_LAST_MODIFIED if last_modified is None else last_modified,
-            "content_type": content_type, "gzip": gzip,
+            "content_type": content_type, "gzip": gzip, "headers": tuple((headers or {}).items()),
+            "repr_digest": repr_digest, "content_digest": content_digest,
         }
         self._install(key, self._make_entry(key, body_path, size, sha, owned, options))
         return self.url(key)
@@ -1014,6 +1052,7 @@ class LoopbackServer:
         opts = {
             "etag": None, "weak_etag": False, "no_etag": False, "no_last_modified": False,
             "last_modified": DEFAULT_LAST_MODIFIED, "content_type": "application/octet-stream", "gzip": False,
+            "headers": (), "repr_digest": False, "content_digest": False,
         }
         unknown = set(options) - set(opts)
         if unknown:
@@ -1025,11 +1064,13 @@ class LoopbackServer:
         self._install(key, self._make_entry(key, target, size, sha, {target}, opts))
         return self.url(key), sha
 
-    def set_content(self, path: str, data: bytes) -> None:
+    def set_content(self, path: str, data: bytes, *, keep_validators: bool = False) -> None:
         """Replace the bytes of a registered file; its ETag and Last-Modified change.
 
         Responses already in flight finish with the old bytes. An explicit ``etag=`` given at
-        registration is dropped in favour of one derived from the new content.
+        registration is dropped in favour of one derived from the new content. With
+        ``keep_validators=True`` the ETag and Last-Modified stay as they were, as with servers
+        that derive them from size and mtime when a file is replaced within the same second.
         """
         key = _path_key(path)
         with self._lock:
@@ -1039,8 +1080,12 @@ class LoopbackServer:
         data = bytes(data)
         body_path = self._write_body(key, data)
         options = dict(entry.options)
-        options["etag"] = None
-        options["last_modified"] = self._next_last_modified(entry)
+        if keep_validators:
+            options["etag"] = entry.identity.etag
+            options["weak_etag"] = False  # the tag kept is already formatted
+        else:
+            options["etag"] = None
+            options["last_modified"] = self._next_last_modified(entry)
         new = self._make_entry(key, body_path, len(data), hashlib.sha256(data).hexdigest(), {body_path}, options)
         self._install(key, new)
 
@@ -1283,7 +1328,7 @@ class LoopbackServer:
             elif fault.kind == "change_content":
                 file_key = self._file_key(rec.path, raw_key)
                 if file_key is not None:
-                    self.set_content(file_key, fault.data or b"")
+                    self.set_content(file_key, fault.data or b"", keep_validators=fault.close)
 
         kind, target = self._lookup(rec.path, raw_key)
         if kind == "status":
@@ -1305,7 +1350,8 @@ class LoopbackServer:
 
     def _respond_file(self, h: _Handler, rec: _Rec, head: bool, entry: _Entry, fault: Fault | None) -> None:
         headers = rec.headers
-        use_gzip = entry.gzip is not None and _accepts_gzip(headers.get("Accept-Encoding"))
+        always = dict(entry.options).get("gzip") == "always"
+        use_gzip = entry.gzip is not None and (always or _accepts_gzip(headers.get("Accept-Encoding")))
         variant = entry.gzip if use_gzip else entry.identity
         assert variant is not None
         etag, lm = variant.etag, entry.last_modified
@@ -1316,6 +1362,12 @@ class LoopbackServer:
             common.append(("Last-Modified", _http_date(lm)))
         if entry.gzip is not None:
             common.append(("Vary", "Accept-Encoding"))
+        options = dict(entry.options)
+        common.extend(options.get("headers", ()))
+        if fault is not None and fault.kind == "add_headers":
+            common.extend(fault.headers)
+        if options.get("repr_digest") and not use_gzip and entry.sha256:
+            common.append(("Repr-Digest", _sfv_sha256(bytes.fromhex(entry.sha256))))
 
         # Preconditions, in the order of RFC 9110 section 13.2.2.
         if_match = headers.get("If-Match")
@@ -1349,7 +1401,7 @@ class LoopbackServer:
         if not head and not use_gzip and range_header is not None:
             if_range = headers.get("If-Range")
             honour = True
-            if if_range is not None:
+            if if_range is not None and (fault is None or fault.kind != "ignore_if_range"):
                 value = if_range.strip()
                 if value.startswith('"') or value.startswith("W/"):
                     honour = _strong_match(value, etag)
@@ -1382,6 +1434,8 @@ class LoopbackServer:
         with self._lock:  # open under the lock: set_content may unlink the old body right after
             fd = os.open(variant.body_path, os.O_RDONLY)
         try:
+            if options.get("content_digest") and not head:
+                response_headers.append(("Content-Digest", _sfv_sha256(_hash_range(fd, start, length))))
             h._head(rec, status, response_headers, length)
             if head:
                 h._flush(rec, fkind != "stall")

@@ -4,7 +4,11 @@
 
 - one :class:`requests.Session` per thread (connection pooling without sharing a session
   across threads);
-- a ``User-Agent`` naming the product and its version; TLS verification on by default;
+- a ``User-Agent`` naming the product and its version (or the one given), extra
+  headers, cookies and a proxy for every request; TLS verification on by default;
+- ``verify`` and ``proxies`` passed with every request, so that what the caller chose
+  beats requests' environment merge (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``,
+  ``HTTP(S)_PROXY``); with nothing chosen those variables and ``~/.netrc`` apply as usual;
 - redirects followed by requests, but only to ``http``/``https`` targets (anything else
   raises :class:`~contentdownload.errors.UnsafeRedirectError`), at most ``max_redirects``
   of them, and with the ``Authorization`` header dropped whenever the host, port or
@@ -24,7 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import http.client
+import http.cookiejar
 import re
+import socket
+import ssl
 import threading
 import time
 import weakref
@@ -42,6 +50,7 @@ from urllib3.util.retry import Retry
 from contentdownload import __version__
 from contentdownload.errors import UnsafeRedirectError
 from contentdownload.records.log import get_logger
+from contentdownload.transfer.digests import WANT_REPR_DIGEST
 from contentdownload.transfer.urls import redact_url
 
 log = get_logger(__name__)
@@ -50,8 +59,10 @@ log = get_logger(__name__)
 SAFE_SCHEMES = frozenset({"http", "https"})
 #: Statuses the client retries before the body (and that a stage reports as ``retry``).
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-#: ``Accept-Encoding`` for full (non-ranged) requests: the codings urllib3 can decode here.
-ACCEPT_ENCODING: str = urllib3.util.make_headers(accept_encoding=True)["accept-encoding"]
+#: ``Accept-Encoding`` of every request. Documents are already compressed, and a content coding
+#: breaks ranges, byte counts and revalidation (Apache's ``-gzip`` ETags), so none is asked for;
+#: a server that compresses anyway is still decoded (:data:`DECODABLE_ENCODINGS`).
+ACCEPT_ENCODING = "identity"
 #: Content codings urllib3 can decode here (brotli and zstd only when their libraries are installed).
 DECODABLE_ENCODINGS = frozenset(c.lower() for c in urllib3.response.BaseHTTPResponse.CONTENT_DECODERS)
 #: Default cap on a server's ``Retry-After``, in seconds.
@@ -136,6 +147,34 @@ def is_strong_etag(tag: str | None) -> bool:
     return not tag.startswith("W/") and len(tag) >= 2 and tag[0] == '"' and tag[-1] == '"'
 
 
+#: Suffixes servers append to an ETag for a compressed variant (Apache mod_deflate, mod_brotli).
+_CODING_SUFFIXES = ("-gzip", "-br", "-zstd", "-deflate")
+
+
+def revalidation_etags(tag: str) -> str:
+    """An ``If-None-Match`` value for a recorded ``tag``: the tag and its identity form.
+
+    A file recorded from a compressed answer carries the coding's ETag (Apache's
+    ``"abc-gzip"``) that the server's identity answer never matches; naming both forms
+    lets an unchanged file get its ``304`` (the comparison is weak, RFC 9110 section 13.1.2).
+    """
+    tags = [tag.strip()]
+    for suffix in _CODING_SUFFIXES:
+        if tags[0].endswith(f'{suffix}"'):
+            tags.append(tags[0][: -len(suffix) - 1] + '"')
+    return ", ".join(tags)
+
+
+def conditional_headers(etag: str | None, last_modified: str | None) -> tuple[tuple[str, str], ...]:
+    """The headers that ask whether a finished file changed: ``If-None-Match``, ``If-Modified-Since``."""
+    headers = []
+    if etag and etag.strip():
+        headers.append(("If-None-Match", revalidation_etags(etag)))
+    if http_date(last_modified):
+        headers.append(("If-Modified-Since", http_date(last_modified)))
+    return tuple(headers)
+
+
 def http_date(value: str | None) -> str | None:
     """``value`` when it is a valid HTTP date (as ``Last-Modified`` must be), else ``None``."""
     if not value:
@@ -169,33 +208,75 @@ def decodable(encoding: str | None) -> bool:
     return all(part.strip().lower() in DECODABLE_ENCODINGS for part in encoding.split(",") if part.strip())
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: ``__cause__``/``__context__`` and urllib3's ``MaxRetryError.reason``."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 16:
+        chain.append(current)
+        reason = getattr(current, "reason", None)
+        current = reason if isinstance(reason, BaseException) else (current.__cause__ or current.__context__)
+    return chain
+
+
 def request_failure(exc: BaseException) -> tuple[str, str]:
     """Map a transport exception to ``(status, reason)`` for a :class:`~contentdownload.hooks.model.StreamResult`.
 
-    ``status`` is ``retry`` for failures a later attempt may overcome (timeouts, lost
-    connections) and ``failed`` for those it cannot (a refused redirect, a bad URL, a
-    certificate that does not verify).
+    ``status`` is ``retry`` for failures a later attempt may overcome (timeouts, refused or
+    reset connections) and ``failed`` for those it cannot (a refused redirect, a bad URL, a
+    certificate that does not verify, framing headers that contradict each other). The
+    reason names what happened: ``connect_timeout``, ``read_timeout``, ``connection_refused``,
+    ``connection_reset``, ``connection_lost``, ``protocol_error``, ``tls_error`` ...
     """
-    if isinstance(exc, UnsafeRedirectError):
+    chain = _causes(exc)
+    kinds = tuple(type(e) for e in chain)
+
+    def has(*types: type) -> bool:
+        return any(issubclass(kind, types) for kind in kinds)
+
+    if has(UnsafeRedirectError):
         return "failed", "unsafe_redirect"
-    if isinstance(exc, requests.exceptions.TooManyRedirects):
+    if has(requests.exceptions.TooManyRedirects):
         return "failed", "too_many_redirects"
-    if isinstance(exc, (requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema,
-                        requests.exceptions.InvalidURL, requests.exceptions.InvalidHeader)):
+    if has(requests.exceptions.InvalidHeader, urllib3.exceptions.InvalidHeader, http.client.HTTPException) and not has(
+        http.client.IncompleteRead, urllib3.exceptions.IncompleteRead
+    ):
+        return "failed", "protocol_error"
+    if has(requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema, requests.exceptions.InvalidURL,
+           urllib3.exceptions.LocationParseError):
         return "failed", "invalid_url"
-    if isinstance(exc, requests.exceptions.SSLError):
+    if has(requests.exceptions.SSLError, urllib3.exceptions.SSLError, ssl.SSLError):
         return "failed", "tls_error"
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
+    if has(ConnectionRefusedError):
+        return "retry", "connection_refused"
+    if has(ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+        return "retry", "connection_reset"
+    # urllib3's NewConnectionError (any failed connect) subclasses ConnectTimeoutError.
+    if has(requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError) and (
+        has(TimeoutError, socket.timeout) or not has(urllib3.exceptions.NewConnectionError)
+    ):
         return "retry", "connect_timeout"
-    if isinstance(exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
-        return "retry", "timeout"
-    if isinstance(exc, requests.exceptions.ContentDecodingError) or isinstance(exc, urllib3.exceptions.DecodeError):
+    if has(urllib3.exceptions.ReadTimeoutError, requests.exceptions.ReadTimeout, requests.exceptions.Timeout, TimeoutError):
+        return "retry", "read_timeout"
+    if has(requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError):
         return "retry", "decode_error"
-    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError)):
+    if has(requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError, http.client.IncompleteRead):
         return "retry", "connection_lost"
-    if isinstance(exc, requests.exceptions.ConnectionError):
+    if has(requests.exceptions.ConnectionError, OSError):
         return "retry", "connection_error"
     return "retry", "request_error"
+
+
+def failure_detail(exc: BaseException) -> str:
+    """One line for the log: the innermost cause's type and message, with URLs' secrets removed."""
+    inner = _causes(exc)[-1]
+    text = " ".join(str(inner).split())[:300]
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), _PATH_IN_TEXT.sub(r"\1<path>", text))
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+
+
+_URL_IN_TEXT = re.compile(r"https?://\S+")
+_PATH_IN_TEXT = re.compile(r"(url: )\S+")
 
 
 # -- retries --------------------------------------------------------------------------
@@ -276,7 +357,10 @@ class HttpClient:
     backoff; ``max_retry_after``: cap on a server's ``Retry-After`` (and on backoff).
     ``verify``: verify TLS certificates (or a CA bundle path). ``max_redirects``: at most
     this many redirects. ``user_agent``: default ``contentdownload/<version>``.
-    ``pool_maxsize``: connections kept per host per thread.
+    ``pool_maxsize``: connections kept per host per thread. ``headers``: sent with every
+    request (a stage's own headers win). ``cookies``: a cookie jar copied into every
+    thread's session. ``proxies``: requests' ``{scheme: proxy URL}`` (empty: the
+    environment's proxy variables).
     """
 
     def __init__(
@@ -290,7 +374,13 @@ class HttpClient:
         user_agent: str | None = None,
         pool_maxsize: int = 10,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        headers: Mapping[str, str] | None = None,
+        cookies: http.cookiejar.CookieJar | None = None,
+        proxies: Mapping[str, str] | None = None,
     ):
+        self.headers = dict(headers or {})
+        self.cookies = cookies
+        self.proxies = dict(proxies or {})
         self.timeout = (float(timeout[0]), float(timeout[1]))
         self.retries = int(retries)
         self.backoff_factor = float(backoff_factor)
@@ -301,6 +391,7 @@ class HttpClient:
         self.max_retry_after = float(max_retry_after)
         self._local = threading.local()
         self._sessions: "weakref.WeakSet[requests.Session]" = weakref.WeakSet()
+        self._responses: "weakref.WeakSet[requests.Response]" = weakref.WeakSet()
         self._lock = threading.Lock()
 
     @property
@@ -335,6 +426,10 @@ class HttpClient:
             session.verify = self.verify
             session.headers["User-Agent"] = self.user_agent
             session.headers["Accept-Encoding"] = ACCEPT_ENCODING
+            session.headers["Want-Repr-Digest"] = WANT_REPR_DIGEST  # RFC 9530: offer one if you can
+            session.headers.update(self.headers)
+            if self.cookies is not None:
+                session.cookies.update(self.cookies)
             adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=self._retry())
             session.mount("http://", adapter)
             session.mount("https://", adapter)
@@ -361,7 +456,25 @@ class HttpClient:
         scheme = urlsplit(url).scheme.lower()
         if scheme not in SAFE_SCHEMES:
             raise requests.exceptions.InvalidSchema(f"unsupported URL scheme {scheme or '(none)'!r}: only http and https")
-        return self.session().get(url, headers=dict(headers or {}), timeout=timeout or self.timeout, stream=stream, allow_redirects=True)
+        response = self.session().get(url, headers=dict(headers or {}), timeout=timeout or self.timeout, stream=stream,
+                                      allow_redirects=True, verify=self.verify, proxies=self.proxies or None)
+        with self._lock:
+            self._responses.add(response)
+        return response
+
+    def abort(self) -> None:
+        """Shut down the connection of every response still being read, from any thread.
+
+        A read blocked in another thread (a slow or stalled server) returns at once with a
+        transport error; used when the run is interrupted.
+        """
+        with self._lock:
+            responses = list(self._responses)
+        for response in responses:
+            sock = getattr(getattr(response.raw, "connection", None), "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     # -- waiting ----------------------------------------------------------------------
 

@@ -1,0 +1,111 @@
+"""The operation ledger: what a job has done, recorded in the job store so a crash repeats nothing.
+
+Three kinds of operation, each keyed by :func:`~contentdownload.jobs.keys.operation_key`:
+
+- the **transfer** of a job (begun when a worker starts it, done or failed with its result);
+- the **finalize intent** of one content: recorded, with its SHA-256 and validators, before
+  the part is renamed into place, so a crash between the rename and the store update is
+  recovered from the file on disk instead of downloading it again;
+- the **manifest row** of an outcome: a success once per content of the job (a file
+  fetched again with other bytes gets its row), a revalidation once per run, a failure
+  once per reason; even when a crash came between writing the row
+  and recording it (the manifest on disk is the truth when the ledger lags).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from contentdownload.hooks.model import JobResult, StreamResult
+from contentdownload.jobs.keys import operation_key
+from contentdownload.records.manifest import ManifestWriter, iter_rows, result_row
+
+# -- transfer -------------------------------------------------------------------------
+
+
+def begin_transfer(store: Any, key: str, epoch: int | None) -> None:
+    store.op_begin(operation_key(key, "transfer"), key, "transfer", epoch)
+
+
+def end_transfer(store: Any, key: str, result: JobResult) -> None:
+    """The transfer op of ``key`` done with ``result`` (or failed with its reason)."""
+    op = operation_key(key, "transfer")
+    if result.ok and result.path is not None:
+        store.op_done(op, {"outcome": result.outcome, "bytes": result.bytes_downloaded})
+    else:
+        store.op_failed(op, result.reason or "failed")
+
+
+# -- finalize intent ------------------------------------------------------------------
+
+
+def intent_key(key: str, sha256: str) -> str:
+    """The finalize op of one content: its key names the SHA-256, so a file on disk finds its own record."""
+    return operation_key(key, f"finalize:{sha256}")
+
+
+def record_intent(store: Any, key: str, epoch: int | None, stream: StreamResult) -> None:
+    """Before the rename: record that this content is being promoted (the crash-recovery evidence)."""
+    op = intent_key(key, stream.sha256 or "")
+    store.op_begin(op, key, "finalize", epoch or 0)
+    store.op_done(op, {
+        "sha256": stream.sha256, "size": stream.total_size, "etag": stream.etag,
+        "last_modified": stream.last_modified, "final_url": stream.final_url,
+        "content_type": stream.content_type, "url": stream.url,
+    })
+
+
+def finalize_intent(store: Any, key: str, sha256: str) -> Mapping[str, Any] | None:
+    """The recorded intent of promoting content ``sha256`` for ``key``, when one was completed."""
+    op = store.op_get(intent_key(key, sha256))
+    if not op or op["status"] != "done" or not op.get("result"):
+        return None
+    return op["result"]
+
+
+# -- manifest rows --------------------------------------------------------------------
+
+
+def manifest_op(job_key: str, outcome: str, reason: str, run_id: str, sha256: str | None = None) -> str:
+    """The ledger key of a manifest row.
+
+    A success once per content of the job (its SHA-256: a file fetched again with other
+    bytes gets its row, a replay of the same outcome does not), a revalidation once per
+    run, a failure once per reason.
+    """
+    kind = {"not_modified": f"manifest:not_modified:{run_id}", "failed": f"manifest:failed:{reason}"}.get(
+        outcome, f"manifest:{sha256 or ''}")
+    return operation_key(job_key, kind)
+
+
+def rows_on_disk(path: Path) -> frozenset[str]:
+    """Ledger keys of the rows the manifest already holds (the file is the truth when the ledger lags)."""
+    if not path.is_file():
+        return frozenset()
+    return frozenset(
+        manifest_op(row["job_key"], row.get("outcome", ""), row.get("reason", ""), row.get("run_id", ""), row.get("sha256"))
+        for row in iter_rows(path)
+        if row.get("job_key")
+    )
+
+
+class ManifestLedger:
+    """Writes one manifest row per outcome of a run, at most once per ledger key when leasing."""
+
+    def __init__(self, store: Any, manifest: ManifestWriter, run_id: str, out: Path):
+        self.store, self.manifest, self.run_id, self.out = store, manifest, run_id, out
+        self._on_disk = rows_on_disk(manifest.path)
+
+    def write(self, result: JobResult, *, leasing: bool) -> None:
+        if not (leasing and result.job_key):
+            self.manifest.write(result_row(result, self.run_id, self.out))
+            return
+        op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id, result.sha256)
+        if self.store.op_begin(op, result.job_key, "manifest", 0) == "done":
+            return
+        if op in self._on_disk:  # written before a crash that came before the ledger update
+            self.store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome, "reconciled": True})
+            return
+        self.manifest.write(result_row(result, self.run_id, self.out))
+        self.store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome})

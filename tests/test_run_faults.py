@@ -1,0 +1,156 @@
+"""A run under store faults and signals: no worker dies, the exit code and the summary come from the plan."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from contentdownload.cli.commands import print_summary
+from contentdownload.errors import StoreError
+from contentdownload.jobs.runner import Run, open_job_store
+from contentdownload.jobs.inputs import read_jobs
+from contentdownload.machinery.flags import FlagLayer
+from contentdownload.machinery.runtime import Runtime
+from contentdownload.testing.server import Fault
+
+
+class FaultyStore:
+    """A real store whose ``method`` raises ``error`` on its ``nth`` call (where ``when(args)`` holds)."""
+
+    def __init__(self, store, method: str, nth: int, error: Exception, when=lambda args: True):
+        self._store, self._method, self._nth, self._error, self._when = store, method, nth, error, when
+        self.calls = 0
+
+    def __getattr__(self, name):
+        attr = getattr(self._store, name)
+        if name != self._method:
+            return attr
+
+        def faulty(*args, **kw):
+            if self._when(args):
+                self.calls += 1
+                if self.calls == self._nth:
+                    raise self._error
+            return attr(*args, **kw)
+
+        return faulty
+
+
+def _runtime(tmp_path: Path) -> Runtime:
+    return Runtime.from_options(config_path=None, cli=FlagLayer(source="cli"), environ={},
+                                run_overrides={"workers": 2, "progress": False, "lease_ttl": 30.0})
+
+
+def _jobs(server, tmp_path: Path, n: int = 10) -> tuple[Path, dict[str, str]]:
+    files = {}
+    for i in range(n):
+        data = os.urandom(5000 + i)
+        server.add_file(f"/f/f{i}.bin", data)
+        files[f"f{i}.bin"] = hashlib.sha256(data).hexdigest()
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(server.url(f"/f/{name}") + "\n" for name in files))
+    return jobs, files
+
+
+def _run(tmp_path: Path, jobs: Path, factory=open_job_store):
+    report = Run(_runtime(tmp_path), tmp_path / "out", read_jobs(str(jobs)), store_factory=factory).execute()
+    summary = io.StringIO()
+    print_summary(report, summary)
+    return report, summary.getvalue()
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("error", [StoreError("database is locked"), RuntimeError("driver bug")], ids=["store-error", "other-error"])
+def test_a_fault_in_claim_stops_the_run_with_jobs_left_then_a_rerun_finishes(server, tmp_path, monkeypatch, capsys, error):
+    monkeypatch.chdir(tmp_path)
+    jobs, files = _jobs(server, tmp_path)
+    faulty = {}
+
+    def factory(runtime, ws):
+        faulty["store"] = FaultyStore(open_job_store(runtime, ws), "claim", 4, error)
+        return faulty["store"]
+
+    report, summary = _run(tmp_path, jobs, factory)
+    assert faulty["store"].calls >= 4
+    assert report.exit_code == 1
+    finished = sum(1 for r in report.results if r.outcome == "downloaded")
+    assert finished <= 3 and report.left == 10 - finished and report.planned == 10
+    assert report.error and "jobs.db" in report.error and "unavailable" in report.error
+    assert f"{report.left} of 10 planned jobs left" in summary
+    metrics = json.loads((tmp_path / "out" / "manifest.metrics.json").read_text())
+    assert metrics["jobs_left"] == report.left and metrics["store_error"] == report.error
+    assert "Traceback" not in capsys.readouterr().err
+
+    again, summary = _run(tmp_path, jobs)
+    assert again.exit_code == 0 and again.left == 0, summary
+    for name, sha in files.items():
+        assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == sha
+    rows = _rows(tmp_path / "out")
+    assert sorted(r["job_key"] for r in rows if r["outcome"] != "skipped") == sorted({r["job_key"] for r in rows if r["outcome"] != "skipped"})
+    assert len({r["job_key"] for r in rows}) == 10
+
+
+def test_a_store_fault_while_writing_a_manifest_row_leaves_the_job_for_a_rerun(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    jobs, files = _jobs(server, tmp_path)
+
+    def factory(runtime, ws):  # the second manifest row's ledger op fails
+        return FaultyStore(open_job_store(runtime, ws), "op_begin", 2, StoreError("connection lost"),
+                           when=lambda args: len(args) > 2 and args[2] == "manifest")
+
+    report, summary = _run(tmp_path, jobs, factory)
+    assert report.exit_code == 1 and report.left >= 1, summary
+    assert "planned jobs left" in summary
+    assert "Traceback" not in capsys.readouterr().err
+
+    again, summary = _run(tmp_path, jobs)
+    assert again.exit_code == 0 and again.left == 0, summary
+    rows = _rows(tmp_path / "out")
+    done = [r["job_key"] for r in rows if r["outcome"] in ("downloaded", "resumed")]
+    assert len(done) == len(set(done)) == 10  # one row per job: the interrupted one is recovered, not repeated
+    for name, sha in files.items():
+        assert hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest() == sha
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_a_read_blocked_on_a_stalled_server(server, tmp_path, signum, code):
+    server.add_file("/slow.bin", os.urandom(400_000))
+    server.add_fault("/slow.bin", Fault.stall(60.0, after=100_000))
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text(server.url("/slow.bin") + "\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "contentdownload", "run", str(jobs), "--out", str(out), "--no-progress"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while server.stats("/slow.bin").body_bytes < 100_000 and proc.poll() is None:
+            time.sleep(0.02)  # polling the server's counter: the worker is now blocked in its read
+        assert proc.poll() is None
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        out_text, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert took < 2.0, f"took {took:.2f} s to stop"
+    assert "Traceback" not in err
+    metrics = json.loads((out / "manifest.metrics.json").read_text())
+    assert metrics["interrupted"] is True and metrics["jobs_left"] == 1
+    assert (out / "manifest.jsonl").exists()
+    assert "1 of 1 planned jobs left" in out_text
+    assert list((out / ".contentdownload" / "staging").glob("*.part")), "the part is kept"
