@@ -118,7 +118,9 @@ def test_raising_hook_falls_back_logs_and_counts(third_party):
     stats = rt.telemetry.snapshot()["job_key"]
     assert stats["plugins"]["acme"]["errors"] == 1
     assert stats["total"]["fallbacks"] == 1
-    assert rt.telemetry.seed_metrics()["streaming.job_key_errors"] == 1
+    seed = rt.telemetry.seed_metrics()
+    assert seed["acme.job_key_errors"] == 1 and seed["streaming.job_keys_fallback"] == 1
+    assert seed["streaming.job_key_errors"] == 0
 
 
 def test_pinned_hook_without_fallback_fails_with_every_reason(third_party):

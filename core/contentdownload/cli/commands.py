@@ -345,11 +345,20 @@ def compare_metrics(a: dict, b: dict) -> dict:
         "throughput_change_pct": _change(a.get("throughput_bytes_per_s"), b.get("throughput_bytes_per_s")),
         "peak_memory_change_pct": _change(a.get("peak_rss_mb"), b.get("peak_rss_mb")),
         "passed": all(c["ok"] is not False for c in criteria),
+        "unmeasured": [c["criterion"] for c in criteria if c["ok"] is None],
     }
 
 
+def _throughput_line(report: dict) -> str:
+    change = report["throughput_change_pct"]
+    throughput = "not measured (a run downloaded nothing)" if change in (None, -100.0) else f"{change}%"
+    return f"throughput {throughput}, peak memory {report['peak_memory_change_pct']}% (B against A)"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Exit 0 when every criterion is met; 1 when one fails, or was not measured (no cases) without ``--allow-unmeasured``."""
     report = compare_metrics(_load_metrics(args.run_a), _load_metrics(args.run_b))
+    report["passed"] = report["passed"] and (args.allow_unmeasured or not report["unmeasured"])
     if args.json:
         _print_json(report)
     else:
@@ -357,9 +366,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(_table(rows, ["METRIC", "A", "B", "CHANGE"]))
         print()
         for c in report["criteria"]:
-            mark = {True: "PASS", False: "FAIL", None: "n/a "}[c["ok"]]
+            mark = {True: "PASS", False: "FAIL", None: "not measured"}[c["ok"]]
             print(f"{mark}  {c['criterion']} ({c['detail']})")
-        print(f"\nthroughput {report['throughput_change_pct']}%, peak memory {report['peak_memory_change_pct']}% (B against A)")
+        print("\n" + _throughput_line(report))
     return EXIT_OK if report["passed"] else EXIT_FAILED
 
 
@@ -368,6 +377,7 @@ def add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("run_a", metavar="RUN_A", help="baseline output folder (or its manifest.metrics.json)")
     p.add_argument("run_b", metavar="RUN_B", help="candidate output folder (or its manifest.metrics.json)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--allow-unmeasured", action="store_true", help="pass when a criterion had no cases (default: exit 1, it was not measured)")
     p.set_defaults(func=cmd_compare)
 
 

@@ -6,8 +6,9 @@ Three kinds of operation, each keyed by :func:`~contentdownload.jobs.keys.operat
 - the **finalize intent** of one content: recorded, with its SHA-256 and validators, before
   the part is renamed into place, so a crash between the rename and the store update is
   recovered from the file on disk instead of downloading it again;
-- the **manifest row** of an outcome: written once per job (a success once, a revalidation
-  once per run, a failure once per reason), even when a crash came between writing the row
+- the **manifest row** of an outcome: a success once per content of the job (a file
+  fetched again with other bytes gets its row), a revalidation once per run, a failure
+  once per reason; even when a crash came between writing the row
   and recording it (the manifest on disk is the truth when the ledger lags).
 """
 
@@ -66,9 +67,15 @@ def finalize_intent(store: Any, key: str, sha256: str) -> Mapping[str, Any] | No
 # -- manifest rows --------------------------------------------------------------------
 
 
-def manifest_op(job_key: str, outcome: str, reason: str, run_id: str) -> str:
-    """The ledger key of a manifest row: a success once per job, a revalidation once per run, a failure once per reason."""
-    kind = {"not_modified": f"manifest:not_modified:{run_id}", "failed": f"manifest:failed:{reason}"}.get(outcome, "manifest")
+def manifest_op(job_key: str, outcome: str, reason: str, run_id: str, sha256: str | None = None) -> str:
+    """The ledger key of a manifest row.
+
+    A success once per content of the job (its SHA-256: a file fetched again with other
+    bytes gets its row, a replay of the same outcome does not), a revalidation once per
+    run, a failure once per reason.
+    """
+    kind = {"not_modified": f"manifest:not_modified:{run_id}", "failed": f"manifest:failed:{reason}"}.get(
+        outcome, f"manifest:{sha256 or ''}")
     return operation_key(job_key, kind)
 
 
@@ -77,7 +84,7 @@ def rows_on_disk(path: Path) -> frozenset[str]:
     if not path.is_file():
         return frozenset()
     return frozenset(
-        manifest_op(row["job_key"], row.get("outcome", ""), row.get("reason", ""), row.get("run_id", ""))
+        manifest_op(row["job_key"], row.get("outcome", ""), row.get("reason", ""), row.get("run_id", ""), row.get("sha256"))
         for row in iter_rows(path)
         if row.get("job_key")
     )
@@ -94,7 +101,7 @@ class ManifestLedger:
         if not (leasing and result.job_key):
             self.manifest.write(result_row(result, self.run_id, self.out))
             return
-        op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id)
+        op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id, result.sha256)
         if self.store.op_begin(op, result.job_key, "manifest", 0) == "done":
             return
         if op in self._on_disk:  # written before a crash that came before the ledger update

@@ -7,6 +7,7 @@ job key once in the store.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -64,8 +65,9 @@ def plan_jobs(
         identity, url = identity_key(job)
         identified.setdefault(identity, (job, url))
     ordered = list(identified.items())
-    names = _names(store, ws, ordered, resume_from)
-    items, settled, planned = _key_jobs(runtime, ordered, names, resume_from, revalidate)
+    history = _History.read(store)
+    names = _names(history, ws, ordered, resume_from)
+    items, settled, planned = _key_jobs(runtime, ordered, names, resume_from, revalidate, history)
     if not dry_run:
         store.plan(planned)
     settled += _settle_from_manifest(store, ws, items, revalidate, dry_run)
@@ -73,13 +75,9 @@ def plan_jobs(
     return Plan(items=items, settled=settled, keys=frozenset(items), order=[k for k in items])
 
 
-def _names(store: Any, ws: Workspace, ordered: Sequence[tuple[str, tuple[Job, str]]], resume_from: ManifestRecords | None) -> list[str]:
+def _names(history: "_History", ws: Workspace, ordered: Sequence[tuple[str, tuple[Job, str]]], resume_from: ManifestRecords | None) -> list[str]:
     """A relative path per job: the name on record (store, earlier manifest) or a new one no other file has."""
-    recorded_names = {
-        rec.payload.get("identity"): rec.payload.get("relative_path")
-        for rec in store.records()
-        if rec.payload.get("identity") and rec.payload.get("relative_path")
-    }
+    recorded_names = history.names
     for identity, owned in (resume_from.names.items() if resume_from else ()):
         if Path(owned).parent == ws.out:
             recorded_names.setdefault(identity, Path(owned).name)
@@ -90,7 +88,7 @@ def _names(store: Any, ws: Workspace, ordered: Sequence[tuple[str, tuple[Job, st
 
 def _key_jobs(
     runtime: Any, ordered: Sequence[tuple[str, tuple[Job, str]]], names: Sequence[str],
-    resume_from: ManifestRecords | None, revalidate: bool,
+    resume_from: ManifestRecords | None, revalidate: bool, history: "_History",
 ) -> tuple[dict[str, WorkItem], list[JobResult], list[Any]]:
     """The job key of each job (through the ``job_key`` chain): work items, failures, and the store's planned rows."""
     from contentdownload.store import PlannedJob  # the store package imports drivers lazily
@@ -108,7 +106,7 @@ def _key_jobs(
             settled.append(JobResult(outcome="failed", job=job, reason="no_plugin", url=job.url))
             log.error("no plugin keyed the job", url=redact_url(job.url), error=str(exc))
             continue
-        key: JobKey = answer.result
+        key: JobKey = history.key_of(answer.result, identity, relative)
         if key.key in items:
             continue  # two jobs with one key (legacy keys are paths): the first one stands
         prior = by_key.get(key.key) or by_url.get(canonical)
@@ -140,7 +138,7 @@ def _settle_from_manifest(store: Any, ws: Workspace, items: dict[str, WorkItem],
 def _settle_from_store(store: Any, ws: Workspace, items: dict[str, WorkItem], retry_failed: bool, dry_run: bool) -> list[JobResult]:
     """What earlier runs left: finished files, failures, leases of dead processes (settled ones leave ``items``)."""
     settled = []
-    existing = {rec.key: rec for rec in store.records() if rec.key in items}
+    existing = {key: rec for key in items if (rec := store.get(key)) is not None}
     for key, rec in existing.items():
         item = items[key]
         state = _state(rec)
@@ -181,6 +179,44 @@ def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: boo
     return _skipped(item, path, rec.size, rec.sha256, rec)
 
 
+@attrs.frozen
+class _History:
+    """What the store already holds, reduced to what planning needs: keys, names, keys by identity."""
+
+    keys: Mapping[str, str]  # key -> scheme
+    names: dict[str, str]  # identity -> relative path
+    keys_by_ref: Mapping[str, JobKey]  # identity (or "path:" + relative path) -> first recorded key
+
+    @classmethod
+    def read(cls, store: Any) -> "_History":
+        keys: dict[str, str] = {}
+        names: dict[str, str] = {}
+        refs: dict[str, JobKey] = {}
+        for rec in store.records():
+            keys[rec.key] = sys.intern(rec.scheme)
+            identity, path = rec.payload.get("identity"), rec.payload.get("relative_path")
+            if identity and path:
+                names.setdefault(identity, path)
+            ref = identity or (f"path:{path}" if path else None)  # a path only for records without identity
+            if ref and ref != rec.key:  # a record keyed by its identity is found by its key
+                refs.setdefault(ref, JobKey(rec.key, rec.scheme))
+        return cls(keys, names, refs)
+
+    def key_of(self, answered: JobKey, identity: str, relative: str) -> JobKey:
+        """The key of a job: the one its record already has, whichever plugin keys it now.
+
+        A job keeps the key it was first recorded under (found by its content identity,
+        else by its output path), so switching the ``job_key`` winner (a canary ramp, a
+        rollback) finds the finished file instead of planning a new job.
+        """
+        if answered.key in self.keys:
+            return answered
+        if identity in self.keys:
+            return JobKey(identity, self.keys[identity], canonical_url=answered.canonical_url)
+        found = self.keys_by_ref.get(identity) or self.keys_by_ref.get(f"path:{relative}")
+        return attrs.evolve(found, canonical_url=answered.canonical_url) if found else answered
+
+
 def _skipped(item: WorkItem, path: Path | None, size: int | None, sha256: str | None, info: Any) -> JobResult:
     return JobResult(
         outcome="skipped", job=item.job, job_key=item.key.key, reason="already_done", path=path,
@@ -203,8 +239,8 @@ def _record_finished(store: Any, key: str, final: Path, prior: PriorRecord) -> N
 
 def remaining(store: Any, keys: Iterable[str]) -> set[str]:
     """Keys among ``keys`` that are not finished or failed yet (someone may still hold them)."""
-    wanted = set(keys)
-    return {rec.key for rec in store.records() if rec.key in wanted and _state(rec) in ACTIVE_STATES}
+    wanted = set(keys)  # only active records are read: the cost follows the run, not the store's history
+    return {rec.key for state in ACTIVE_STATES for rec in store.records(state) if rec.key in wanted}
 
 
 def finished_elsewhere(store: Any, keys: Iterable[str]) -> set[str]:

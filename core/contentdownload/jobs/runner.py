@@ -28,7 +28,7 @@ from contentdownload.jobs.inputs import BadLine
 from contentdownload.jobs.ledger import ManifestLedger
 from contentdownload.records.log import EVENTS, get_logger
 from contentdownload.records.manifest import ManifestWriter, read_manifest
-from contentdownload.records.metrics import DECISION_EVENT, build_metrics, write_metrics
+from contentdownload.records.metrics import DECISION_EVENT, build_metrics, previous_totals, with_folder_totals, write_metrics
 from contentdownload.hooks.model import Job, JobResult, TransferOptions
 from contentdownload.jobs.pipeline import Pipeline
 from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining, finished_elsewhere
@@ -171,6 +171,7 @@ class Run:
             manifest.close()
             left = self._left(store, plan, len(jobs))
             metrics = self._metrics(store, started, decisions_before, planned=len(jobs), left=left)
+            metrics = with_folder_totals(metrics, previous_totals(self.ws.metrics))
             write_metrics(self.ws.metrics, metrics)
             store.close()
             http.close()

@@ -1,7 +1,7 @@
 """Counters and latencies of every hook call, per hook and per plugin.
 
 The dispatcher records each call; the runner writes :meth:`Telemetry.snapshot` and the
-seed's ``streaming.*`` keys (:meth:`Telemetry.seed_metrics`) into
+seed's flat keys, per plugin (:meth:`Telemetry.seed_metrics`), into
 ``manifest.metrics.json``.
 """
 
@@ -74,14 +74,17 @@ class Telemetry:
             return out
 
     def seed_metrics(self) -> dict:
-        """The seed's flat keys, e.g. ``streaming.resume_decisions_made``, for every hook."""
+        """The seed's flat keys per plugin that was called, e.g. ``streaming.resume_decisions_made``.
+
+        Keys are named after the plugin (``legacy.resume_decisions_made`` for a legacy
+        run), so a run never reports ``streaming.*`` counts the streaming plugin did not make.
+        """
         out: dict = {}
         with self._lock:
-            for hook in HOOKS:
-                stats = self._per_hook[hook]
+            for (hook, plugin), stats in sorted(self._per_plugin.items()):
                 mean = stats.latency_ns / stats.calls / 1e6 if stats.calls else 0.0
-                out[f"streaming.{_PLURAL[hook]}_made"] = stats.answered
-                out[f"streaming.{_PLURAL[hook]}_fallback"] = stats.fallbacks
-                out[f"streaming.{hook}_errors"] = stats.errors
-                out[f"streaming.average_{_SHORT[hook]}_latency_ms"] = round(mean, 4)
+                out[f"{plugin}.{_PLURAL[hook]}_made"] = stats.answered
+                out[f"{plugin}.{_PLURAL[hook]}_fallback"] = stats.fallbacks
+                out[f"{plugin}.{hook}_errors"] = stats.errors
+                out[f"{plugin}.average_{_SHORT[hook]}_latency_ms"] = round(mean, 4)
         return out

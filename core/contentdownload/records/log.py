@@ -50,7 +50,8 @@ EVENTS = EventCounter()
 
 def _configure_structlog() -> None:
     structlog.configure(
-        processors=[structlog.stdlib.filter_by_level, EVENTS, *_SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # EVENTS counts before the level filter: metrics must not depend on the log level.
+        processors=[EVENTS, structlog.stdlib.filter_by_level, *_SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

@@ -1,4 +1,9 @@
-"""``manifest.metrics.json``: totals of a run, written atomically even when jobs failed."""
+"""``manifest.metrics.json``: totals of the last run and of all runs in the folder.
+
+The top-level keys describe the last run (``"scope": "last run"``); ``folder_totals``
+(``"scope": "all runs in this folder"``) adds every run's counts to the totals the file
+held before. Written atomically, also when jobs failed.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ from contentdownload.machinery.telemetry import Telemetry
 
 DECISION_EVENT = "streaming_resume_decision"
 CONDITIONAL_MODES = frozenset({"resume", "revalidate"})
+LAST_RUN, FOLDER = "last run", "all runs in this folder"
+#: Counts of a run that add up over the runs of a folder.
+_SUMMED = ("jobs", "bytes_downloaded", "elapsed_s", "revalidations", "conditional_requests",
+           "resume_decisions_logged", "sha256_mismatches", "not_modified_as_errors", "failed_fallbacks")
 
 
 def peak_rss_mb() -> float:
@@ -54,6 +63,7 @@ def build_metrics(
     sha_mismatches = reasons.get("sha256_mismatch", 0)
     metrics = {
         "schema_version": 1,
+        "scope": LAST_RUN,
         "run_id": run_id,
         "jobs": len(results),
         "outcomes": {o: outcomes.get(o, 0) for o in OUTCOMES},
@@ -86,6 +96,25 @@ def build_metrics(
     if extra:
         metrics.update(extra)
     return metrics
+
+
+def previous_totals(path: Path) -> dict:
+    """The folder totals an earlier run wrote to ``path`` (empty when there are none or the file is unreadable)."""
+    try:
+        totals = json.loads(path.read_text(encoding="utf-8")).get("folder_totals")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return totals if isinstance(totals, dict) else {}
+
+
+def with_folder_totals(metrics: dict, previous: dict) -> dict:
+    """``metrics`` (the last run) with ``folder_totals``: ``previous`` plus this run's counts."""
+    totals: dict = {"scope": FOLDER, "runs": int(previous.get("runs", 0)) + 1}
+    for key in _SUMMED:
+        totals[key] = round(previous.get(key, 0) + metrics.get(key, 0), 3)
+    before = previous.get("outcomes") or {}
+    totals["outcomes"] = {o: before.get(o, 0) + metrics["outcomes"].get(o, 0) for o in OUTCOMES}
+    return {**metrics, "folder_totals": totals}
 
 
 def write_metrics(path: Path, metrics: dict) -> None:

@@ -1,0 +1,104 @@
+"""Cost against history: a run of new small files, and a plain rerun, over stores of growing size.
+
+    python benchmarks/growth.py [--sizes 1000,10000,100000] [--files 500] [--size 2048]
+
+For each size N, an output folder's job store is filled with N finished jobs (through
+the store's API), then ``contentdownload run`` fetches ``--files`` new small files from
+the package's loopback server in its own process, and runs the same list again (every
+job skipped). Prints wall time and the run's peak RSS (from ``manifest.metrics.json``)
+of both, and the ratio of the largest store's figures to the smallest's. Target: the
+100k figures within 1.3x of the 1k figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "core"), str(REPO / "plugins")]
+
+from contentdownload.hooks.model import Job  # noqa: E402
+from contentdownload.jobs.keys import identity_key  # noqa: E402
+from contentdownload.jobs.worker import job_payload  # noqa: E402
+from contentdownload.jobs.workspace import Workspace  # noqa: E402
+from contentdownload.store import PlannedJob, open_store  # noqa: E402
+from contentdownload.testing.server import LoopbackServer  # noqa: E402
+
+TARGET = 1.3
+BATCH = 1000
+
+
+def fill_store(out: Path, n: int) -> None:
+    """Record ``n`` finished jobs of an earlier history in the folder's default store."""
+    ws = Workspace.open(out)
+    store = open_store(ws.default_db)
+    try:
+        for start in range(0, n, BATCH):
+            planned = []
+            for i in range(start, min(n, start + BATCH)):
+                job = Job(urls=(f"http://history.invalid/old/{i:07d}.bin",))
+                identity, _ = identity_key(job)
+                planned.append(PlannedJob(key=identity, scheme="streaming-v1",
+                                          payload=job_payload(job, f"{i:07d}.bin", identity)))
+            store.plan(planned)
+            for job in planned:
+                claim = store.claim_key(job.key, "history", 60.0)
+                store.finish(job.key, claim.epoch, path=str(ws.out / job.payload["relative_path"]), size=1, sha256="0" * 64)
+    finally:
+        store.close()
+
+
+def timed_run(jobs: Path, out: Path) -> tuple[float, float]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "core"), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")]))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "contentdownload", "run", str(jobs), "--out", str(out), "--no-progress"],
+                          env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return elapsed, json.loads((out / "manifest.metrics.json").read_text())["peak_rss_mb"]
+
+
+def measure(server: LoopbackServer, work: Path, n: int, files: int, size: int) -> dict:
+    out = work / f"store-{n}"
+    fill_store(out, n)
+    jobs = work / f"jobs-{n}.txt"
+    jobs.write_text("".join(server.url(f"/new-{n}/{i:05d}.bin") + "\n" for i in range(files)))
+    for i in range(files):
+        server.add_file(f"/new-{n}/{i:05d}.bin", os.urandom(size))
+    new_s, new_mb = timed_run(jobs, out)
+    rerun_s, rerun_mb = timed_run(jobs, out)
+    return {"store": n, "new_s": new_s, "new_rss_mb": new_mb, "rerun_s": rerun_s, "rerun_rss_mb": rerun_mb}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--files", type=int, default=500)
+    parser.add_argument("--size", type=int, default=2048)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, LoopbackServer() as server:
+        for n in sizes:
+            rows.append(measure(server, Path(tmp), n, args.files, args.size))
+            r = rows[-1]
+            print(f"store {n:>7}: {args.files} new files {r['new_s']:6.2f} s {r['new_rss_mb']:6.1f} MB | "
+                  f"rerun {r['rerun_s']:6.2f} s {r['rerun_rss_mb']:6.1f} MB", flush=True)
+    first, last = rows[0], rows[-1]
+    ratios = {k: last[k] / first[k] for k in ("new_s", "new_rss_mb", "rerun_s", "rerun_rss_mb")}
+    print("largest/smallest: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    ok = all(v <= TARGET for v in ratios.values())
+    print(f"target <= {TARGET}x: {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
