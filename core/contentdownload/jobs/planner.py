@@ -199,7 +199,7 @@ class _History:
                 names.setdefault(identity, path)
             ref = identity or (f"path:{path}" if path else None)  # a path only for records without identity
             if ref and ref != rec.key:  # a record keyed by its identity is found by its key
-                refs.setdefault(ref, JobKey(rec.key, rec.scheme))
+                refs.setdefault(ref, JobKey(key=rec.key, scheme=rec.scheme))
         return cls(keys, names, refs)
 
     def key_of(self, answered: JobKey, identity: str, relative: str) -> JobKey:
@@ -212,7 +212,7 @@ class _History:
         if answered.key in self.keys:
             return answered
         if identity in self.keys:
-            return JobKey(identity, self.keys[identity], canonical_url=answered.canonical_url)
+            return JobKey(key=identity, scheme=self.keys[identity], canonical_url=answered.canonical_url)
         found = self.keys_by_ref.get(identity) or self.keys_by_ref.get(f"path:{relative}")
         return attrs.evolve(found, canonical_url=answered.canonical_url) if found else answered
 

@@ -28,7 +28,6 @@ from contentdownload.machinery.flags import FlagLayer
 from contentdownload.jobs.keys import canary_fraction
 from contentdownload.machinery.loader import LEGACY, STREAMING, PluginSet
 from contentdownload.hooks.model import HOOKS
-from contentdownload.machinery.suggest import did_you_mean
 
 #: Which seed flag governs which hooks.
 FLAG_OF_HOOK = {
