@@ -541,8 +541,7 @@ def test_schema_version_table(persistent_url):
     store.plan(jobs(3))
     assert store.schema_version() == 1
     store.close()
-    raw_update(persistent_url, "INSERT INTO schema_version (version) VALUES (?)" if not persistent_url.startswith("sqlite:")
-               else "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (99,))
+    raw_update(persistent_url, "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (99,))
     with pytest.raises(SchemaVersionError, match="schema version 99"):
         open_store(persistent_url)
     assert issubclass(SchemaVersionError, StoreError)

@@ -30,14 +30,9 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 import attrs
 
 from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError
-
-
 from contentdownload.store import transitions
+from contentdownload.store.schema import SchemaVersionError  # noqa: F401  (re-exported)
 from contentdownload.store.transitions import JobState
-
-
-class SchemaVersionError(StoreError):
-    """The store was written by a newer version of contentdownload (its schema version is unknown here)."""
 
 
 class UnknownJobError(StoreError, KeyError):
@@ -96,10 +91,6 @@ class Claim:
     epoch: int
     owner: str
     record: JobRecord
-
-
-OP_STATUSES = ("pending", "done", "failed")
-OP_KINDS_HINT = ("transfer", "finalize", "manifest")
 
 
 class JobStore(abc.ABC):
@@ -632,28 +623,6 @@ class SqlJobStore(JobStore):
         status, kind, job_key, result, epoch, updated_at, error = rows[0]
         return {"status": status, "kind": kind, "job_key": job_key, "result": loads(result), "epoch": int(epoch),
                 "updated_at": float(updated_at), "error": error}
-
-
-# -- schema ----------------------------------------------------------------------------
-
-
-def transition_rows_sql() -> str:
-    return ", ".join(f"('{old}', '{new}')" for old, new in transitions.pairs())
-
-
-def state_rows_sql() -> str:
-    return ", ".join(f"('{s.value}')" for s in JobState)
-
-
-def check_transition_table(found: set[tuple[str, str]], url: str) -> None:
-    """The database's copy of the transition table must be the code's: a difference means a missing migration."""
-    expected = set(transitions.pairs())
-    if found != expected:
-        extra, missing = sorted(found - expected), sorted(expected - found)
-        raise StoreError(
-            f"the job store {url} has a different transition table than this version "
-            f"(extra {extra}, missing {missing}); it needs a migration, not a repair"
-        )
 
 
 @contextmanager
