@@ -75,3 +75,11 @@ class IllegalTransition(ContentDownloadError, ValueError):
 
 class StoreError(ContentDownloadError, RuntimeError):
     """The job store is unreachable, has an unknown schema version, or refused an operation."""
+
+
+class StoreUnavailableError(ContentDownloadError, ConnectionError):
+    """The job store stayed unreachable past the retry budget (``--store-retry-s``).
+
+    An infrastructure failure: neither a plugin fault (no fallback, the part is kept)
+    nor a failure of the job being worked on.
+    """

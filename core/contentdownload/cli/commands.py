@@ -28,6 +28,7 @@ RUN_FLAGS = {
     "timeout": "timeout",
     "connect_timeout": "connect_timeout",
     "lease_ttl": "lease_ttl",
+    "store_retry_s": "store_retry_s",
     "log_level": "log_level",
 }
 
@@ -138,6 +139,8 @@ def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, metavar="S", help="read timeout in seconds (default 60)")
     p.add_argument("--connect-timeout", type=float, metavar="S", help="connect timeout in seconds (default 10)")
     p.add_argument("--lease-ttl", type=float, metavar="S", help="job lease length in seconds (default 60)")
+    p.add_argument("--store-retry-s", type=float, metavar="S",
+                   help="how long to keep retrying while the job store is unreachable (default 300)")
     p.add_argument("--revalidate", action="store_true", help="send conditional requests for finished files instead of skipping them")
     p.add_argument("--retry-failed", action="store_true", help="retry jobs that failed for good in earlier runs")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")

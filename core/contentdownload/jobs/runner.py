@@ -104,7 +104,7 @@ def open_job_store(runtime: Any, ws: Workspace) -> Any:
     """The persistent store (``--db`` or SQLite in the output folder), or memory when the schema flag is off."""
     if not runtime.policy.streaming_schema.enabled:
         return open_store("memory:")
-    return open_store(runtime.settings.db or ws.default_db)
+    return open_store(runtime.settings.db or ws.default_db, retry_s=runtime.settings.store_retry_s)
 
 
 class Run:

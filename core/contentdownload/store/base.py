@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 import attrs
 
-from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError
+from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError, StoreUnavailableError
 from contentdownload.store import transitions
 from contentdownload.store.schema import SchemaVersionError  # noqa: F401  (re-exported)
 from contentdownload.store.transitions import JobState
@@ -242,6 +243,11 @@ COLS = ", ".join(RECORD_COLUMNS)
 HELD_SQL = "('leased', 'streaming')"
 PAGE = 1000
 KEYSETS_PER_CONNECTION = 8
+#: how long store calls keep retrying while the store is unreachable (``--store-retry-s``)
+STORE_RETRY_S = 300.0
+OUTAGE_FIRST_WAIT_S, OUTAGE_MAX_WAIT_S = 0.1, 5.0
+
+log = logging.getLogger("contentdownload.store")
 
 
 @attrs.define
@@ -279,7 +285,10 @@ class SqlJobStore(JobStore):
     #: appended to a SELECT that reads a row it is about to update (``FOR UPDATE`` in PostgreSQL)
     for_update = ""
 
-    def __init__(self) -> None:
+    def __init__(self, *, retry_s: float = STORE_RETRY_S, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.retry_s = float(retry_s)
+        self._clock, self._sleep = clock, sleep
         self._closed = False
         self._keyset_ids = iter(range(1, 1 << 62))
         self._keyset_lock = threading.Lock()
@@ -311,6 +320,10 @@ class SqlJobStore(JobStore):
         """A transaction that failed this way was rolled back and can simply be run again."""
         return False
 
+    def _transient(self, exc: BaseException) -> bool:
+        """The store is away (server down or restarting, connection lost, database locked): wait and retry."""
+        return False
+
     @abc.abstractmethod
     def _insert_planned(self, conn: Any, rows: list[tuple[str, str, str]]) -> int: ...
 
@@ -332,14 +345,47 @@ class SqlJobStore(JobStore):
 
     def _run(self, fn: Callable[[Any], Any], *, write: bool, keys: frozenset[str] | None = None,
              durable: bool = True) -> Any:
-        """Run ``fn(conn)`` (``fn(conn, keyset)`` with ``keys``) in one transaction, retrying transient conflicts.
+        """Run ``fn(conn)`` (``fn(conn, keyset)`` with ``keys``) in one transaction.
 
-        ``durable=False`` marks writes whose loss in a crash of the database server is
-        harmless (heartbeats, ``mark_streaming``, starting an operation): they may commit
-        without waiting for the disk. Commits stay ordered, so any later durable commit
-        makes them durable too.
+        Transient conflicts (deadlocks) are retried at once; while the store is away
+        (see :meth:`_transient`) the call is retried with exponential backoff for up to
+        :attr:`retry_s` seconds, with one log line per retry, then raises
+        :class:`~contentdownload.errors.StoreUnavailableError`. ``durable=False`` marks
+        writes whose loss in a crash of the database server is harmless (heartbeats,
+        ``mark_streaming``, starting an operation): they may commit without waiting for
+        the disk. Commits stay ordered, so any later durable commit makes them durable too.
         """
         self._check_open()
+        started, wait = self._clock(), OUTAGE_FIRST_WAIT_S
+        while True:
+            try:
+                return self._attempt(fn, write=write, keys=keys, durable=durable)
+            except (StoreError, IllegalTransition, LeaseLostError):
+                raise
+            except Exception as exc:
+                if not self._transient(exc):
+                    mapped = self._translate(exc)
+                    if mapped is None:
+                        raise
+                    raise mapped from exc
+                waited = self._clock() - started
+                if waited + wait > self.retry_s:
+                    raise StoreUnavailableError(
+                        f"the job store {self.url} is unavailable (gave up after {waited:.0f} s, "
+                        f"--store-retry-s {self.retry_s:g}): {self._first_line(exc)}") from exc
+                log.warning("job store %s unavailable (%s); retrying in %.1f s (waited %.1f s of %g)",
+                            self.url, self._first_line(exc), wait, waited, self.retry_s)
+                self._sleep(wait)
+                wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
+                self._check_open()
+
+    @staticmethod
+    def _first_line(exc: BaseException) -> str:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+
+    def _attempt(self, fn: Callable[..., Any], *, write: bool, keys: frozenset[str] | None, durable: bool) -> Any:
+        """One transaction, run again at once (up to 8 times) after a deadlock or serialization conflict."""
         for attempt in range(8):
             try:
                 with self._connection() as conn:
@@ -354,16 +400,11 @@ class SqlJobStore(JobStore):
                         raise
                     self._commit(conn)
                     return result
-            except (StoreError, IllegalTransition, LeaseLostError):
-                raise
             except Exception as exc:
                 if self._retryable(exc) and attempt < 7:
                     time.sleep(0.005 * (2 ** attempt))
                     continue
-                translated = self._translate(exc)
-                if translated is None:
-                    raise
-                raise translated from exc
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _keyset(self, conn: Any, keys: frozenset[str]) -> "KeySet":
@@ -474,6 +515,8 @@ class SqlJobStore(JobStore):
         if rows:
             return rows
         now = self._fetchall(conn, self.q("SELECT state, epoch FROM jobs WHERE key = ?"), (key,))
+        if now and target is JobState.FINALIZED and now[0][0] == "finalized" and int(now[0][1]) == epoch:
+            return []  # this very write committed before the connection was lost, and was run again
         raise fenced_refusal(key, epoch, now[0] if now else None, target)
 
     def heartbeat(self, key: str, epoch: int, ttl: float) -> None:

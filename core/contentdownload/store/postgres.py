@@ -56,6 +56,15 @@ def translate(exc: BaseException) -> BaseException | None:
     return StoreError(f"PostgreSQL job store error: {type(exc).__name__}: {text}")
 
 
+def is_transient(exc: BaseException) -> bool:
+    """The server is away, not the request wrong: connection refused or lost, admin shutdown,
+    server starting up or out of connections, or no pooled connection in time."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    return isinstance(exc, (psycopg.OperationalError, PoolTimeout))
+
+
 class PostgresStore(SqlJobStore):
     """A job store in a PostgreSQL database (``postgresql://user@host/db``)."""
 
@@ -63,8 +72,8 @@ class PostgresStore(SqlJobStore):
     for_update = " FOR UPDATE"
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0,
-                 pool_timeout: float = 30.0):
-        super().__init__()
+                 pool_timeout: float = 10.0, **retry: Any):
+        super().__init__(**retry)
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -81,7 +90,7 @@ class PostgresStore(SqlJobStore):
             self._pool = ConnectionPool(
                 url, min_size=min_size, max_size=max_size, open=True, timeout=pool_timeout,
                 kwargs={"autocommit": False, "connect_timeout": int(connect_timeout)},
-                name="contentdownload-store",
+                name="contentdownload-store", check=ConnectionPool.check_connection,
             )
 
     def pick_among_sql(self) -> str:
@@ -128,6 +137,9 @@ class PostgresStore(SqlJobStore):
         from psycopg import errors
 
         return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
+
+    def _transient(self, exc: BaseException) -> bool:
+        return is_transient(exc)
 
     def close(self) -> None:
         if self._closed:

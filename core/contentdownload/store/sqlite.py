@@ -66,8 +66,8 @@ class SQLiteStore(SqlJobStore):
                 f"WHERE c.set_id = ? AND c.key > ? AND ({self.CLAIMABLE[0]} OR ({self.CLAIMABLE[1]})) "
                 "ORDER BY c.key LIMIT 1")
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S):
-        super().__init__()
+    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S, **retry: Any):
+        super().__init__(**retry)
         self.path = Path(path)
         self.url = f"sqlite://{self.path}" if self.path.is_absolute() else f"sqlite:{self.path}"
         self.busy_timeout = busy_timeout
@@ -159,6 +159,10 @@ class SQLiteStore(SqlJobStore):
 
     def _translate(self, exc: BaseException) -> BaseException | None:
         return translate(exc)
+
+    def _transient(self, exc: BaseException) -> bool:
+        """Another process holds the write lock past the busy timeout: wait longer (other errors are permanent)."""
+        return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
 
     def close(self) -> None:
         self._closed = True
