@@ -289,6 +289,7 @@ class SqlJobStore(JobStore):
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.retry_s = float(retry_s)
         self._clock, self._sleep = clock, sleep
+        self._outage = threading.local()  # .retrying: this thread is running a call again after an outage
         self._closed = False
         self._keyset_ids = iter(range(1, 1 << 62))
         self._keyset_lock = threading.Lock()
@@ -357,27 +358,35 @@ class SqlJobStore(JobStore):
         """
         self._check_open()
         started, wait = self._clock(), OUTAGE_FIRST_WAIT_S
-        while True:
-            try:
-                return self._attempt(fn, write=write, keys=keys, durable=durable)
-            except (StoreError, IllegalTransition, LeaseLostError):
-                raise
-            except Exception as exc:
-                if not self._transient(exc):
-                    mapped = self._translate(exc)
-                    if mapped is None:
-                        raise
-                    raise mapped from exc
-                waited = self._clock() - started
-                if waited + wait > self.retry_s:
-                    raise StoreUnavailableError(
-                        f"the job store {self.url} is unavailable (gave up after {waited:.0f} s, "
-                        f"--store-retry-s {self.retry_s:g}): {self._first_line(exc)}") from exc
-                log.warning("job store %s unavailable (%s); retrying in %.1f s (waited %.1f s of %g)",
-                            self.url, self._first_line(exc), wait, waited, self.retry_s)
-                self._sleep(wait)
-                wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
-                self._check_open()
+        try:
+            while True:
+                try:
+                    return self._attempt(fn, write=write, keys=keys, durable=durable)
+                except (StoreError, IllegalTransition, LeaseLostError):
+                    raise
+                except Exception as exc:
+                    self._wait_out(exc, self._clock() - started, wait)
+                    wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
+                    self._outage.retrying = True
+        finally:
+            self._outage.retrying = False
+
+    def _wait_out(self, exc: Exception, waited: float, wait: float) -> None:
+        """Sleep before running a call again after a transient error; raise the error when it is not one,
+        or :class:`StoreUnavailableError` when the budget is spent."""
+        if not self._transient(exc):
+            mapped = self._translate(exc)
+            if mapped is None:
+                raise exc
+            raise mapped from exc
+        if waited + wait > self.retry_s:
+            raise StoreUnavailableError(
+                f"the job store {self.url} is unavailable (gave up after {waited:.0f} s, "
+                f"--store-retry-s {self.retry_s:g}): {self._first_line(exc)}") from exc
+        log.warning("job store %s unavailable (%s); retrying in %.1f s (waited %.1f s of %g)",
+                    self.url, self._first_line(exc), wait, waited, self.retry_s)
+        self._sleep(wait)
+        self._check_open()
 
     @staticmethod
     def _first_line(exc: BaseException) -> str:
@@ -515,8 +524,9 @@ class SqlJobStore(JobStore):
         if rows:
             return rows
         now = self._fetchall(conn, self.q("SELECT state, epoch FROM jobs WHERE key = ?"), (key,))
-        if now and target is JobState.FINALIZED and now[0][0] == "finalized" and int(now[0][1]) == epoch:
-            return []  # this very write committed before the connection was lost, and was run again
+        if (getattr(self._outage, "retrying", False) and now and target is JobState.FINALIZED
+                and now[0][0] == "finalized" and int(now[0][1]) == epoch):
+            return []  # this very write committed before the connection was lost, and is being run again
         raise fenced_refusal(key, epoch, now[0] if now else None, target)
 
     def heartbeat(self, key: str, epoch: int, ttl: float) -> None:
