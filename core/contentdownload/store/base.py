@@ -459,8 +459,14 @@ class SqlJobStore(JobStore):
             f"WHERE key = (SELECT key FROM jobs WHERE {where}{restrict} LIMIT 1{self.skip_locked}) RETURNING {COLS}")
 
     def pick_among_sql(self) -> str:
-        """The first claimable job among a loaded key set (params: set_id, after), in key order."""
+        """The first planned job among a loaded key set (params: set_id, after), in key order."""
         raise NotImplementedError
+
+    def pick_expired_sql(self) -> str:
+        """A job of a loaded key set held under an expired lease (param: set_id), found through ``jobs_claim``."""
+        return (f"SELECT jobs.key FROM jobs WHERE {self.CLAIMABLE[1]} AND EXISTS "
+                "(SELECT 1 FROM claim_keys c WHERE c.set_id = ? AND c.key = jobs.key) "
+                f"ORDER BY jobs.lease_expires_at LIMIT 1{self.skip_locked}")
 
     @staticmethod
     def _as_claim(rows: list, owner: str) -> Claim | None:
@@ -488,14 +494,18 @@ class SqlJobStore(JobStore):
             return None
 
         def take_among(conn: Any, keyset: KeySet) -> Claim | None:
-            # Walk the run's keys in key order from where this connection last found a job,
-            # then once from the start: finished keys are stepped over once, not at every claim.
-            sql = self.q(
-                "UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
-                "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() "
-                f"WHERE key = ({self.pick_among_sql()}) RETURNING {COLS}")
+            # An expired lease first, wherever it is in the list (few jobs are held: the index finds
+            # them), then the run's planned keys in key order from where this connection last found
+            # a job, then once from the start: finished keys are stepped over once, not at every claim.
+            lease = ("UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
+                     "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() WHERE key = ")
+            expired = self.q(f"{lease}({self.pick_expired_sql()}) RETURNING {COLS}")
+            claim = self._as_claim(self._fetchall(conn, expired, (owner, float(ttl), keyset.set_id)), owner)
+            if claim is not None:
+                return claim
+            planned = self.q(f"{lease}({self.pick_among_sql()}) RETURNING {COLS}")
             for after in dict.fromkeys((keyset.cursor, "")):
-                claim = self._as_claim(self._fetchall(conn, sql, (owner, float(ttl), keyset.set_id, after)), owner)
+                claim = self._as_claim(self._fetchall(conn, planned, (owner, float(ttl), keyset.set_id, after)), owner)
                 if claim is not None:
                     keyset.cursor = claim.key
                     return claim

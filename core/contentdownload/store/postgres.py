@@ -99,7 +99,7 @@ class PostgresStore(SqlJobStore):
         # skipping rows other claimers hold: the plan does not depend on table statistics.
         return ("SELECT j.key FROM claim_keys c CROSS JOIN LATERAL ("
                 "SELECT jobs.key FROM jobs WHERE jobs.key = c.key "
-                f"AND ({self.CLAIMABLE[0]} OR ({self.CLAIMABLE[1]})) LIMIT 1 FOR UPDATE SKIP LOCKED) j "
+                f"AND {self.CLAIMABLE[0]} LIMIT 1 FOR UPDATE SKIP LOCKED) j "
                 "WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT 1")
 
     # -- connections ------------------------------------------------------------------

@@ -63,7 +63,7 @@ class SQLiteStore(SqlJobStore):
     def pick_among_sql(self) -> str:
         # CROSS JOIN keeps the key set as the outer loop: one primary-key probe into jobs per key.
         return ("SELECT c.key FROM claim_keys c CROSS JOIN jobs ON jobs.key = c.key "
-                f"WHERE c.set_id = ? AND c.key > ? AND ({self.CLAIMABLE[0]} OR ({self.CLAIMABLE[1]})) "
+                f"WHERE c.set_id = ? AND c.key > ? AND {self.CLAIMABLE[0]} "
                 "ORDER BY c.key LIMIT 1")
 
     def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S, **retry: Any):
