@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from contentdownload import StreamResult, hookimpl
 from contentdownload.machinery.dispatch import Answer
-from contentdownload.errors import Cancelled, LeaseLostError, StagingError
+from contentdownload.errors import Cancelled, LeaseLostError, StagingError, StoreError, StoreUnavailableError
 from contentdownload.transfer.http import HttpClient
 from contentdownload.hooks.model import Job, JobKey, Lease
 from contentdownload.jobs.pipeline import Pipeline, backoff_delay, check_same_filesystem
@@ -190,6 +190,26 @@ def test_a_plugin_raising_in_stream_io_before_writing_falls_back(tmp_path, serve
     assert result.fallbacks["resume_decision"] is False
     assert any("falling back" in e["event"] for e in logs)
     assert rig.paths("fb.bin").final.read_bytes() == data
+
+
+class StoreAway:
+    """A stream_io whose lease heartbeat found the job store gone."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    @hookimpl
+    def stream_io(self, ctx):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [StoreUnavailableError("store away past the budget"), StoreError("store refused")])
+def test_a_store_failure_inside_a_stage_is_no_plugin_fault_and_never_falls_back(tmp_path, server, error):
+    url = server.add_file("/away.bin", payload(8))
+    with TransferRig("away", tmp_path / "rig", extra_plugins={"away": StoreAway(error)}, allow_fallback=True) as rig:
+        with pytest.raises(type(error)):
+            rig.run(Job(urls=(url,)), "away.bin")
+    assert server.stats("/away.bin").requests == 0  # legacy was not asked to fetch it instead
 
 
 def test_a_plugin_raising_after_writing_is_retried_from_the_decision(tmp_path, server):

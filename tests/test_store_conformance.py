@@ -541,8 +541,7 @@ def test_schema_version_table(persistent_url):
     store.plan(jobs(3))
     assert store.schema_version() == 1
     store.close()
-    raw_update(persistent_url, "INSERT INTO schema_version (version) VALUES (?)" if not persistent_url.startswith("sqlite:")
-               else "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (99,))
+    raw_update(persistent_url, "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (99,))
     with pytest.raises(SchemaVersionError, match="schema version 99"):
         open_store(persistent_url)
     assert issubclass(SchemaVersionError, StoreError)
@@ -648,3 +647,19 @@ def test_records_are_plain_values(store):
     rec = store.get("k00000")
     assert isinstance(rec.state, JobState) and rec.state == "planned" and isinstance(rec.updated_at, float)
     assert isinstance(rec.payload, dict) and isinstance(rec.epoch, int)
+
+
+def test_an_expired_lease_is_taken_by_the_next_claim_wherever_the_cursor_is(persistent_url):
+    store = open_store(persistent_url)
+    try:
+        store.plan(jobs(10))
+        keys = frozenset(j.key for j in jobs(10))
+        first = store.claim("a", 30, keys=keys)
+        for _ in range(4):
+            store.claim("b", 30, keys=keys)  # this connection's cursor is now past the first job
+        raw_update(persistent_url, "UPDATE jobs SET lease_expires_at = 0 WHERE key = ?", (first.key,))
+        taken = store.claim("b", 30, keys=keys)
+        assert (taken.key, taken.epoch) == (first.key, first.epoch + 1)
+        assert store.claim("c", 30, keys=keys).key == "k00005"  # then planned jobs, in order, again
+    finally:
+        store.close()

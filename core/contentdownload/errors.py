@@ -86,3 +86,16 @@ class UnsafePathError(StagingError):
     def __init__(self, message: str, reason: str = "unsafe_path"):
         self.reason = reason
         super().__init__(message)
+
+
+class StoreUnavailableError(ContentDownloadError, ConnectionError):
+    """The job store stayed unreachable past the retry budget (``--store-retry-s``).
+
+    An infrastructure failure: neither a plugin fault (no fallback, the part is kept)
+    nor a failure of the job being worked on.
+    """
+
+
+#: Errors that are not a plugin's fault: they stop the job (or the run) and never cause a
+#: fallback to another plugin, which could not do better (the store or the run is the cause).
+NOT_PLUGIN_FAULTS: tuple[type[BaseException], ...] = (JobAbort, StoreError, StoreUnavailableError)

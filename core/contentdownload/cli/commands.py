@@ -33,6 +33,7 @@ RUN_FLAGS = {
     "timeout": "timeout",
     "connect_timeout": "connect_timeout",
     "lease_ttl": "lease_ttl",
+    "store_retry_s": "store_retry_s",
     "log_level": "log_level",
     "header": "headers",
     "user_agent": "user_agent",
@@ -280,6 +281,8 @@ def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="URL", help="job store: sqlite:///path or postgresql://... (default: SQLite in DIR/.contentdownload)")
     add_request_options(p)
     p.add_argument("--lease-ttl", type=float, metavar="S", help="job lease length in seconds (default 60)")
+    p.add_argument("--store-retry-s", type=float, metavar="S",
+                   help="how long to keep retrying while the job store is unreachable (default 300)")
     p.add_argument("--revalidate", action="store_true", help="send conditional requests for finished files instead of skipping them")
     p.add_argument("--accept-any-content", action="store_true",
                    help="save a body whatever its first bytes show (by default an HTML page where the job expects a PDF fails as unexpected_content)")

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from contentdownload.errors import Cancelled, LeaseLostError, StoreError
+from contentdownload.errors import Cancelled, LeaseLostError, StoreError, StoreUnavailableError
 from contentdownload.transfer.http import HttpClient
 from contentdownload.transfer.options import client_options
 from contentdownload.jobs.inputs import BadLine
@@ -101,7 +101,7 @@ def open_job_store(runtime: Any, ws: Workspace) -> Any:
     """The persistent store (``--db`` or SQLite in the output folder), or memory when the schema flag is off."""
     if not runtime.policy.streaming_schema.enabled:
         return open_store("memory:")
-    return open_store(runtime.settings.db or ws.default_db)
+    return open_store(runtime.settings.db or ws.default_db, retry_s=runtime.settings.store_retry_s)
 
 
 class Run:
@@ -163,7 +163,7 @@ class Run:
             self._drive(plan, store, http)
         except KeyboardInterrupt:
             self._on_signal(signal.SIGINT, None)
-        except StoreError as exc:  # while planning or recording what planning settled
+        except (StoreError, StoreUnavailableError) as exc:  # while planning or recording what planning settled
             self._store_down(store, exc)
         finally:
             for signum, handler in previous_handlers.items():
@@ -296,7 +296,7 @@ class Run:
         except LeaseLostError as exc:
             log.warning("lease taken over by another worker; not finalizing", job_key=item.key.key, error=str(exc))
             return
-        except StoreError as exc:  # parts and the finalize intent are kept: a rerun resumes or recovers
+        except (StoreError, StoreUnavailableError) as exc:  # parts and the finalize intent are kept: a rerun resumes or recovers
             self._store_down(store, exc)
             self._release(store, item)
             return
@@ -308,7 +308,7 @@ class Run:
                 store.fail(item.key.key, item.epoch, result.reason, retryable=False, max_attempts=1)
             self._emit(result, self.leasing)
             self._progress.done(result)
-        except StoreError as exc:
+        except (StoreError, StoreUnavailableError) as exc:
             self._store_down(store, exc)
         except Exception as exc:  # the manifest could not take the row: the job is left for a rerun
             log.error("could not record a job's outcome", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
@@ -331,7 +331,7 @@ class Run:
             if first:
                 self._store_error = line
         if first:
-            log.error("stopping the run: " + line, exc_info=not isinstance(exc, StoreError))
+            log.error("stopping the run: " + line, exc_info=not isinstance(exc, (StoreError, StoreUnavailableError)))
         self.cancel.set()
 
     def _emit(self, result: JobResult, leasing: bool) -> None:

@@ -62,6 +62,7 @@ class RunSettings:
     retry_failed: bool = False
     chunk_size: int = 64 << 10
     lease_ttl: float = 60.0
+    store_retry_s: float = 300.0
     backoff_factor: float = 0.5
     verify_tls: bool = True
     log_level: str = "INFO"
@@ -100,6 +101,7 @@ RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "retry_failed": ((bool,), _ANY),
     "chunk_size": ((int,), (lambda v: v >= 4096, "must be at least 4096")),
     "lease_ttl": ((int, float), (lambda v: v >= 1, "must be at least 1 (seconds)")),
+    "store_retry_s": ((int, float), _NON_NEGATIVE),
     "backoff_factor": ((int, float), _NON_NEGATIVE),
     "verify_tls": ((bool,), _ANY),
     "log_level": ((str,), (lambda v: v.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "must be DEBUG, INFO, WARNING or ERROR")),

@@ -4,8 +4,8 @@ Each plugin is asked through pluggy's caller for that plugin alone
 (:meth:`PluginSet.caller`), so hook wrappers and pluggy's monitoring see every call.
 ``None`` means declined: the next plugin is asked. An exception is a plugin fault:
 logged with "falling back", counted, and the next plugin is asked where the stage says
-that is safe (:func:`fallback_safe`). :class:`~contentdownload.errors.JobAbort` is not
-a fault and propagates at once.
+that is safe (:func:`fallback_safe`). :data:`~contentdownload.errors.NOT_PLUGIN_FAULTS`
+(a job abort, the job store failing or away) are not faults and propagate at once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from contentdownload.errors import ContentDownloadError, JobAbort, NoPluginAnsweredError
+from contentdownload.errors import NOT_PLUGIN_FAULTS, ContentDownloadError, NoPluginAnsweredError
 from contentdownload.machinery.loader import PluginSet
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import HOOK_RESULT_TYPES
@@ -79,7 +79,7 @@ class Dispatcher:
             started = time.perf_counter_ns()
             try:
                 result = caller(ctx=ctx)
-            except JobAbort:
+            except NOT_PLUGIN_FAULTS:
                 record(hook, name, "error", time.perf_counter_ns() - started)
                 raise
             except Exception as exc:

@@ -55,8 +55,13 @@ __all__ = [
 ]
 
 
-def open_store(url: str) -> JobStore:
-    """Open (creating or migrating its schema if needed) the job store at ``url``."""
+def open_store(url: str, *, retry_s: float | None = None) -> JobStore:
+    """Open (creating or migrating its schema if needed) the job store at ``url``.
+
+    ``retry_s``: how long a store call keeps retrying while the database is unreachable
+    (default :data:`~contentdownload.store.base.STORE_RETRY_S`).
+    """
+    retry = {} if retry_s is None else {"retry_s": retry_s}
     text = str(url).strip()
     scheme = text.split(":", 1)[0].lower() if ":" in text else ""
     if scheme == "memory":
@@ -71,11 +76,11 @@ def open_store(url: str) -> JobStore:
             raise UsageError(f"bad job store URL {text!r}: give a file, e.g. sqlite:///path/to/jobs.db (or 'memory:')")
         if not path.parent.is_dir():
             raise UsageError(f"bad job store URL {text!r}: folder {path.parent} does not exist")
-        return SQLiteStore(path)
+        return SQLiteStore(path, **retry)
     if scheme in ("postgresql", "postgres"):
         from contentdownload.store.postgres import PostgresStore
 
-        return PostgresStore(text)
+        return PostgresStore(text, **retry)
     raise UsageError(f"unknown job store URL {text!r}: use sqlite:///path/jobs.db, postgresql://host/db or memory:")
 
 

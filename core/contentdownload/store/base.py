@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import threading
 import time
 from contextlib import contextmanager
@@ -29,15 +30,10 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 import attrs
 
-from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError
-
-
+from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError, StoreUnavailableError
 from contentdownload.store import transitions
+from contentdownload.store.schema import SchemaVersionError  # noqa: F401  (re-exported)
 from contentdownload.store.transitions import JobState
-
-
-class SchemaVersionError(StoreError):
-    """The store was written by a newer version of contentdownload (its schema version is unknown here)."""
 
 
 class UnknownJobError(StoreError, KeyError):
@@ -96,10 +92,6 @@ class Claim:
     epoch: int
     owner: str
     record: JobRecord
-
-
-OP_STATUSES = ("pending", "done", "failed")
-OP_KINDS_HINT = ("transfer", "finalize", "manifest")
 
 
 class JobStore(abc.ABC):
@@ -251,6 +243,11 @@ COLS = ", ".join(RECORD_COLUMNS)
 HELD_SQL = "('leased', 'streaming')"
 PAGE = 1000
 KEYSETS_PER_CONNECTION = 8
+#: how long store calls keep retrying while the store is unreachable (``--store-retry-s``)
+STORE_RETRY_S = 300.0
+OUTAGE_FIRST_WAIT_S, OUTAGE_MAX_WAIT_S = 0.1, 5.0
+
+log = logging.getLogger("contentdownload.store")
 
 
 @attrs.define
@@ -288,7 +285,11 @@ class SqlJobStore(JobStore):
     #: appended to a SELECT that reads a row it is about to update (``FOR UPDATE`` in PostgreSQL)
     for_update = ""
 
-    def __init__(self) -> None:
+    def __init__(self, *, retry_s: float = STORE_RETRY_S, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.retry_s = float(retry_s)
+        self._clock, self._sleep = clock, sleep
+        self._outage = threading.local()  # .retrying: this thread is running a call again after an outage
         self._closed = False
         self._keyset_ids = iter(range(1, 1 << 62))
         self._keyset_lock = threading.Lock()
@@ -320,6 +321,10 @@ class SqlJobStore(JobStore):
         """A transaction that failed this way was rolled back and can simply be run again."""
         return False
 
+    def _transient(self, exc: BaseException) -> bool:
+        """The store is away (server down or restarting, connection lost, database locked): wait and retry."""
+        return False
+
     @abc.abstractmethod
     def _insert_planned(self, conn: Any, rows: list[tuple[str, str, str]]) -> int: ...
 
@@ -341,14 +346,55 @@ class SqlJobStore(JobStore):
 
     def _run(self, fn: Callable[[Any], Any], *, write: bool, keys: frozenset[str] | None = None,
              durable: bool = True) -> Any:
-        """Run ``fn(conn)`` (``fn(conn, keyset)`` with ``keys``) in one transaction, retrying transient conflicts.
+        """Run ``fn(conn)`` (``fn(conn, keyset)`` with ``keys``) in one transaction.
 
-        ``durable=False`` marks writes whose loss in a crash of the database server is
-        harmless (heartbeats, ``mark_streaming``, starting an operation): they may commit
-        without waiting for the disk. Commits stay ordered, so any later durable commit
-        makes them durable too.
+        Transient conflicts (deadlocks) are retried at once; while the store is away
+        (see :meth:`_transient`) the call is retried with exponential backoff for up to
+        :attr:`retry_s` seconds, with one log line per retry, then raises
+        :class:`~contentdownload.errors.StoreUnavailableError`. ``durable=False`` marks
+        writes whose loss in a crash of the database server is harmless (heartbeats,
+        ``mark_streaming``, starting an operation): they may commit without waiting for
+        the disk. Commits stay ordered, so any later durable commit makes them durable too.
         """
         self._check_open()
+        started, wait = self._clock(), OUTAGE_FIRST_WAIT_S
+        try:
+            while True:
+                try:
+                    return self._attempt(fn, write=write, keys=keys, durable=durable)
+                except (StoreError, IllegalTransition, LeaseLostError):
+                    raise
+                except Exception as exc:
+                    self._wait_out(exc, self._clock() - started, wait)
+                    wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
+                    self._outage.retrying = True
+        finally:
+            self._outage.retrying = False
+
+    def _wait_out(self, exc: Exception, waited: float, wait: float) -> None:
+        """Sleep before running a call again after a transient error; raise the error when it is not one,
+        or :class:`StoreUnavailableError` when the budget is spent."""
+        if not self._transient(exc):
+            mapped = self._translate(exc)
+            if mapped is None:
+                raise exc
+            raise mapped from exc
+        if waited + wait > self.retry_s:
+            raise StoreUnavailableError(
+                f"the job store {self.url} is unavailable (gave up after {waited:.0f} s, "
+                f"--store-retry-s {self.retry_s:g}): {self._first_line(exc)}") from exc
+        log.warning("job store %s unavailable (%s); retrying in %.1f s (waited %.1f s of %g)",
+                    self.url, self._first_line(exc), wait, waited, self.retry_s)
+        self._sleep(wait)
+        self._check_open()
+
+    @staticmethod
+    def _first_line(exc: BaseException) -> str:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+
+    def _attempt(self, fn: Callable[..., Any], *, write: bool, keys: frozenset[str] | None, durable: bool) -> Any:
+        """One transaction, run again at once (up to 8 times) after a deadlock or serialization conflict."""
         for attempt in range(8):
             try:
                 with self._connection() as conn:
@@ -363,16 +409,11 @@ class SqlJobStore(JobStore):
                         raise
                     self._commit(conn)
                     return result
-            except (StoreError, IllegalTransition, LeaseLostError):
-                raise
             except Exception as exc:
                 if self._retryable(exc) and attempt < 7:
                     time.sleep(0.005 * (2 ** attempt))
                     continue
-                translated = self._translate(exc)
-                if translated is None:
-                    raise
-                raise translated from exc
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _keyset(self, conn: Any, keys: frozenset[str]) -> "KeySet":
@@ -418,8 +459,14 @@ class SqlJobStore(JobStore):
             f"WHERE key = (SELECT key FROM jobs WHERE {where}{restrict} LIMIT 1{self.skip_locked}) RETURNING {COLS}")
 
     def pick_among_sql(self) -> str:
-        """The first claimable job among a loaded key set (params: set_id, after), in key order."""
+        """The first planned job among a loaded key set (params: set_id, after), in key order."""
         raise NotImplementedError
+
+    def pick_expired_sql(self) -> str:
+        """A job of a loaded key set held under an expired lease (param: set_id), found through ``jobs_claim``."""
+        return (f"SELECT jobs.key FROM jobs WHERE {self.CLAIMABLE[1]} AND EXISTS "
+                "(SELECT 1 FROM claim_keys c WHERE c.set_id = ? AND c.key = jobs.key) "
+                f"ORDER BY jobs.lease_expires_at LIMIT 1{self.skip_locked}")
 
     @staticmethod
     def _as_claim(rows: list, owner: str) -> Claim | None:
@@ -447,14 +494,18 @@ class SqlJobStore(JobStore):
             return None
 
         def take_among(conn: Any, keyset: KeySet) -> Claim | None:
-            # Walk the run's keys in key order from where this connection last found a job,
-            # then once from the start: finished keys are stepped over once, not at every claim.
-            sql = self.q(
-                "UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
-                "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() "
-                f"WHERE key = ({self.pick_among_sql()}) RETURNING {COLS}")
+            # An expired lease first, wherever it is in the list (few jobs are held: the index finds
+            # them), then the run's planned keys in key order from where this connection last found
+            # a job, then once from the start: finished keys are stepped over once, not at every claim.
+            lease = ("UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
+                     "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() WHERE key = ")
+            expired = self.q(f"{lease}({self.pick_expired_sql()}) RETURNING {COLS}")
+            claim = self._as_claim(self._fetchall(conn, expired, (owner, float(ttl), keyset.set_id)), owner)
+            if claim is not None:
+                return claim
+            planned = self.q(f"{lease}({self.pick_among_sql()}) RETURNING {COLS}")
             for after in dict.fromkeys((keyset.cursor, "")):
-                claim = self._as_claim(self._fetchall(conn, sql, (owner, float(ttl), keyset.set_id, after)), owner)
+                claim = self._as_claim(self._fetchall(conn, planned, (owner, float(ttl), keyset.set_id, after)), owner)
                 if claim is not None:
                     keyset.cursor = claim.key
                     return claim
@@ -483,6 +534,9 @@ class SqlJobStore(JobStore):
         if rows:
             return rows
         now = self._fetchall(conn, self.q("SELECT state, epoch FROM jobs WHERE key = ?"), (key,))
+        if (getattr(self._outage, "retrying", False) and now and target is JobState.FINALIZED
+                and now[0][0] == "finalized" and int(now[0][1]) == epoch):
+            return []  # this very write committed before the connection was lost, and is being run again
         raise fenced_refusal(key, epoch, now[0] if now else None, target)
 
     def heartbeat(self, key: str, epoch: int, ttl: float) -> None:
@@ -632,28 +686,6 @@ class SqlJobStore(JobStore):
         status, kind, job_key, result, epoch, updated_at, error = rows[0]
         return {"status": status, "kind": kind, "job_key": job_key, "result": loads(result), "epoch": int(epoch),
                 "updated_at": float(updated_at), "error": error}
-
-
-# -- schema ----------------------------------------------------------------------------
-
-
-def transition_rows_sql() -> str:
-    return ", ".join(f"('{old}', '{new}')" for old, new in transitions.pairs())
-
-
-def state_rows_sql() -> str:
-    return ", ".join(f"('{s.value}')" for s in JobState)
-
-
-def check_transition_table(found: set[tuple[str, str]], url: str) -> None:
-    """The database's copy of the transition table must be the code's: a difference means a missing migration."""
-    expected = set(transitions.pairs())
-    if found != expected:
-        extra, missing = sorted(found - expected), sorted(expected - found)
-        raise StoreError(
-            f"the job store {url} has a different transition table than this version "
-            f"(extra {extra}, missing {missing}); it needs a migration, not a repair"
-        )
 
 
 @contextmanager

@@ -15,85 +15,18 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from contentdownload.errors import IllegalTransition, StoreError
-from contentdownload.store.base import (
-    SchemaVersionError,
-    SqlJobStore,
-    UnknownJobError,
+from contentdownload.store.base import SqlJobStore, UnknownJobError, translated
+from contentdownload.store.schema import (
+    POSTGRES,
+    SCHEMA_VERSION,
+    TRANSITION_SQLSTATE,
     check_transition_table,
-    state_rows_sql,
-    transition_rows_sql,
-    translated,
+    pending,
+    version_table,
 )
 
-TRANSITION_SQLSTATE = "CDX01"
 #: ``pg_advisory_xact_lock`` key that serialises schema migrations ("cdstore" in ASCII)
 MIGRATION_LOCK = 0x6364_7374_6F72_65
-
-
-def _migration_1() -> list[str]:
-    return [
-        "CREATE TABLE job_states (state text PRIMARY KEY)",
-        f"INSERT INTO job_states (state) VALUES {state_rows_sql()}",
-        """CREATE TABLE job_transitions (
-            from_state text NOT NULL REFERENCES job_states (state),
-            to_state text NOT NULL REFERENCES job_states (state),
-            PRIMARY KEY (from_state, to_state)
-        )""",
-        f"INSERT INTO job_transitions (from_state, to_state) VALUES {transition_rows_sql()}",
-        """CREATE OR REPLACE FUNCTION cd_now() RETURNS double precision LANGUAGE sql STABLE
-            AS $$ SELECT extract(epoch FROM now())::double precision $$""",
-        """CREATE TABLE jobs (
-            key text PRIMARY KEY,
-            scheme text NOT NULL,
-            state text NOT NULL DEFAULT 'planned' REFERENCES job_states (state),
-            payload jsonb NOT NULL DEFAULT '{}',
-            attempts integer NOT NULL DEFAULT 0,
-            claims integer NOT NULL DEFAULT 0,
-            epoch bigint NOT NULL DEFAULT 0,
-            lease_owner text,
-            lease_expires_at double precision,
-            leased_at double precision,
-            etag text,
-            last_modified text,
-            size bigint,
-            sha256 text,
-            path text,
-            final_url text,
-            content_type text,
-            mtime_ns bigint,
-            last_error text,
-            created_at double precision NOT NULL,
-            updated_at double precision NOT NULL
-        )""",
-        "CREATE INDEX jobs_claim ON jobs (state, lease_expires_at)",
-        """CREATE TABLE operations (
-            op_key text PRIMARY KEY,
-            job_key text NOT NULL REFERENCES jobs (key),
-            kind text NOT NULL,
-            status text NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
-            epoch bigint NOT NULL DEFAULT 0,
-            result jsonb,
-            error text,
-            created_at double precision NOT NULL,
-            updated_at double precision NOT NULL
-        )""",
-        "CREATE INDEX operations_job ON operations (job_key)",
-        f"""CREATE OR REPLACE FUNCTION jobs_check_transition() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NOT EXISTS (SELECT 1 FROM job_transitions t WHERE t.from_state = OLD.state AND t.to_state = NEW.state) THEN
-                RAISE EXCEPTION 'illegal job transition: % -> % (job %)', OLD.state, NEW.state, OLD.key
-                    USING ERRCODE = '{TRANSITION_SQLSTATE}';
-            END IF;
-            RETURN NEW;
-        END $$""",
-        """CREATE TRIGGER jobs_state_transition BEFORE UPDATE OF state ON jobs
-            FOR EACH ROW EXECUTE FUNCTION jobs_check_transition()""",
-    ]
-
-
-#: Forward migrations, in order: ``(version, statements)``. Never edit a released one; add the next.
-MIGRATIONS: list[tuple[int, Any]] = [(1, _migration_1)]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def redact(url: str) -> str:
@@ -123,6 +56,15 @@ def translate(exc: BaseException) -> BaseException | None:
     return StoreError(f"PostgreSQL job store error: {type(exc).__name__}: {text}")
 
 
+def is_transient(exc: BaseException) -> bool:
+    """The server is away, not the request wrong: connection refused or lost, admin shutdown,
+    server starting up or out of connections, or no pooled connection in time."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    return isinstance(exc, (psycopg.OperationalError, PoolTimeout))
+
+
 class PostgresStore(SqlJobStore):
     """A job store in a PostgreSQL database (``postgresql://user@host/db``)."""
 
@@ -130,12 +72,11 @@ class PostgresStore(SqlJobStore):
     for_update = " FOR UPDATE"
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0,
-                 pool_timeout: float = 30.0):
-        super().__init__()
+                 pool_timeout: float = 10.0, **retry: Any):
+        super().__init__(**retry)
         import psycopg
         from psycopg_pool import ConnectionPool
 
-        self._dsn = url
         self.url = redact(url)
         self._keysets: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
         self._q_cache: dict[str, str] = {}
@@ -149,7 +90,7 @@ class PostgresStore(SqlJobStore):
             self._pool = ConnectionPool(
                 url, min_size=min_size, max_size=max_size, open=True, timeout=pool_timeout,
                 kwargs={"autocommit": False, "connect_timeout": int(connect_timeout)},
-                name="contentdownload-store",
+                name="contentdownload-store", check=ConnectionPool.check_connection,
             )
 
     def pick_among_sql(self) -> str:
@@ -158,7 +99,7 @@ class PostgresStore(SqlJobStore):
         # skipping rows other claimers hold: the plan does not depend on table statistics.
         return ("SELECT j.key FROM claim_keys c CROSS JOIN LATERAL ("
                 "SELECT jobs.key FROM jobs WHERE jobs.key = c.key "
-                f"AND ({self.CLAIMABLE[0]} OR ({self.CLAIMABLE[1]})) LIMIT 1 FOR UPDATE SKIP LOCKED) j "
+                f"AND {self.CLAIMABLE[0]} LIMIT 1 FOR UPDATE SKIP LOCKED) j "
                 "WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT 1")
 
     # -- connections ------------------------------------------------------------------
@@ -197,6 +138,9 @@ class PostgresStore(SqlJobStore):
 
         return isinstance(exc, (errors.DeadlockDetected, errors.SerializationFailure))
 
+    def _transient(self, exc: BaseException) -> bool:
+        return is_transient(exc)
+
     def close(self) -> None:
         if self._closed:
             return
@@ -217,19 +161,11 @@ class PostgresStore(SqlJobStore):
         try:
             if self._version(conn) != SCHEMA_VERSION:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))  # one process migrates at a time
-                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY, "
-                             "applied_at timestamptz NOT NULL DEFAULT now())")
-                current = self._version(conn)
-                if current > SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"the job store {self.url} has schema version {current}; this version of contentdownload "
-                        f"knows up to {SCHEMA_VERSION}: upgrade contentdownload to use it"
-                    )
-                for version, statements in MIGRATIONS:
-                    if version > current:
-                        for statement in statements():
-                            conn.execute(statement)
-                        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                conn.execute(version_table(POSTGRES))
+                for version, statements in pending(POSTGRES, self._version(conn), self.url):
+                    for statement in statements:
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (%s, cd_now())", (version,))
             found = {(a, b) for a, b in conn.execute("SELECT from_state, to_state FROM job_transitions")}
             conn.commit()
         except BaseException:

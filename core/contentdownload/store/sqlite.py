@@ -19,75 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from contentdownload.errors import IllegalTransition, StoreError
-from contentdownload.store.base import (
-    SchemaVersionError,
-    SqlJobStore,
-    UnknownJobError,
-    check_transition_table,
-    state_rows_sql,
-    transition_rows_sql,
-    translated,
-)
+from contentdownload.store.base import SqlJobStore, UnknownJobError, translated
+from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TRANSITION_ERROR, check_transition_table, pending, version_table
 
 BUSY_TIMEOUT_S = 30.0
-TRANSITION_ERROR = "illegal job transition"
-
-
-def _migration_1() -> list[str]:
-    return [
-        "CREATE TABLE job_states (state TEXT PRIMARY KEY) WITHOUT ROWID",
-        f"INSERT INTO job_states (state) VALUES {state_rows_sql()}",
-        """CREATE TABLE job_transitions (
-            from_state TEXT NOT NULL REFERENCES job_states (state),
-            to_state TEXT NOT NULL REFERENCES job_states (state),
-            PRIMARY KEY (from_state, to_state)
-        ) WITHOUT ROWID""",
-        f"INSERT INTO job_transitions (from_state, to_state) VALUES {transition_rows_sql()}",
-        """CREATE TABLE jobs (
-            key TEXT PRIMARY KEY,
-            scheme TEXT NOT NULL,
-            state TEXT NOT NULL DEFAULT 'planned' REFERENCES job_states (state),
-            payload TEXT NOT NULL DEFAULT '{}',
-            attempts INTEGER NOT NULL DEFAULT 0,
-            claims INTEGER NOT NULL DEFAULT 0,
-            epoch INTEGER NOT NULL DEFAULT 0,
-            lease_owner TEXT,
-            lease_expires_at REAL,
-            leased_at REAL,
-            etag TEXT,
-            last_modified TEXT,
-            size INTEGER,
-            sha256 TEXT,
-            path TEXT,
-            final_url TEXT,
-            content_type TEXT,
-            mtime_ns INTEGER,
-            last_error TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-        "CREATE INDEX jobs_claim ON jobs (state, lease_expires_at)",
-        """CREATE TABLE operations (
-            op_key TEXT PRIMARY KEY,
-            job_key TEXT NOT NULL REFERENCES jobs (key),
-            kind TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
-            epoch INTEGER NOT NULL DEFAULT 0,
-            result TEXT,
-            error TEXT,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL
-        )""",
-        "CREATE INDEX operations_job ON operations (job_key)",
-        f"""CREATE TRIGGER jobs_state_transition BEFORE UPDATE OF state ON jobs FOR EACH ROW
-            WHEN NOT EXISTS (SELECT 1 FROM job_transitions t WHERE t.from_state = OLD.state AND t.to_state = NEW.state)
-            BEGIN SELECT RAISE(ABORT, '{TRANSITION_ERROR}'); END""",
-    ]
-
-
-#: Forward migrations, in order: ``(version, statements)``. Never edit a released one; add the next.
-MIGRATIONS: list[tuple[int, Any]] = [(1, _migration_1)]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def translate(exc: BaseException) -> BaseException | None:
@@ -128,11 +63,11 @@ class SQLiteStore(SqlJobStore):
     def pick_among_sql(self) -> str:
         # CROSS JOIN keeps the key set as the outer loop: one primary-key probe into jobs per key.
         return ("SELECT c.key FROM claim_keys c CROSS JOIN jobs ON jobs.key = c.key "
-                f"WHERE c.set_id = ? AND c.key > ? AND ({self.CLAIMABLE[0]} OR ({self.CLAIMABLE[1]})) "
+                f"WHERE c.set_id = ? AND c.key > ? AND {self.CLAIMABLE[0]} "
                 "ORDER BY c.key LIMIT 1")
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S):
-        super().__init__()
+    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S, **retry: Any):
+        super().__init__(**retry)
         self.path = Path(path)
         self.url = f"sqlite://{self.path}" if self.path.is_absolute() else f"sqlite:{self.path}"
         self.busy_timeout = busy_timeout
@@ -225,6 +160,10 @@ class SQLiteStore(SqlJobStore):
     def _translate(self, exc: BaseException) -> BaseException | None:
         return translate(exc)
 
+    def _transient(self, exc: BaseException) -> bool:
+        """Another process holds the write lock past the busy timeout: wait longer (other errors are permanent)."""
+        return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
     def close(self) -> None:
         self._closed = True
         with self._all_lock:
@@ -249,18 +188,11 @@ class SQLiteStore(SqlJobStore):
         if self._version(conn) != SCHEMA_VERSION:  # the usual case skips the write lock
             conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
             try:
-                conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-                current = self._version(conn)
-                if current > SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"the job store {self.url} has schema version {current}; this version of contentdownload "
-                        f"knows up to {SCHEMA_VERSION}: upgrade contentdownload to use it"
-                    )
-                for version, statements in MIGRATIONS:
-                    if version > current:
-                        for statement in statements():
-                            conn.execute(statement)
-                        conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
+                conn.execute(version_table(SQLITE))
+                for version, statements in pending(SQLITE, self._version(conn), self.url):
+                    for statement in statements:
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
                 conn.execute("COMMIT")
             except BaseException:
                 self._rollback(conn)

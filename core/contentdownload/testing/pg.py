@@ -205,6 +205,13 @@ class TemporaryPostgres:
             self._cleanup()
             raise
 
+    def ctl(self, *args: str) -> None:
+        """Run ``pg_ctl`` on this cluster (``ctl("restart", "-m", "fast")``, ``ctl("stop")``, ``ctl("start")``)."""
+        done = self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file), "-w",
+                         *args, timeout=self.start_timeout + 10)
+        if done.returncode != 0:
+            raise PostgresNotAvailable(f"pg_ctl {' '.join(args)} failed: {done.stdout.strip()[-2000:]}")
+
     def _wait_ready(self) -> None:
         import psycopg
 
