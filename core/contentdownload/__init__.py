@@ -5,7 +5,7 @@ Start with :class:`Downloader` (one file at a time from a program),
 :func:`integration_status` (who answers each hook, and why).
 """
 
-__version__ = "0.1.0"
+from contentdownload.version import __version__  # noqa: E402
 
 from contentdownload.errors import (  # noqa: E402
     ContentDownloadError,

@@ -117,7 +117,7 @@ def _single_host_notice(runtime: Any, entries: list) -> str | None:
 
 
 def _log_run_start(runtime: Any, entries: list) -> None:
-    from contentdownload import __version__
+    from contentdownload.version import __version__
     from contentdownload.hooks.model import HOOKS
 
     settings = runtime.settings_report()["settings"]

@@ -14,6 +14,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -71,7 +72,18 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         close_logging()
 
-    ok_files = sum(1 for (path, data), job in zip(corpus, jobs) if (out / Path(path).name).read_bytes() == data)
+    report = _report(out, corpus, first, second, revalidation_stats)
+    passed = report["passed"]
+    if args.json:
+        _print_json(report)
+        return EXIT_OK if passed else EXIT_FAILED
+    _print_report(out, corpus, report, first, second, revalidation_stats)
+    return EXIT_OK if passed else EXIT_FAILED
+
+
+def _report(out: Path, corpus: list, first: Any, second: Any, revalidation_stats: Any) -> dict:
+    """What the two runs did, and whether the demo passed."""
+    ok_files = sum(1 for path, data in corpus if (out / Path(path).name).read_bytes() == data)
     resumed = [r for r in first.results if r.outcome == "resumed"]
     report = {
         "output": str(out),
@@ -94,9 +106,11 @@ def run_demo(args: argparse.Namespace) -> int:
         and bool(resumed) and second.metrics["outcomes"]["not_modified"] == 1
     )
     report["passed"] = passed
-    if args.json:
-        _print_json(report)
-        return EXIT_OK if passed else EXIT_FAILED
+    return report
+
+
+def _print_report(out: Path, corpus: list, report: dict, first: Any, second: Any, revalidation_stats: Any) -> None:
+    resumed = [r for r in first.results if r.outcome == "resumed"]
     print(f"demo corpus: {len(corpus)} files served on loopback; output in {out}\n")
     print("run 1 (one connection cut mid-file):")
     print(_table([[o, str(n)] for o, n in first.metrics["outcomes"].items() if n], ["OUTCOME", "JOBS"]))
@@ -108,5 +122,4 @@ def run_demo(args: argparse.Namespace) -> int:
           f"server answered {revalidation_stats.statuses} with {revalidation_stats.body_bytes} body bytes")
     print(f"\nfiles byte-identical to the source: {report['files_identical_to_source']}")
     print(f"manifest: {out / 'manifest.jsonl'}   metrics: {out / 'manifest.metrics.json'}   logs: {out / 'logs'}")
-    print("demo " + ("passed" if passed else "FAILED"))
-    return EXIT_OK if passed else EXIT_FAILED
+    print("demo " + ("passed" if report["passed"] else "FAILED"))

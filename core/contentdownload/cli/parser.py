@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from contentdownload import __version__
+from contentdownload.version import __version__
 from contentdownload.errors import ContentDownloadError, PluginLoadError, UsageError
 from contentdownload.machinery.flags import FlagLayer, parse_pin, parse_ratio
 from contentdownload.machinery.runtime import Runtime

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 
-from contentdownload import __version__
+from contentdownload.version import __version__
 import attrs
 
 from contentdownload.machinery.config import ConfigFile, RunSettings, load_config, redact_setting, resolve_settings, user_config_path

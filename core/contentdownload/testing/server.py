@@ -1348,6 +1348,35 @@ class LoopbackServer:
                     return k
         return None
 
+    @staticmethod
+    def _answer_preconditions(h: _Handler, rec: _Rec, head: bool, etag: str | None, lm: float | None,
+                              common: list[tuple[str, str]]) -> bool:
+        """Answer a failed precondition (412) or a 304, in the order of RFC 9110 section 13.2.2; whether it answered."""
+        headers = rec.headers
+        if_match = headers.get("If-Match")
+        failed = False
+        if if_match is not None:
+            tags = _parse_etags(if_match)
+            failed = not ("*" in tags or any(_strong_match(t, etag) for t in tags))
+        elif headers.get("If-Unmodified-Since") is not None and lm is not None:
+            since = _parse_date(headers["If-Unmodified-Since"])
+            failed = since is not None and int(lm) > since
+        if failed:
+            h._simple(rec, 412, b"<html>precondition failed</html>", head, extra=common)
+            return True
+        if_none_match = headers.get("If-None-Match")
+        not_modified = False
+        if if_none_match is not None:
+            tags = _parse_etags(if_none_match)
+            not_modified = "*" in tags or any(_weak_match(t, etag) for t in tags)
+        elif headers.get("If-Modified-Since") is not None and lm is not None:
+            since = _parse_date(headers["If-Modified-Since"])
+            not_modified = since is not None and int(lm) <= since
+        if not_modified:
+            h._head(rec, 304, common, None)
+            h._flush(rec, True)
+        return not_modified
+
     def _respond_file(self, h: _Handler, rec: _Rec, head: bool, entry: _Entry, fault: Fault | None) -> None:
         headers = rec.headers
         always = dict(entry.options).get("gzip") == "always"
@@ -1369,29 +1398,7 @@ class LoopbackServer:
         if options.get("repr_digest") and not use_gzip and entry.sha256:
             common.append(("Repr-Digest", _sfv_sha256(bytes.fromhex(entry.sha256))))
 
-        # Preconditions, in the order of RFC 9110 section 13.2.2.
-        if_match = headers.get("If-Match")
-        if if_match is not None:
-            tags = _parse_etags(if_match)
-            if not ("*" in tags or any(_strong_match(t, etag) for t in tags)):
-                h._simple(rec, 412, b"<html>precondition failed</html>", head, extra=common)
-                return
-        elif headers.get("If-Unmodified-Since") is not None and lm is not None:
-            since = _parse_date(headers["If-Unmodified-Since"])
-            if since is not None and int(lm) > since:
-                h._simple(rec, 412, b"<html>precondition failed</html>", head, extra=common)
-                return
-        if_none_match = headers.get("If-None-Match")
-        not_modified = False
-        if if_none_match is not None:
-            tags = _parse_etags(if_none_match)
-            not_modified = "*" in tags or any(_weak_match(t, etag) for t in tags)
-        elif headers.get("If-Modified-Since") is not None and lm is not None:
-            since = _parse_date(headers["If-Modified-Since"])
-            not_modified = since is not None and int(lm) <= since
-        if not_modified:
-            h._head(rec, 304, common, None)
-            h._flush(rec, True)
+        if self._answer_preconditions(h, rec, head, etag, lm, common):
             return
 
         # Range selection (GET on the identity coding only).

@@ -47,7 +47,7 @@ import urllib3.response
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
-from contentdownload import __version__
+from contentdownload.version import __version__
 from contentdownload.errors import UnsafeRedirectError
 from contentdownload.records.log import get_logger
 from contentdownload.transfer.digests import WANT_REPR_DIGEST
