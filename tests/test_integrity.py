@@ -147,6 +147,18 @@ def test_a_content_digest_on_a_206_covers_the_partial_body(dl, server, tmp_path)
     assert result.outcome == "resumed" and "content-digest:sha256" in result.verified_by
 
 
+def test_a_content_md5_on_a_206_covers_the_partial_body(dl, server, tmp_path):
+    data, cut = version(14), 150_000
+    server.add_file("/md5.bin", data)
+    server.add_fault("/md5.bin", Fault.cut_after(cut))
+    assert dl.download(server.url("/md5.bin"), tmp_path).outcome == "failed"
+    partial = data[cut - OVERLAP:]  # what the resume asks for: the overlap, then the rest
+    server.add_fault("/md5.bin", Fault.add_headers({"Content-MD5": base64.b64encode(hashlib.md5(partial).digest()).decode()}))
+    result = dl.download(server.url("/md5.bin"), tmp_path)
+    assert_one_whole_version(result, tmp_path / "md5.bin", data)
+    assert result.outcome == "resumed" and "content-md5:md5" in result.verified_by
+
+
 def test_a_lying_content_digest_on_a_206_is_never_appended(dl, server, tmp_path):
     data = version(11)
     server.add_file("/cdbad.bin", data)

@@ -6,7 +6,8 @@ Read from a response's headers:
   body: on a 206, only the partial body), structured-field dictionaries parsed with
   ``http-sfv``; ``sha-256`` and ``sha-512`` are used, other algorithms are ignored.
 - RFC 3230 ``Digest`` (``SHA-256=<base64>``, ``SHA-512=``, ``MD5=``): the representation.
-- ``Content-MD5`` (RFC 1864): the representation, as S3 and older servers send it.
+- ``Content-MD5`` (RFC 1864): this message's body (on a 206, the partial body), as older
+  servers send it.
 - S3's ``x-amz-checksum-sha256`` (a full-object checksum; a composite ``...-N`` value is not a
   digest of the bytes and is ignored).
 
@@ -64,7 +65,7 @@ def server_digests(headers: Mapping[str, str]) -> tuple[ServerDigest, ...]:
     found += _sfv_digests(headers.get("repr-digest"), "repr-digest", REPRESENTATION)
     found += _sfv_digests(headers.get("content-digest"), "content-digest", CONTENT)
     found += _rfc3230_digests(headers.get("digest"))
-    found += _base64_digest(headers.get("content-md5"), "content-md5", "md5")
+    found += _base64_digest(headers.get("content-md5"), "content-md5", "md5", scope=CONTENT)
     checksum = headers.get("x-amz-checksum-sha256")
     if checksum and "-" not in checksum:
         found += _base64_digest(checksum, "x-amz-checksum-sha256", "sha256")
@@ -98,7 +99,7 @@ def _rfc3230_digests(value: str | None) -> list[ServerDigest]:
     return out
 
 
-def _base64_digest(value: str | None, source: str, algorithm: str) -> list[ServerDigest]:
+def _base64_digest(value: str | None, source: str, algorithm: str, scope: str = REPRESENTATION) -> list[ServerDigest]:
     if not value:
         return []
     try:
@@ -107,7 +108,7 @@ def _base64_digest(value: str | None, source: str, algorithm: str) -> list[Serve
         return []
     if len(digest) != hashlib.new(algorithm).digest_size:
         return []
-    return [ServerDigest(source=source, algorithm=algorithm, value=digest, scope=REPRESENTATION)]
+    return [ServerDigest(source=source, algorithm=algorithm, value=digest, scope=scope)]
 
 
 def representation_digests(digests: Iterable[ServerDigest]) -> tuple[ServerDigest, ...]:
