@@ -13,7 +13,6 @@ from contentdownload.transfer.digests import (
     BodyHasher,
     content_digests,
     first_mismatch,
-    labels,
     representation_digests,
     server_digests,
 )
@@ -40,7 +39,7 @@ def test_every_digest_header_is_read_with_its_scope():
             x_amz_checksum_sha256=b64(sha256),
         )
     )
-    assert labels(found) == (
+    assert tuple(d.label for d in found) == (
         "repr-digest:sha256",
         "repr-digest:sha512",
         "content-digest:sha256",

@@ -63,10 +63,9 @@ def expected_family(expected_type: str | None, filename: str | None, url: str | 
     for name in (filename, urllib.parse.urlsplit(url or "").path):
         if name:
             media_type, encoding = mimetypes.guess_type(posixpath.basename(name), strict=False)
-            if encoding == "gzip":
-                return GZIP
-            if family_of(media_type):
-                return family_of(media_type)
+            family = GZIP if encoding == "gzip" else family_of(media_type)
+            if family:
+                return family
     return None
 
 

@@ -51,13 +51,6 @@ class ServerDigest:
         """How a manifest row names it: ``repr-digest:sha256``."""
         return f"{self.source}:{self.algorithm}"
 
-    def to_json(self) -> dict[str, str]:
-        return {"source": self.source, "algorithm": self.algorithm, "value": self.value.hex(), "scope": self.scope}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, str]) -> "ServerDigest":
-        return cls(source=data["source"], algorithm=data["algorithm"], value=bytes.fromhex(data["value"]), scope=data["scope"])
-
 
 def server_digests(headers: Mapping[str, str]) -> tuple[ServerDigest, ...]:
     """Every digest in ``headers`` (a case-insensitive mapping) that parses."""
@@ -125,11 +118,6 @@ def first_mismatch(digests: Iterable[ServerDigest], actual: Mapping[str, bytes])
         if actual[digest.algorithm] != digest.value:
             return digest
     return None
-
-
-def labels(digests: Iterable[ServerDigest]) -> tuple[str, ...]:
-    """The digests' names, once each, for a manifest row's ``verified_by``."""
-    return tuple(dict.fromkeys(d.label for d in digests))
 
 
 class BodyHasher:

@@ -266,14 +266,15 @@ def _make_parents(folder: Path, root: Path | None, durable: bool) -> None:
             raise UnsafePathError(f"{current} is not a folder", "parent_not_folder")
 
 
-def hash_prefix(fd: int, length: int, digest: Any) -> None:
-    """Feed the first ``length`` bytes of the file ``fd`` to ``digest``; ``ValueError`` if it is shorter."""
+def hash_prefix(fd: int, length: int, *digests: Any) -> None:
+    """Feed the first ``length`` bytes of the file ``fd`` to each of ``digests``; ``ValueError`` if it is shorter."""
     position = 0
     while position < length:
         block = os.pread(fd, min(_HASH_BLOCK, length - position), position)
         if not block:
             raise ValueError("part shorter than its committed bytes")
-        digest.update(block)
+        for digest in digests:
+            digest.update(block)
         position += len(block)
 
 
@@ -569,14 +570,7 @@ def _digest_mismatch(fd: int, digests: Mapping[str, str], sha256: str) -> str | 
     algorithms = {label.rpartition(":")[2] for label in digests} - {"sha256"}
     actual = {name: hashlib.new(name) for name in algorithms}
     if actual:
-        position, size = 0, os.fstat(fd).st_size
-        while position < size:
-            block = os.pread(fd, _HASH_BLOCK, position)
-            if not block:
-                break
-            for digest in actual.values():
-                digest.update(block)
-            position += len(block)
+        hash_prefix(fd, os.fstat(fd).st_size, *actual.values())
     values = {name: d.hexdigest() for name, d in actual.items()} | {"sha256": sha256}
     return next((label for label, value in digests.items() if values[label.rpartition(":")[2]] != value), None)
 
