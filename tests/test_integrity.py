@@ -75,7 +75,8 @@ def test_a_server_that_ignores_if_range_never_splices(dl, server, tmp_path):
 
 def test_a_weak_date_is_never_sent_in_if_range_and_the_overlap_guards_the_resume(dl, server, tmp_path):
     data = version(3)
-    server.add_file("/weakdate.bin", data, no_etag=True, last_modified=time.time())  # same second as Date
+    # Not a second before the response's Date (here after it, so no clock tick can make it strong): a weak date.
+    server.add_file("/weakdate.bin", data, no_etag=True, last_modified=time.time() + 30)
     cut_first_attempt(dl, server, "/weakdate.bin", tmp_path)
     result = dl.download(server.url("/weakdate.bin"), tmp_path)
     assert_one_whole_version(result, tmp_path / "weakdate.bin", data)
