@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -45,3 +46,15 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input:
         text=True,
         timeout=timeout,
     )
+
+
+_EXAMPLE = re.compile(r"^```python\n# (?P<path>[\w/]+\.py)\n(?P<code>.*?)^```", re.M | re.S)
+
+
+def docs_examples(page: str = "plugins.md") -> dict[str, str]:
+    """The Python examples of ``docs/<page>`` that open with a file name comment, by that file name.
+
+    Tests run the documentation's own code, so the page and the tests cannot drift apart.
+    """
+    text = (REPO / "docs" / page).read_text(encoding="utf-8")
+    return {m["path"]: m["code"] for m in _EXAMPLE.finditer(text)}
