@@ -75,6 +75,7 @@ def test_the_reasons_of_disk_errors():
     assert DiskError.of(OSError(errno.ENOSPC, "full")).reason == "disk_full"
     assert DiskError.of(OSError(errno.EROFS, "ro")).reason == "read_only"
     assert DiskError.of(OSError(errno.EIO, "io", "/out/f.part")).filename == "/out/f.part"
+    assert str(DiskError.of(OSError(errno.ENOSPC, "No space left on device", "/out/f.part"))) == "disk_full: No space left on device: /out/f.part"
     assert DiskError.of(OSError(errno.ECONNRESET, "reset")) is None
     assert DiskError.of(ValueError("x")) is None
     already = ReadOnlyError(errno.EROFS, "ro")
@@ -292,3 +293,19 @@ def test_a_folder_turned_read_only_in_the_middle_of_a_run(server, tmp_path, ext4
     rows = _rows(out)
     assert {r["reason"] for r in rows if r["outcome"] == "failed"} <= {"read_only"}, rows
     assert all(server.stats(f"/docs/{name}").requests <= 1 for name in files)  # nothing retried
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schema", ["1", "0"], ids=["store", "no-store"])
+def test_a_disk_full_from_the_start_is_one_line(server, tmp_path, tmpfs_30m, schema):
+    files = _corpus(server, 2, 100_000)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(server.url(f"/docs/{name}") + "\n" for name in files))
+    fill = tmpfs_30m.run("sh", "-c", f'cat /dev/zero > "{tmpfs_30m.path}/filler"')
+    assert fill.returncode != 0 and "No space left" in fill.stderr, fill.stderr
+    env = {**_env(), "DOCSTOKG_ENABLE_STREAMING_SCHEMA": schema}
+    run = subprocess.run(_cli(tmpfs_30m, jobs), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr and "unexpected" not in run.stderr, run.stderr
+    assert [line for line in run.stderr.splitlines() if line.startswith("contentdownload: disk_full: ")], run.stderr
+    assert _finals_are_whole(tmpfs_30m.view(), files) == 0

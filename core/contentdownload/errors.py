@@ -113,6 +113,10 @@ class DiskError(ContentDownloadError, OSError):
     #: the errno values of each kind
     ERRNOS: frozenset[int] = frozenset()
 
+    def __str__(self) -> str:
+        text = f"{self.reason}: {self.strerror or self.what}"
+        return f"{text}: {self.filename}" if self.filename else text
+
     @staticmethod
     def of(exc: BaseException) -> "DiskError | None":
         """The :class:`DiskError` an ``OSError`` stands for (``exc`` itself when it is one); ``None`` for any other error."""

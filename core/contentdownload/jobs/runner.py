@@ -172,10 +172,11 @@ class Run:
             self._on_signal(signal.SIGINT, None)
         except (StoreError, StoreUnavailableError) as exc:  # while planning or recording what planning settled
             self._store_down(store, exc)
-        except OSError as exc:
-            if DiskError.of(exc) is None:
+        except OSError as exc:  # the disk, while planning or recording what planning settled
+            disk = DiskError.of(exc)
+            if disk is None:
                 raise
-            self._disk_down(DiskError.of(exc))
+            self._disk_down(disk)
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
@@ -352,8 +353,9 @@ class Run:
             self._store_down(store, exc)
         except Exception as exc:  # the manifest could not take the row: the job is left for a rerun
             log.error("could not record a job's outcome", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
-            if DiskError.of(exc) is not None:
-                self._disk_down(DiskError.of(exc))
+            disk = DiskError.of(exc)
+            if disk is not None:
+                self._disk_down(disk)
 
     def _release(self, store: Any, item: Any) -> None:
         """Give the job's lease back so a rerun can take it at once (best effort: the store may be away)."""
@@ -366,11 +368,17 @@ class Run:
                 "could not release a lease; it expires on its own", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
 
     def _disk_stopped(self, store: Any, item: Any, disk: DiskError) -> None:
-        """A job the disk stopped: the run stops, the job's part and lease are left for a rerun, its row written if it fits."""
+        """A job the disk stopped: the run stops, the job's part and lease are left for a rerun, its row written if it fits.
+
+        A job whose outcome row is written already (the disk failed the store's record of
+        it) keeps that outcome: a rerun finds its file and finalize intent and recovers it.
+        """
         disk = self._disk_down(disk)
         self._release(store, item)
         result = JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=disk.reason, url=item.job.url)
         with self._lock:
+            if item.key.key in self._ended:
+                return
             self._results.append(result)
             self._disk_failed.add(item.key.key)
         self._progress.done(result)
