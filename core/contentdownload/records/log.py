@@ -90,7 +90,11 @@ class _NoFollowFileHandler(logging.FileHandler):
             super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's hook)
-        self._give_up(sys.exc_info()[1])
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._give_up(error)
+        else:  # a record that cannot be formatted: logging's own report
+            super().handleError(record)
 
     def close(self) -> None:
         try:
@@ -98,11 +102,11 @@ class _NoFollowFileHandler(logging.FileHandler):
         except OSError as exc:
             self._give_up(exc)
 
-    def _give_up(self, exc: BaseException | None) -> None:
+    def _give_up(self, exc: OSError) -> None:
         if self.failed:
             return
         self.failed = True
-        detail = getattr(exc, "strerror", None) or (f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error")
+        detail = exc.strerror or f"{type(exc).__name__}: {exc}"
         sys.stderr.write(f"contentdownload: cannot write the log file {self.baseFilename}: {detail}; later log lines are not written\n")
         sys.stderr.flush()
 
