@@ -228,6 +228,8 @@ def test_a_full_disk_stops_the_run_cleanly_and_a_rerun_with_room_finishes(server
 
     grow = tmpfs_30m.run("mount", "-o", "remount,size=80m", str(tmpfs_30m.path))
     assert grow.returncode == 0, grow.stderr
+    with (out / "manifest.jsonl").open("ab") as fh:  # as a crash in the middle of a row would leave it
+        fh.write(b'{"job_key": "torn", "outcome": "downl')
     second = subprocess.run(_cli(tmpfs_30m, jobs), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     assert second.returncode == 0, second.stderr + second.stdout
     assert "Traceback" not in second.stderr
@@ -309,3 +311,40 @@ def test_a_disk_full_from_the_start_is_one_line(server, tmp_path, tmpfs_30m, sch
     assert "Traceback" not in run.stderr and "unexpected" not in run.stderr, run.stderr
     assert [line for line in run.stderr.splitlines() if line.startswith("contentdownload: disk_full: ")], run.stderr
     assert _finals_are_whole(tmpfs_30m.view(), files) == 0
+
+
+class FailsOnce:
+    """A stream_io meeting a full disk on its first call, then the streaming plugin's transfer."""
+
+    def __init__(self):
+        self.calls = 0
+
+    @hookimpl
+    def stream_io(self, ctx):
+        from contentdownload_streaming.stream import stream_io
+
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(ctx.paths.part))
+        return stream_io(ctx)
+
+
+def test_the_library_raises_the_disk_error_and_gives_the_job_back(server, tmp_path):
+    from contentdownload import Downloader
+    from contentdownload.store import JobState, open_store
+
+    data = b"%PDF-1.7\n" + os.urandom(70_000)
+    url = server.add_file("/lib/a.pdf", data)
+    plugin = FailsOnce()
+    with Downloader(environ={}, pins={"stream_io": "disk"}, plugins={"disk": plugin}, lease_ttl=600) as dl:
+        with pytest.raises(DiskFullError):
+            dl.download(url, tmp_path / "out")
+        store = open_store(f"sqlite:///{tmp_path / 'out' / '.contentdownload' / 'jobs.db'}")
+        try:
+            [job] = list(store.records())
+        finally:
+            store.close()
+        assert job.state == JobState.PLANNED  # given back: the next call takes it at once, not after the lease
+        result = dl.download(url, tmp_path / "out")
+    assert result.outcome == "downloaded" and (tmp_path / "out" / "a.pdf").read_bytes() == data
+    assert plugin.calls == 2
