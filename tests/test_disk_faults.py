@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ from contentdownload.hooks.model import Job
 from contentdownload.records.log import close_logging, configure_logging, get_logger
 from contentdownload.testing.conformance import TransferRig
 
-from helpers import run_cli
+from helpers import cli_env
 
 MB = 1 << 20
 
@@ -170,13 +169,6 @@ def _cli(mount: PrivateMount, jobs: Path, *extra: str) -> list[str]:
                          "--workers", "4", *extra)
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    return env
-
-
 def _rows(out: Path) -> list[dict]:
     path = out / "manifest.jsonl"
     if not path.exists():
@@ -211,7 +203,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_a_rerun_with_room_finishes(server
     jobs.write_text("".join(server.url(f"/docs/{name}") + "\n" for name in files))
     out = tmpfs_30m.view()
 
-    first = subprocess.run(_cli(tmpfs_30m, jobs), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    first = subprocess.run(_cli(tmpfs_30m, jobs), capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=300)
     assert first.returncode == 1, first.stderr
     line = _one_line(first.stderr, "disk_full")
     assert str(tmpfs_30m.path) in line and "of 20 planned jobs left" in line and "free space" in line, line
@@ -230,7 +222,7 @@ def test_a_full_disk_stops_the_run_cleanly_and_a_rerun_with_room_finishes(server
     assert grow.returncode == 0, grow.stderr
     with (out / "manifest.jsonl").open("ab") as fh:  # as a crash in the middle of a row would leave it
         fh.write(b'{"job_key": "torn", "outcome": "downl')
-    second = subprocess.run(_cli(tmpfs_30m, jobs), capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    second = subprocess.run(_cli(tmpfs_30m, jobs), capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=300)
     assert second.returncode == 0, second.stderr + second.stdout
     assert "Traceback" not in second.stderr
     assert _finals_are_whole(out, files) == 20
@@ -277,7 +269,7 @@ def test_a_folder_turned_read_only_in_the_middle_of_a_run(server, tmp_path, ext4
         return sum(server.stats(f"/docs/{name}").full_bodies for name in files) >= n
 
     proc = subprocess.Popen(_cli(ext4_image, jobs, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(), cwd=tmp_path)
+                            text=True, env=cli_env(), cwd=tmp_path)
     try:
         assert server.wait_until(lambda: served(5) or proc.poll() is not None, timeout=120)
         assert proc.poll() is None, "the run ended before the folder turned read-only"
@@ -305,7 +297,7 @@ def test_a_disk_full_from_the_start_is_one_line(server, tmp_path, tmpfs_30m, sch
     jobs.write_text("".join(server.url(f"/docs/{name}") + "\n" for name in files))
     fill = tmpfs_30m.run("sh", "-c", f'cat /dev/zero > "{tmpfs_30m.path}/filler"')
     assert fill.returncode != 0 and "No space left" in fill.stderr, fill.stderr
-    env = {**_env(), "DOCSTOKG_ENABLE_STREAMING_SCHEMA": schema}
+    env = cli_env({"DOCSTOKG_ENABLE_STREAMING_SCHEMA": schema})
     run = subprocess.run(_cli(tmpfs_30m, jobs), capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr and "unexpected" not in run.stderr, run.stderr
