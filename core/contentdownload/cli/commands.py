@@ -145,8 +145,8 @@ def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | P
         except Exception as exc:  # noted in the log file while it is open; the CLI's guard prints one line
             log_traceback("run failed", exc)
             raise
-        if report.error:
-            print(f"contentdownload: {report.error}", file=sys.stderr)
+        for line in (*report.record_errors, *([report.error] if report.error else [])):
+            print(f"contentdownload: {line}", file=sys.stderr)
         m = report.metrics
         log.info("run_finished", exit_code=report.exit_code, jobs=m["jobs"], outcomes=m["outcomes"],
                  failures_by_reason=m["failures_by_reason"], bytes_downloaded=m["bytes_downloaded"],

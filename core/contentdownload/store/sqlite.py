@@ -10,6 +10,7 @@ transaction never has to be retried halfway. Times are this machine's clock.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -18,16 +19,40 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from contentdownload.errors import IllegalTransition, StoreError
+from contentdownload.errors import DiskError, DiskFullError, DiskIOError, IllegalTransition, ReadOnlyError, StoreError
 from contentdownload.store.base import SqlJobStore, UnknownJobError, translated
 from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TRANSITION_ERROR, check_transition_table, pending, version_table
 
 BUSY_TIMEOUT_S = 30.0
 
 
-def translate(exc: BaseException) -> BaseException | None:
+def disk_error(exc: sqlite3.Error, folder: Path) -> DiskError | None:
+    """The full or read-only disk behind a SQLite error in ``folder`` (SQLite names no errno: the filesystem is asked)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name == "SQLITE_FULL":
+        return DiskFullError(errno.ENOSPC, f"no space left for the job store ({exc})", str(folder))
+    if not name.startswith(("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")):
+        return None
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return ReadOnlyError(errno.EROFS, f"the job store's filesystem is read-only ({exc})", str(folder))
+    if fs.f_bavail == 0:
+        return DiskFullError(errno.ENOSPC, f"no space left for the job store ({exc})", str(folder))
+    if name.startswith("SQLITE_IOERR"):
+        return DiskIOError(errno.EIO, f"the job store's disk reported an I/O error ({exc})", str(folder))
+    return None
+
+
+def translate(exc: BaseException, folder: Path | None = None) -> BaseException | None:
+    """The store error (or, for a full or read-only ``folder``, the disk error) a SQLite error stands for."""
     if not isinstance(exc, sqlite3.Error):
         return None
+    disk = disk_error(exc, folder) if folder is not None else None
+    if disk is not None:
+        return disk
     text = str(exc)
     if isinstance(exc, sqlite3.IntegrityError):
         if TRANSITION_ERROR in text:
@@ -82,7 +107,7 @@ class SQLiteStore(SqlJobStore):
             raise StoreError("an in-memory SQLite database cannot be shared between threads; use 'memory:'")
         if not self.path.parent.is_dir():
             raise StoreError(f"cannot open the job store {self.url}: folder {self.path.parent} does not exist")
-        with translated(translate):
+        with translated(self._translate):
             self._migrate()
 
     # -- connections ------------------------------------------------------------------
@@ -158,7 +183,7 @@ class SQLiteStore(SqlJobStore):
                 pass
 
     def _translate(self, exc: BaseException) -> BaseException | None:
-        return translate(exc)
+        return translate(exc, self.path.parent)
 
     def _transient(self, exc: BaseException) -> bool:
         """Another process holds the write lock past the busy timeout: wait longer (other errors are permanent)."""
