@@ -19,6 +19,7 @@ from contentdownload.records.log import get_logger
 from contentdownload.records.manifest import ManifestRecords
 from contentdownload.hooks.model import Job, JobKey, JobKeyContext, JobResult, PriorRecord
 from contentdownload.jobs.naming import plan_names
+from contentdownload.jobs.rebuild import requeue_lost
 from contentdownload.transfer.urls import redact_url
 from contentdownload.transfer.files import file_matches
 from contentdownload.jobs.worker import WorkItem, is_permanent, job_from_payload, job_payload, owner_is_dead_local_process, record_of
@@ -170,7 +171,7 @@ def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: boo
     if ours and not file_matches(path, rec.size, rec.sha256, rec.mtime_ns):
         log.warning("finished file is gone or changed, fetching it again", job_key=key, path=str(path))
         if not dry_run:
-            store.reopen(key)
+            requeue_lost(store, rec)
         return attrs.evolve(item, record=None, adopt_from=None)
     if ours and item.revalidate:
         if not dry_run:

@@ -95,9 +95,13 @@ class Claim:
 
 
 class JobStore(abc.ABC):
-    """Where jobs, leases and the operation ledger live. Thread-safe: share one per process."""
+    """Where jobs, leases and the operation ledger live. Thread-safe: share one per process.
+
+    ``created``: opening the store created its schema (it held nothing before).
+    """
 
     url: str
+    created: bool = False
 
     # -- jobs -------------------------------------------------------------------------
 

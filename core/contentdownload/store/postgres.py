@@ -161,6 +161,7 @@ class PostgresStore(SqlJobStore):
         try:
             if self._version(conn) != SCHEMA_VERSION:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))  # one process migrates at a time
+                self.created = self._version(conn) == 0
                 conn.execute(version_table(POSTGRES))
                 for version, statements in pending(POSTGRES, self._version(conn), self.url):
                     for statement in statements:
