@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
 from helpers import run_cli
 
 pytestmark = pytest.mark.slow
@@ -165,3 +166,57 @@ def test_jobs_verify_requeues_missing_and_changed_files(server, done):
 
     proc = run_cli("jobs", "verify", "--out", str(out), "--deep")
     assert proc.returncode == 0 and f"verified {N}" in proc.stdout, proc.stdout + proc.stderr
+
+
+# -- several folders sharing one PostgreSQL store ------------------------------------------
+
+
+def _by_location(db: str) -> dict:
+    proc = run_cli("jobs", "--db", db, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {loc.split(":", 1)[1]: {s: n for s, n in states.items() if n} for loc, states in json.loads(proc.stdout)["by_location"].items()}
+
+
+@pytest.mark.postgres
+def test_jobs_shows_counts_per_output_folder_of_a_shared_store(server, tmp_path, fresh_postgres_dsn):  # noqa: F811
+    urls = _serve(server, 12)
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("".join(u + "\n" for u in urls[:8]))
+    second.write_text("".join(u + "\n" for u in urls[8:]) + server.url("/missing.bin") + "\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(first, a, "--db", fresh_postgres_dsn).returncode == 0
+    assert _run(second, b, "--db", fresh_postgres_dsn).returncode == 1  # one 404
+    assert _by_location(fresh_postgres_dsn) == {str(a): {"finalized": 8}, str(b): {"finalized": 4, "failed": 1}}
+    proc = run_cli("jobs", "--db", fresh_postgres_dsn)
+    assert proc.returncode == 0
+    lines = proc.stdout.splitlines()
+    assert any(str(a) in l and "8" in l for l in lines) and any(str(b) in l and "4" in l for l in lines), proc.stdout
+
+
+@pytest.mark.postgres
+def test_a_job_finished_in_a_folder_that_is_gone_is_fetched_into_this_one(server, tmp_path, fresh_postgres_dsn):  # noqa: F811
+    import shutil
+
+    urls = _serve(server, 10)
+    half, whole = tmp_path / "half.txt", tmp_path / "whole.txt"
+    half.write_text("".join(u + "\n" for u in urls[:5]))
+    whole.write_text("".join(u + "\n" for u in urls))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(half, b, "--db", fresh_postgres_dsn).returncode == 0
+    server.reset_stats()
+    # B's files exist: A trusts them and fetches only the other five.
+    proc = _run(whole, a, "--db", fresh_postgres_dsn, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outcomes"]["skipped"] == 5
+    assert sorted(r.path for r in server.requests if r.body_bytes) == [f"/s/{i}.bin" for i in range(5, 10)]
+    assert _files(a) == {f"{i}.bin" for i in range(5, 10)}
+
+    shutil.rmtree(b)
+    server.reset_stats()
+    proc = _run(whole, a, "--db", fresh_postgres_dsn, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["outcomes"].get("skipped", 0) == 5  # A's own five
+    assert sorted(r.path for r in server.requests if r.body_bytes) == [f"/s/{i}.bin" for i in range(5)]
+    assert _files(a) == {f"{i}.bin" for i in range(10)}
+    assert {r["path"] for r in _rows(a) if r["outcome"] == "downloaded"} == {f"{i}.bin" for i in range(10)}
+    assert _by_location(fresh_postgres_dsn) == {str(a): {"finalized": 10}}

@@ -426,7 +426,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
           f"oldest in flight {'-' if oldest is None else f'{oldest:.0f} s'}")
     for reason, n in stats["failures_by_reason"].items():
         print(f"  failed: {reason}: {n}")
+    if len(stats["by_location"]) > 1:
+        _print_locations(stats["by_location"])
     return EXIT_OK
+
+
+def _print_locations(by_location: dict) -> None:
+    """Counts per output folder of a store several folders share."""
+    states = list(next(iter(by_location.values())))
+    rows = [[location, *(str(counts[s]) for s in states)] for location, counts in sorted(by_location.items())]
+    print()
+    print(_table(rows, ["LOCATION", *(s.upper() for s in states)]))
 
 
 def _jobs_requeue(args: argparse.Namespace) -> int:
@@ -457,6 +467,7 @@ def _jobs_rebuild(args: argparse.Namespace) -> int:
     sqlite = url.lower().startswith("sqlite:")
     moved = move_aside(parse_sqlite_url(url)) if sqlite else ()
     store = open_store(url)
+    store.location = ws.location
     try:
         rebuilt = attrs.evolve(rebuild_from_manifest(store, ws), moved_aside=moved)
     finally:

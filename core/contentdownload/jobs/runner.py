@@ -110,6 +110,7 @@ def open_job_store(runtime: Any, ws: Workspace) -> Any:
         store = open_store(runtime.settings.db or ws.default_db, retry_s=runtime.settings.store_retry_s)
     except DamagedStoreError as exc:
         raise damaged(exc, ws.out, runtime.settings.db) from None
+    store.location = ws.location
     if store.created and ws.manifest.is_file():
         try:
             rebuilt = rebuild_from_manifest(store, ws)

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from contentdownload.errors import DamagedStoreError, IllegalTransition, StoreError
 from contentdownload.store.base import SqlJobStore, UnknownJobError, translated
-from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TABLES, TRANSITION_ERROR, check_transition_table, pending, version_table
+from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TABLES, TRANSITION_ERROR, columns, check_transition_table, pending, version_table
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -226,9 +226,9 @@ class SQLiteStore(SqlJobStore):
 
     def _check_tables(self, conn: sqlite3.Connection) -> None:
         """Every table and column of the schema is there (a store with its version but not its tables is damaged)."""
-        for table, columns in TABLES.items():
+        for table in TABLES:
             found = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-            missing = [name for name, _, _ in columns if name not in found]
+            missing = [name for name, _, _ in columns(table) if name not in found]
             if missing:
                 self.close()
                 what = f"table {table} is missing" if not found else f"table {table} lacks {', '.join(missing)}"
@@ -243,8 +243,9 @@ class SQLiteStore(SqlJobStore):
         before = conn.total_changes
         now = time.time()
         conn.executemany(
-            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, created_at, updated_at) VALUES (?, ?, 'planned', ?, ?, ?)",
-            [(key, scheme, payload, now, now) for key, scheme, payload in rows],
+            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, location, created_at, updated_at) "
+            "VALUES (?, ?, 'planned', ?, ?, ?, ?)",
+            [(key, scheme, payload, self.location, now, now) for key, scheme, payload in rows],
         )
         return conn.total_changes - before
 
