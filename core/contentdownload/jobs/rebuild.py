@@ -180,8 +180,11 @@ class Verified:
         return {**attrs.asdict(self), "requeued": list(self.requeued)}
 
 
-def _inside(path: Path, out: Path | None) -> bool:
-    return out is None or out in path.parents
+def _checkable(rec: Any, out: Path | None) -> bool:
+    """A record to check: its file is inside ``out``; without ``out``, any of this machine's folders."""
+    if out is not None:
+        return out in Path(rec.path).parents
+    return rec.location is None or Workspace.on_this_host(rec.location)
 
 
 def check_file(rec: Any, deep: bool) -> str:
@@ -199,7 +202,8 @@ def check_file(rec: Any, deep: bool) -> str:
 
 
 def verify_files(store: Any, out: Path | None, *, deep: bool = False) -> Verified:
-    """Check the files of the finished records (those inside ``out``, or all); re-queue the missing and changed."""
+    """Check the files of the finished records (those inside ``out``, else those of this machine's folders);
+    re-queue the missing and changed."""
     counts = {"verified": 0, "missing": 0, "changed": 0}
     requeued = []
     for rec in _finished(store, out):
@@ -213,7 +217,7 @@ def verify_files(store: Any, out: Path | None, *, deep: bool = False) -> Verifie
 
 def _finished(store: Any, out: Path | None) -> Iterator[Any]:
     for rec in list(store.records("finalized")):
-        if rec.path and _inside(Path(rec.path), out):
+        if rec.path and _checkable(rec, out):
             yield rec
 
 
