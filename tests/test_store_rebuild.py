@@ -220,3 +220,24 @@ def test_a_job_finished_in_a_folder_that_is_gone_is_fetched_into_this_one(server
     assert _files(a) == {f"{i}.bin" for i in range(10)}
     assert {r["path"] for r in _rows(a) if r["outcome"] == "downloaded"} == {f"{i}.bin" for i in range(10)}
     assert _by_location(fresh_postgres_dsn) == {str(a): {"finalized": 10}}
+
+
+def test_a_write_ahead_log_left_beside_a_deleted_store_is_kept_aside(server, done):
+    """SQLite would reset the old store's log when the new file is opened: it is renamed instead."""
+    jobs, out, files, rows = done
+    store = _store(out)
+    conn = sqlite3.connect(store)  # a reader pins the log, as a crashed process leaves it
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("UPDATE jobs SET state = 'planned' WHERE state = 'planned'")
+    conn.execute("UPDATE jobs SET updated_at = updated_at + 1")
+    conn.commit()
+    wal = store.with_name("jobs.db-wal")
+    saved = wal.read_bytes()
+    assert saved
+    conn.close()
+    store.unlink()
+    wal.write_bytes(saved)
+    proc = _run(jobs, out)
+    assert proc.returncode == 0, proc.stderr
+    _nothing_fetched_again(server, out, files, rows)
+    assert [p.read_bytes() for p in store.parent.glob("jobs.db-wal.stale-*")] == [saved]

@@ -93,8 +93,8 @@ class SQLiteStore(SqlJobStore):
             raise
 
     def _set_aside_stale_journal(self) -> None:
-        """A write-ahead log left beside a deleted or emptied database belongs to the old one: applied to a
-        new file it would make a damaged database. It is renamed (``-wal.stale-<time>``), not deleted."""
+        """A write-ahead log left beside a deleted or emptied database belongs to the old one, and SQLite would
+        reset it when the new file is opened: it is kept, renamed (``-wal.stale-<time>``), with its ``-shm``."""
         try:
             empty = self.path.stat().st_size == 0
         except FileNotFoundError:
