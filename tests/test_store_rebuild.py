@@ -241,3 +241,20 @@ def test_a_write_ahead_log_left_beside_a_deleted_store_is_kept_aside(server, don
     assert proc.returncode == 0, proc.stderr
     _nothing_fetched_again(server, out, files, rows)
     assert [p.read_bytes() for p in store.parent.glob("jobs.db-wal.stale-*")] == [saved]
+
+
+@pytest.mark.postgres
+def test_a_new_postgresql_store_for_a_folder_with_a_manifest_gets_its_records(server, done, postgres_dsn):  # noqa: F811
+    from contentdownload.testing.pg import create_database, drop_database
+
+    jobs, out, files, rows = done  # done with the folder's SQLite store; now the jobs move to a new database
+    db = create_database(postgres_dsn)
+    try:
+        proc = _run(jobs, out, "--db", db)
+        assert proc.returncode == 0, proc.stderr
+        assert f"rebuilt {N} job records from the manifest ({N} finished" in proc.stderr
+        _nothing_fetched_again(server, out, files, rows)
+        proc = run_cli("jobs", "rebuild", "--out", str(out), "--db", db, "--json")  # nothing is missing now
+        assert proc.returncode == 0 and json.loads(proc.stdout)["records"] == 0, proc.stderr
+    finally:
+        drop_database(postgres_dsn, db)
