@@ -79,6 +79,11 @@ class StoreError(ContentDownloadError, RuntimeError):
     """The job store is unreachable, has an unknown schema version, or refused an operation."""
 
 
+class DamagedStoreError(StoreError, UsageError):
+    """The job store file is not a database this version can read (not SQLite, or tables missing):
+    a usage error (exit 2) whose message names the file and ``contentdownload jobs rebuild``."""
+
+
 class UnsafePathError(StagingError):
     """A staging or output path is a symlink (or not what it should be): nothing is written through it.
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from contentdownload.errors import Cancelled, DiskError, DiskIOError, LeaseLostError, StoreError, StoreUnavailableError
+from contentdownload.errors import Cancelled, DamagedStoreError, DiskError, DiskIOError, LeaseLostError, StoreError, StoreUnavailableError
 from contentdownload.transfer.http import HttpClient
 from contentdownload.transfer.options import client_options
 from contentdownload.jobs.inputs import BadLine
@@ -33,6 +33,7 @@ from contentdownload.records.metrics import DECISION_EVENT, build_metrics, previ
 from contentdownload.hooks.model import Job, JobResult, TransferOptions
 from contentdownload.jobs.pipeline import Pipeline
 from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining, finished_elsewhere
+from contentdownload.jobs.rebuild import damaged, rebuild_from_manifest
 from contentdownload.cli.progress import Progress
 from contentdownload.store import open_store
 from contentdownload.transfer.urls import redact_url
@@ -102,10 +103,26 @@ def make_http(settings: Any, environ: Mapping[str, str] | None = None) -> HttpCl
 
 
 def open_job_store(runtime: Any, ws: Workspace) -> Any:
-    """The persistent store (``--db`` or SQLite in the output folder), or memory when the schema flag is off."""
+    """The persistent store (``--db`` or SQLite in the output folder), or memory when the schema flag is off.
+
+    A store created now for a folder that has a manifest (its ``jobs.db`` was deleted or
+    emptied) gets the folder's records back from the manifest and the files on disk first.
+    """
     if not runtime.policy.streaming_schema.enabled:
         return open_store("memory:")
-    return open_store(runtime.settings.db or ws.default_db, retry_s=runtime.settings.store_retry_s)
+    try:
+        store = open_store(runtime.settings.db or ws.default_db, retry_s=runtime.settings.store_retry_s)
+    except DamagedStoreError as exc:
+        raise damaged(exc, ws.out, runtime.settings.db) from None
+    store.location = ws.location
+    if store.created and ws.manifest.is_file():
+        try:
+            rebuilt = rebuild_from_manifest(store, ws)
+        except BaseException:
+            store.close()
+            raise
+        log.warning(f"{rebuilt.line()}: the job store {redact_url(store.url)} was new")
+    return store
 
 
 class Run:

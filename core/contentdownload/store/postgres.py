@@ -161,6 +161,7 @@ class PostgresStore(SqlJobStore):
         try:
             if self._version(conn) != SCHEMA_VERSION:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))  # one process migrates at a time
+                self.created = self._version(conn) == 0
                 conn.execute(version_table(POSTGRES))
                 for version, statements in pending(POSTGRES, self._version(conn), self.url):
                     for statement in statements:
@@ -183,11 +184,11 @@ class PostgresStore(SqlJobStore):
         for start in range(0, len(rows), 10_000):
             chunk = rows[start:start + 10_000]
             cur = conn.execute(
-                "INSERT INTO jobs (key, scheme, state, payload, created_at, updated_at) "
-                "SELECT k, s, 'planned', p::jsonb, cd_now(), cd_now() "
+                "INSERT INTO jobs (key, scheme, state, payload, location, created_at, updated_at) "
+                "SELECT k, s, 'planned', p::jsonb, %s, cd_now(), cd_now() "
                 "FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t (k, s, p, n) ORDER BY n "
                 "ON CONFLICT (key) DO NOTHING",
-                ([r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk]),
+                (self.location, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk]),
             )
             inserted += cur.rowcount
         return inserted

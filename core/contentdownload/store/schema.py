@@ -86,6 +86,11 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("updated_at", "real", "NOT NULL"),
     ),
 }
+#: columns later migrations add: version -> (table, column). ``TABLES`` stays the shape of version 1.
+ADDED_COLUMNS: dict[int, tuple[tuple[str, Column], ...]] = {
+    # the output folder a job's file is in (or is going to), as ``host:/absolute/folder``
+    2: (("jobs", ("location", "text", "")),),
+}
 #: table constraints after the columns
 TABLE_CONSTRAINTS = {"job_transitions": ("PRIMARY KEY (from_state, to_state)",)}
 INDEXES = (("jobs_claim", "jobs", "state, lease_expires_at"), ("operations_job", "operations", "job_key"))
@@ -145,7 +150,21 @@ def _migration_1(dialect: Dialect) -> list[str]:
     return statements + list(dialect.trigger)
 
 
-MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1)]
+def columns(table: str) -> tuple[Column, ...]:
+    """Every column of ``table`` at the current schema version."""
+    added = tuple(col for version in sorted(ADDED_COLUMNS) for name, col in ADDED_COLUMNS[version] if name == table)
+    return TABLES[table] + added
+
+
+def _added(version: int) -> Callable[[Dialect], list[str]]:
+    def render(dialect: Dialect) -> list[str]:
+        return [" ".join(p for p in (f"ALTER TABLE {table} ADD COLUMN {col}", dialect.types[kind], extra) if p)
+                for table, (col, kind, extra) in ADDED_COLUMNS[version]]
+
+    return render
+
+
+MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _added(2))]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
