@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from contentdownload.errors import IllegalTransition, StoreError
-from contentdownload.store.base import SqlJobStore, UnknownJobError, translated
+from contentdownload.store.base import PLANNED_SQL, SqlJobStore, UnknownJobError, translated
 from contentdownload.store.schema import (
     POSTGRES,
     SCHEMA_VERSION,
@@ -99,7 +99,7 @@ class PostgresStore(SqlJobStore):
         # skipping rows other claimers hold: the plan does not depend on table statistics.
         return ("SELECT j.key FROM claim_keys c CROSS JOIN LATERAL ("
                 "SELECT jobs.key FROM jobs WHERE jobs.key = c.key "
-                f"AND {self.CLAIMABLE[0]} LIMIT 1 FOR UPDATE SKIP LOCKED) j "
+                f"AND {PLANNED_SQL} LIMIT 1 FOR UPDATE SKIP LOCKED) j "
                 "WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT 1")
 
     # -- connections ------------------------------------------------------------------

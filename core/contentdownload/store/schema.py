@@ -145,7 +145,17 @@ def _migration_1(dialect: Dialect) -> list[str]:
     return statements + list(dialect.trigger)
 
 
-MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1)]
+#: a lease on the steady clock of one boot (:mod:`contentdownload.clock`): the boot's identity and the
+#: reading at which the lease ends. SQLite measures leases with them; PostgreSQL leaves them NULL
+#: (its own clock, ``cd_now()``, is the authority for every machine).
+LEASE_CLOCK_COLUMNS: tuple[Column, ...] = (("lease_boot_id", "text", ""), ("lease_boot_deadline", "real", ""))
+
+
+def _migration_2(dialect: Dialect) -> list[str]:
+    return [f"ALTER TABLE jobs ADD COLUMN {name} {dialect.types[kind]}" for name, kind, _ in LEASE_CLOCK_COLUMNS]
+
+
+MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _migration_2)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
