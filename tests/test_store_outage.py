@@ -23,6 +23,7 @@ import pytest
 
 from contentdownload.errors import ContentDownloadError, StoreError, StoreUnavailableError
 from contentdownload.store import JobState, PlannedJob, open_store
+from contentdownload.store.base import OUTAGE_MAX_WAIT_S
 from contentdownload.testing.server import Fault
 from contentdownload.testing.pg import PostgresNotAvailable, TemporaryPostgres, fresh_postgres_dsn, postgres_dsn  # noqa: F401
 
@@ -178,7 +179,7 @@ def _three_runs(server, tmp_path: Path, db: str, outage, *, delay: float, trigge
     _wait_for_bodies(server, trigger, procs)
     fault_at = time.monotonic()
     outage()
-    fault_done = time.monotonic()
+    fault_done, fault_done_wall = time.monotonic(), time.time()
     errs, took = [], []
     for proc in procs:
         errs.append(proc.communicate(timeout=300)[1])
@@ -197,7 +198,9 @@ def _three_runs(server, tmp_path: Path, db: str, outage, *, delay: float, trigge
     log = (out / "logs" / "download.log").read_text()
     retries = [json.loads(line) for line in log.splitlines() if "retrying in" in line]
     waits = [float(m.group(1)) for r in retries if (m := re.search(r"retrying in ([\d.]+) s", json.dumps(r)))]
-    figures = {"outage_s": round(fault_done - fault_at, 1), "runs_s": [round(t, 1) for t in took],
+    resumed = min((r.time for r in server.requests if r.time > fault_done_wall), default=fault_done_wall)
+    figures = {"outage_s": round(fault_done - fault_at, 1), "resumed_after_s": round(resumed - fault_done_wall, 1),
+               "runs_s": [round(t, 1) for t in took],
                "retries_logged": len(retries), "retry_sleep_total_s": round(sum(waits), 1),
                "rows": len(rows), "exit_codes": codes}
     print("store outage figures:", figures)
@@ -220,7 +223,10 @@ def test_three_runs_ride_out_a_server_stopped_for_20_s(private_pg, server, tmp_p
         threading.Event().wait(20)  # the outage itself: the server is down for 20 s
         private_pg.ctl("start", "-o", f"-p {private_pg.port} -k {private_pg.socket_dir}")
 
-    _three_runs(server, tmp_path, url, outage, delay=0.3, trigger=18)
+    figures = _three_runs(server, tmp_path, url, outage, delay=0.3, trigger=18)
+    # Work resumes within one retry step of the server's return, not after the pool's own
+    # reconnection backoff (1, 2, 4, 8, 16... s) has come round again.
+    assert figures["resumed_after_s"] <= OUTAGE_MAX_WAIT_S + 1.5, figures
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from contentdownload.errors import IllegalTransition, StoreError
-from contentdownload.store.base import PLANNED_SQL, SqlJobStore, UnknownJobError, translated
+from contentdownload.store.base import OUTAGE_MAX_WAIT_S, PLANNED_SQL, SqlJobStore, UnknownJobError, translated
 from contentdownload.store.schema import (
     POSTGRES,
     SCHEMA_VERSION,
@@ -72,7 +72,7 @@ class PostgresStore(SqlJobStore):
     for_update = " FOR UPDATE"
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0,
-                 pool_timeout: float = 10.0, **retry: Any):
+                 pool_timeout: float = OUTAGE_MAX_WAIT_S, **retry: Any):
         super().__init__(**retry)
         import psycopg
         from psycopg_pool import ConnectionPool
@@ -87,8 +87,13 @@ class PostgresStore(SqlJobStore):
             except psycopg.OperationalError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise StoreError(f"cannot connect to the job store {self.url}: {first}") from None
+            # The pool's own reconnection backs off without a bound (1, 2, 4, 8... s): after a long
+            # outage its next attempt could come minutes after the server is back. It gives up
+            # after one retry step instead, and the next store call, retried at its own pace,
+            # starts a fresh attempt at once.
             self._pool = ConnectionPool(
                 url, min_size=min_size, max_size=max_size, open=True, timeout=pool_timeout,
+                reconnect_timeout=OUTAGE_MAX_WAIT_S,
                 kwargs={"autocommit": False, "connect_timeout": int(connect_timeout)},
                 name="contentdownload-store", check=ConnectionPool.check_connection,
             )
