@@ -729,6 +729,19 @@ def test_a_wall_clock_step_neither_expires_nor_prolongs_a_lease(local_url):
         store.close()
 
 
+def test_without_a_boot_id_sqlite_leases_run_on_the_wall_clock(tmp_path):
+    clock = ManualClock(boot=None)  # a system that does not say which boot this is
+    store = open_store(f"sqlite:///{tmp_path / 'jobs.db'}", clock=clock)
+    try:
+        store.plan(jobs(1))
+        claim = store.claim("w", 60)
+        clock.advance(120)  # the steady clock alone would not do: readings of an unknown boot mean nothing
+        clock.steady_s -= 120
+        assert store.claim("next", 60).epoch == claim.epoch + 1
+    finally:
+        store.close()
+
+
 def test_the_real_steady_clock_and_boot_id(tmp_path):
     from contentdownload.clock import SYSTEM_CLOCK, boot_id
 

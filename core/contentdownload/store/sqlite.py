@@ -10,8 +10,8 @@ transaction never has to be retried halfway. Times are this machine's clock.
 Leases are measured on the machine's steady clock (:mod:`contentdownload.clock`), never
 stepped, so a wall-clock jump neither expires nor prolongs one; each lease records the
 boot it was taken in, and a lease of another boot counts as expired (the machine
-restarted: its holder is gone). A lease written before the store had these columns (no
-boot id) is measured on the wall clock, as it was taken.
+restarted: its holder is gone). A lease without a boot id (written before the store had
+these columns, or where the system does not tell its boot id) is measured on the wall clock.
 """
 
 from __future__ import annotations
