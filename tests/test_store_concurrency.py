@@ -100,10 +100,12 @@ def _run(url: str, tmp_path: Path) -> None:
     store = open_store(url)
     try:
         store.plan([PlannedJob(key=k, scheme="test", payload={"n": i}) for i, k in enumerate(_job_keys())])
-        dead = [store.claim("dead-process", 0.05) for _ in range(DEAD)]
+        dead = [store.claim("dead-process", 60) for _ in range(DEAD)]
         for claim in dead[::2]:
             store.mark_streaming(claim.key, claim.epoch)
-        time.sleep(0.1)  # their leases expire
+        store._run(lambda conn: conn.execute(  # their leases ran out an hour ago, on either store's clock
+            "UPDATE jobs SET lease_expires_at = lease_expires_at - 3600, lease_boot_deadline = lease_boot_deadline - 3600 "
+            "WHERE lease_owner = 'dead-process'"), write=True)
 
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CORE), os.environ.get("PYTHONPATH", "")]))
         go = tmp_path / "go"

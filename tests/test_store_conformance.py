@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -25,8 +26,9 @@ from contentdownload.store import (
     check_transition,
     open_store,
 )
-from contentdownload.store.sqlite import parse_sqlite_url
 from contentdownload.store.schema import SCHEMA_VERSION
+from contentdownload.store.sqlite import parse_sqlite_url
+from contentdownload.testing import ManualClock
 from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
 
 CORE = Path(__file__).resolve().parents[1] / "core"
@@ -60,11 +62,35 @@ def persistent_url(request, tmp_path) -> str:
     return request.getfixturevalue("fresh_postgres_dsn")
 
 
+def stepper(url: str) -> tuple[ManualClock | None, Callable[[float], None]]:
+    """A clock for a store at ``url``, and how to let time pass for its leases without sleeping.
+
+    Memory and SQLite stores read a :class:`ManualClock`, which steps; PostgreSQL measures leases
+    on the database's clock, so there the recorded lease times move back by as much instead.
+    """
+    if url.startswith("postgresql"):
+        return None, lambda seconds: raw_update(
+            url, "UPDATE jobs SET lease_expires_at = lease_expires_at - ?, leased_at = leased_at - ?", (seconds, seconds))
+    clock = ManualClock(wall=time.time())
+    return clock, clock.advance
+
+
 @pytest.fixture
-def store(url):
-    s = open_store(url)
+def stepped(url):
+    return stepper(url)
+
+
+@pytest.fixture
+def store(url, stepped):
+    s = open_store(url, clock=stepped[0])
     yield s
     s.close()
+
+
+@pytest.fixture
+def advance(stepped) -> Callable[[float], None]:
+    """``advance(seconds)``: that much time passes for the store's leases."""
+    return stepped[1]
 
 
 def finish(store: JobStore, claim, **extra) -> None:
@@ -199,7 +225,6 @@ def test_two_processes_planning_the_same_list_at_once(url, tmp_path):
 
 def test_claim_takes_planned_jobs_then_none(store):
     store.plan(jobs(3))
-    before = time.time()
     claims = [store.claim("worker-1", 30) for _ in range(3)]
     assert store.claim("worker-1", 30) is None
     assert sorted(c.key for c in claims) == ["k00000", "k00001", "k00002"]
@@ -208,7 +233,8 @@ def test_claim_takes_planned_jobs_then_none(store):
         rec = store.get(c.key)
         assert rec == c.record
         assert rec.state is L and rec.claims == 1 and rec.epoch == 1 and rec.lease_owner == "worker-1"
-        assert before + 29 < rec.lease_expires_at < time.time() + 31
+        assert rec.lease_expires_at == pytest.approx(rec.updated_at + 30, abs=0.1)
+        assert abs(rec.updated_at - time.time()) < 600  # unix seconds
 
 
 def test_claim_restricted_to_keys(store):
@@ -247,30 +273,31 @@ def test_claim_key(store):
     assert store.claim_key("k00001", "w", 30) is None  # finished
 
 
-def test_an_expired_lease_is_taken_over_with_a_higher_epoch(store):
+def test_an_expired_lease_is_taken_over_with_a_higher_epoch(store, advance):
     store.plan(jobs(2))
-    first = store.claim("slow", 0.3, keys={"k00000"})
+    first = store.claim("slow", 10, keys={"k00000"})
     store.mark_streaming(first.key, first.epoch)
+    advance(9)
     assert store.claim("fast", 30, keys={"k00000"}) is None  # not expired yet
     assert store.claim_key("k00000", "fast", 30) is None
-    time.sleep(0.45)
+    advance(2)
     second = store.claim("fast", 30, keys={"k00000"})
     assert second.key == first.key and second.epoch == first.epoch + 1
     rec = store.get(first.key)
     assert rec.state is L and rec.lease_owner == "fast" and rec.claims == 2
     # and claim_key takes over an expired lease too
-    third_claim = store.claim_key("k00001", "a", 0.2)
-    time.sleep(0.35)
+    third_claim = store.claim_key("k00001", "a", 10)
+    advance(11)
     assert store.claim_key("k00001", "b", 30).epoch == third_claim.epoch + 1
     assert store.claim("c", 30) is None
 
 
-def test_a_worker_whose_lease_was_taken_over_is_refused(store):
+def test_a_worker_whose_lease_was_taken_over_is_refused(store, advance):
     store.plan(jobs(1))
-    old = store.claim("paused", 0.2)
-    store.heartbeat(old.key, old.epoch, 0.2)
+    old = store.claim("paused", 10)
+    store.heartbeat(old.key, old.epoch, 10)
     store.mark_streaming(old.key, old.epoch)
-    time.sleep(0.35)
+    advance(11)
     new = store.claim("taker", 30)
     assert new.epoch == old.epoch + 1
     store.mark_streaming(new.key, new.epoch)
@@ -294,14 +321,15 @@ def test_a_worker_whose_lease_was_taken_over_is_refused(store):
     assert store.get(old.key).path == "/new"
 
 
-def test_heartbeat_extends_the_lease(store):
+def test_heartbeat_extends_the_lease(store, advance):
     store.plan(jobs(1))
-    claim = store.claim("w", 0.3)
+    claim = store.claim("w", 10)
     for _ in range(4):
-        time.sleep(0.1)
-        store.heartbeat(claim.key, claim.epoch, 0.3)
-    assert store.claim("other", 30) is None  # 0.4 s after the claim, still held
-    assert store.get(claim.key).lease_expires_at > time.time()
+        advance(6)
+        store.heartbeat(claim.key, claim.epoch, 10)
+    assert store.claim("other", 30) is None  # 24 s after the claim, still held
+    advance(11)
+    assert store.claim("other", 30).epoch == claim.epoch + 1  # and it ends 10 s after the last heartbeat
     with pytest.raises(UnknownJobError):
         store.heartbeat("missing", 1, 30)
 
@@ -414,13 +442,13 @@ def test_release_gives_the_job_back_without_a_failure(store):
     store.release("missing", 1)
 
 
-def test_stats(store):
+def test_stats(store, advance):
     assert store.stats() == {
         "by_state": {"planned": 0, "leased": 0, "streaming": 0, "finalized": 0, "failed": 0},
         "expired_leases": 0, "oldest_in_flight_s": None, "failures_by_reason": {}, "total": 0, "by_location": {},
     }
     store.plan(jobs(8))
-    expiring = store.claim_key("k00000", "w", 0.1)
+    expiring = store.claim_key("k00000", "w", 10)
     streaming = store.claim_key("k00001", "w", 60)
     store.mark_streaming(streaming.key, streaming.epoch)
     store.claim_key("k00002", "w", 60)
@@ -428,12 +456,12 @@ def test_stats(store):
     for key, why in [("k00004", "http_404"), ("k00005", "http_404"), ("k00006", "checksum_mismatch")]:
         claim = store.claim_key(key, "w", 60)
         store.fail(claim.key, claim.epoch, why, retryable=False, max_attempts=1)
-    time.sleep(0.3)
+    advance(30)
     stats = store.stats()
     assert stats["by_state"] == {"planned": 1, "leased": 2, "streaming": 1, "finalized": 1, "failed": 3}
     assert stats["total"] == 8
     assert stats["expired_leases"] == 1
-    assert 0.3 <= stats["oldest_in_flight_s"] < 30
+    assert 30 <= stats["oldest_in_flight_s"] < 40
     assert stats["failures_by_reason"] == {"http_404": 2, "checksum_mismatch": 1}
     assert list(stats["failures_by_reason"]) == ["http_404", "checksum_mismatch"]
     json.dumps(stats)
@@ -515,17 +543,17 @@ def test_ledger_statuses(store):
     assert store.op_get(manifest)["result"] is None and store.op_get(manifest)["status"] == "done"
 
 
-def test_ledger_replay_after_a_crash(store):
+def test_ledger_replay_after_a_crash(store, advance):
     """A job replayed after a crash redoes the effect that did not complete and skips those that did."""
     store.plan(jobs(1))
-    first = store.claim("crashed", 0.2)
+    first = store.claim("crashed", 10)
     key = first.key
     ops = {kind: operation_key(key, kind) for kind in ("transfer", "finalize", "manifest")}
     store.op_begin(ops["transfer"], key, "transfer", first.epoch)
     store.op_done(ops["transfer"], {"bytes": 10})
     store.op_begin(ops["finalize"], key, "finalize", first.epoch)
     # ... the process dies here: finalize started, not done; manifest never started
-    time.sleep(0.3)
+    advance(11)
     replay = store.claim("next", 30)
     assert replay.key == key and replay.epoch == first.epoch + 1
     performed = []
@@ -555,7 +583,7 @@ def test_ledger_errors(store):
 def test_schema_version_table(persistent_url):
     store = open_store(persistent_url)
     store.plan(jobs(3))
-    assert store.schema_version() == SCHEMA_VERSION and store.created
+    assert store.schema_version() == SCHEMA_VERSION == 3 and store.created
     store.close()
     raw_update(persistent_url, "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (99,))
     with pytest.raises(SchemaVersionError, match="schema version 99"):
@@ -665,17 +693,156 @@ def test_records_are_plain_values(store):
     assert isinstance(rec.payload, dict) and isinstance(rec.epoch, int)
 
 
-def test_an_expired_lease_is_taken_by_the_next_claim_wherever_the_cursor_is(persistent_url):
+def test_an_expired_lease_is_taken_by_the_next_claim_wherever_the_cursor_is(store, advance):
+    """Takeover comes within the TTL plus one claim, however far the claimers' cursors are past the job."""
+    listed = jobs(400)
+    store.plan(listed)
+    keys = frozenset(j.key for j in listed)
+    held = [store.claim("a", 30, keys=keys) for _ in range(3)]
+    dying = store.claim("dying", 5, keys=keys)
+    for _ in range(300):  # this connection's cursor is now far past the dying job
+        finish(store, store.claim("b", 30, keys=keys))
+    advance(4)
+    assert store.claim("b", 30, keys=keys).key == "k00304"  # not expired yet: the next planned job
+    advance(2)
+    taken = store.claim("b", 30, keys=keys)
+    assert (taken.key, taken.epoch) == (dying.key, dying.epoch + 1)
+    assert store.claim("c", 30, keys=keys).key == "k00305"  # then planned jobs, in order, again
+    assert store.claim("d", 30).key == "k00306"  # the same without a key set
+    assert all(store.get(c.key).lease_owner == "a" for c in held)
+
+
+# -- the clocks leases are measured with ---------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def local_url(request, tmp_path) -> str:
+    """A store on one machine, whose leases run on the machine's steady clock."""
+    return "memory:" if request.param == "memory" else f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+def test_a_wall_clock_step_neither_expires_nor_prolongs_a_lease(local_url):
+    clock = ManualClock()
+    store = open_store(local_url, clock=clock)
+    try:
+        store.plan(jobs(6))
+        claims = [store.claim("w", 60) for _ in range(6)]
+        for claim in claims[:4]:
+            store.mark_streaming(claim.key, claim.epoch)
+        clock.step_wall(120)  # NTP, an administrator: twice the TTL at once
+        assert store.claim("thief", 60) is None
+        assert all(store.claim_key(c.key, "thief", 60) is None for c in claims)
+        assert store.stats()["expired_leases"] == 0
+        clock.step_wall(-3600)  # and back, far: the leases still end on time
+        clock.advance(59)
+        assert store.claim("thief", 60) is None
+        clock.advance(2)
+        assert store.stats()["expired_leases"] == 6
+        taken = {store.claim("next", 60).key for _ in range(6)}
+        assert taken == {c.key for c in claims}
+    finally:
+        store.close()
+
+
+def test_without_a_boot_id_sqlite_leases_run_on_the_wall_clock(tmp_path):
+    clock = ManualClock(boot=None)  # a system that does not say which boot this is
+    store = open_store(f"sqlite:///{tmp_path / 'jobs.db'}", clock=clock)
+    try:
+        store.plan(jobs(1))
+        claim = store.claim("w", 60)
+        clock.advance(120)  # the steady clock alone would not do: readings of an unknown boot mean nothing
+        clock.steady_s -= 120
+        assert store.claim("next", 60).epoch == claim.epoch + 1
+    finally:
+        store.close()
+
+
+def test_the_real_steady_clock_and_boot_id(tmp_path):
+    from contentdownload.clock import SYSTEM_CLOCK, boot_id
+
+    first = SYSTEM_CLOCK.steady()
+    assert SYSTEM_CLOCK.steady() >= first and SYSTEM_CLOCK.boot_id() == boot_id()
+    if Path("/proc/sys/kernel/random/boot_id").exists():
+        assert len(boot_id()) == 36
+    store = open_store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    try:
+        store.plan(jobs(1))
+        store.claim("w", 60)
+        lease = sqlite3.connect(tmp_path / "jobs.db").execute(
+            "SELECT lease_boot_id, lease_boot_deadline FROM jobs").fetchone()
+        assert lease[0] == boot_id() and first + 59 < lease[1] < SYSTEM_CLOCK.steady() + 61
+    finally:
+        store.close()
+
+
+def test_a_lease_taken_in_another_boot_is_claimable(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    before_reboot = ManualClock(boot="boot-1", steady=50_000.0)
+    store = open_store(url, clock=before_reboot)
+    store.plan(jobs(3))
+    claims = [store.claim("old-boot", 3600) for _ in range(2)]
+    store.mark_streaming(claims[0].key, claims[0].epoch)
+    store.close()
+
+    after_reboot = ManualClock(boot="boot-2", steady=60_000.0)  # its steady clock even reads later: no matter
+    store = open_store(url, clock=after_reboot)
+    try:
+        assert store.stats()["expired_leases"] == 2
+        assert store.claim_key(claims[0].key, "new-boot", 60).epoch == claims[0].epoch + 1
+        assert store.claim("new-boot", 60, keys=frozenset(j.key for j in jobs(3))).key == claims[1].key
+        assert store.claim("new-boot", 60).key == "k00002"
+        assert store.claim("other", 60) is None  # the new boot's leases hold
+    finally:
+        store.close()
+    raw_update(url, "UPDATE jobs SET lease_boot_id = ? WHERE key = ?", ("an-older-boot", "k00002"))
+    store = open_store(url)  # this machine's real boot: every lease above is of another boot
+    try:
+        assert {store.claim("real", 60).key for _ in range(3)} == {"k00000", "k00001", "k00002"}
+        assert store.claim("real", 60) is None
+    finally:
+        store.close()
+
+
+def _old_format_store(url: str) -> None:
+    """A store as the first schema version made it, with two leases measured on the wall clock."""
+    from contentdownload.store.schema import MIGRATIONS, POSTGRES, SQLITE, version_table
+
+    dialect = SQLITE if url.startswith("sqlite:") else POSTGRES
+    now = time.time()
+    statements = [version_table(dialect), *MIGRATIONS[0][1](dialect),
+                  "INSERT INTO schema_version (version, applied_at) VALUES (1, 0)"]
+    for key, state, expires in (("k00000", "planned", None), ("k00001", "leased", now + 3600),
+                                ("k00002", "streaming", now - 10)):
+        statements.append(
+            "INSERT INTO jobs (key, scheme, state, payload, epoch, lease_owner, lease_expires_at, leased_at, created_at, "
+            f"updated_at) VALUES ('{key}', 'test', '{state}', '{{}}', {0 if expires is None else 1}, "
+            f"{'NULL' if expires is None else repr('old')}, {'NULL' if expires is None else expires}, "
+            f"{now - 60}, {now - 60}, {now - 60})")
+    if url.startswith("sqlite:"):
+        conn = sqlite3.connect(parse_sqlite_url(url))
+        conn.executescript(";\n".join(statements) + ";")
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+
+def test_a_store_of_the_first_schema_opens_and_keeps_its_leases(persistent_url):
+    _old_format_store(persistent_url)
     store = open_store(persistent_url)
     try:
-        store.plan(jobs(10))
-        keys = frozenset(j.key for j in jobs(10))
-        first = store.claim("a", 30, keys=keys)
-        for _ in range(4):
-            store.claim("b", 30, keys=keys)  # this connection's cursor is now past the first job
-        raw_update(persistent_url, "UPDATE jobs SET lease_expires_at = 0 WHERE key = ?", (first.key,))
-        taken = store.claim("b", 30, keys=keys)
-        assert (taken.key, taken.epoch) == (first.key, first.epoch + 1)
-        assert store.claim("c", 30, keys=keys).key == "k00005"  # then planned jobs, in order, again
+        assert store.schema_version() == SCHEMA_VERSION
+        assert [r.key for r in store.records()] == ["k00000", "k00001", "k00002"]
+        assert store.stats()["expired_leases"] == 1
+        keys = frozenset(j.key for j in jobs(3))
+        taken = store.claim("new", 60, keys=keys)  # the old lease that ran out on the clock it was taken with
+        assert (taken.key, taken.epoch) == ("k00002", 2)
+        assert store.claim("new", 60, keys=keys).key == "k00000"
+        assert store.claim("new", 60, keys=keys) is None  # the old lease still running is left alone
+        finish(store, taken)
+        assert store.get("k00002").state is F
     finally:
         store.close()

@@ -28,7 +28,8 @@ from contentdownload.transfer.files import file_matches
 from contentdownload.transfer.http import conditional_headers, http_date, is_strong_etag
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import PriorRecord, StagePaths
-from contentdownload.transfer.parts import PartStore, Sidecar, boot_id, url_identity
+from contentdownload.clock import boot_id
+from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
 from contentdownload.transfer.validators import Validators, resume_start
 
 log = get_logger("contentdownload.streaming")

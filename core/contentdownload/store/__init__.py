@@ -14,8 +14,9 @@ The database drivers are imported when a store of their kind is opened.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from contentdownload.clock import Clock
 from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError, UsageError
 from contentdownload.store.base import (
     Claim,
@@ -55,19 +56,22 @@ __all__ = [
 ]
 
 
-def open_store(url: str, *, retry_s: float | None = None) -> JobStore:
+def open_store(url: str, *, retry_s: float | None = None, clock: Clock | None = None) -> JobStore:
     """Open (creating or migrating its schema if needed) the job store at ``url``.
 
     ``retry_s``: how long a store call keeps retrying while the database is unreachable
-    (default :data:`~contentdownload.store.base.STORE_RETRY_S`).
+    (default :data:`~contentdownload.store.base.STORE_RETRY_S`). ``clock``: the clocks the
+    SQLite and memory stores measure leases with (default the system's; PostgreSQL measures
+    them on the database's clock).
     """
-    retry = {} if retry_s is None else {"retry_s": retry_s}
+    retry: dict[str, Any] = {} if retry_s is None else {"retry_s": retry_s}
+    local = {} if clock is None else {"clock": clock}
     text = str(url).strip()
     scheme = text.split(":", 1)[0].lower() if ":" in text else ""
     if scheme == "memory":
         from contentdownload.store.memory import MemoryStore
 
-        return MemoryStore(text)
+        return MemoryStore(text, **local)
     if scheme == "sqlite":
         from contentdownload.store.sqlite import SQLiteStore, parse_sqlite_url
 
@@ -76,7 +80,7 @@ def open_store(url: str, *, retry_s: float | None = None) -> JobStore:
             raise UsageError(f"bad job store URL {text!r}: give a file, e.g. sqlite:///path/to/jobs.db (or 'memory:')")
         if not path.parent.is_dir():
             raise UsageError(f"bad job store URL {text!r}: folder {path.parent} does not exist")
-        return SQLiteStore(path, **retry)
+        return SQLiteStore(path, **retry, **local)
     if scheme in ("postgresql", "postgres"):
         from contentdownload.store.postgres import PostgresStore
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Collection, Iterator, Sequence
 
 import attrs
 
+from contentdownload.clock import SYSTEM_CLOCK, Clock
 from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError, StoreUnavailableError
 from contentdownload.store import transitions
 from contentdownload.store.schema import SchemaVersionError  # noqa: F401  (re-exported)
@@ -120,7 +121,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def claim(self, owner: str, ttl: float, keys: Collection[str] | None = None) -> Claim | None:
-        """Take one claimable job (planned, or held under an expired lease), optionally among ``keys``.
+        """Take one claimable job, optionally among ``keys``: a job held under an expired lease
+        first (wherever it is: takeover comes at the next claim), else a planned one.
 
         Pass the same ``frozenset`` object on every call of a run: the SQL backends load
         the key set into a per-connection temporary table once and reuse it.
@@ -257,6 +259,7 @@ RECORD_COLUMNS = (
 )
 COLS = ", ".join(RECORD_COLUMNS)
 HELD_SQL = "('leased', 'streaming')"
+PLANNED_SQL = "state = 'planned'"
 PAGE = 1000
 KEYSETS_PER_CONNECTION = 8
 #: how long store calls keep retrying while the store is unreachable (``--store-retry-s``)
@@ -293,18 +296,27 @@ class SqlJobStore(JobStore):
     Statements use ``?`` placeholders and the ``cd_now()`` function (unix seconds; a Python
     function on SQLite connections, a SQL function on the database's clock in PostgreSQL).
     Subclasses provide connections, transactions, error translation, the bulk insert of
-    :meth:`plan` and the loading of claim key sets.
+    :meth:`plan`, the loading of claim key sets, and how a lease is measured
+    (:attr:`lease_sql`, :attr:`expired_sql`).
+
+    ``clock``: the clocks the store reads in Python (the SQLite store's leases and times);
+    ``timer`` and ``sleep`` pace the retries while the store is away.
     """
 
     #: appended to the candidate SELECT of a claim (``FOR UPDATE ... SKIP LOCKED`` in PostgreSQL)
     skip_locked = ""
     #: appended to a SELECT that reads a row it is about to update (``FOR UPDATE`` in PostgreSQL)
     for_update = ""
+    #: the assignments that start or extend a lease, one ``?`` per item of :meth:`_ttl`
+    lease_sql = "lease_expires_at = cd_now() + ?"
+    #: true for a held job whose lease has run out
+    expired_sql = "lease_expires_at < cd_now()"
 
-    def __init__(self, *, retry_s: float = STORE_RETRY_S, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, *, retry_s: float = STORE_RETRY_S, clock: Clock = SYSTEM_CLOCK,
+                 timer: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.retry_s = float(retry_s)
-        self._clock, self._sleep = clock, sleep
+        self.clock = clock
+        self._timer, self._sleep = timer, sleep
         self._outage = threading.local()  # .retrying: this thread is running a call again after an outage
         self._closed = False
         self._keyset_ids = iter(range(1, 1 << 62))
@@ -373,7 +385,7 @@ class SqlJobStore(JobStore):
         the disk. Commits stay ordered, so any later durable commit makes them durable too.
         """
         self._check_open()
-        started, wait = self._clock(), OUTAGE_FIRST_WAIT_S
+        started, wait = self._timer(), OUTAGE_FIRST_WAIT_S
         try:
             while True:
                 try:
@@ -381,7 +393,7 @@ class SqlJobStore(JobStore):
                 except (StoreError, IllegalTransition, LeaseLostError):
                     raise
                 except Exception as exc:
-                    self._wait_out(exc, self._clock() - started, wait)
+                    self._wait_out(exc, self._timer() - started, wait)
                     wait = min(wait * 2, OUTAGE_MAX_WAIT_S)
                     self._outage.retrying = True
         finally:
@@ -467,12 +479,19 @@ class SqlJobStore(JobStore):
         rows = self._run(lambda conn: self._fetchall(conn, self.q(f"SELECT {COLS} FROM jobs WHERE key = ?"), (key,)), write=False)
         return row_to_record(rows[0]) if rows else None
 
-    def _claim_sql(self, where: str, restrict: str = "") -> str:
+    def _ttl(self, ttl: float) -> tuple[float, ...]:
+        """The parameters of :attr:`lease_sql`."""
+        return (float(ttl),)
+
+    @property
+    def _lease(self) -> str:
+        """Lease the job of the key that follows (params: owner, :meth:`_ttl`, then the key's)."""
+        return ("UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
+                f"{self.lease_sql}, leased_at = cd_now(), updated_at = cd_now() WHERE key = ")
+
+    def _claim_sql(self, where: str) -> str:
         """One statement: pick a candidate (skipping rows other claimers hold locked) and lease it."""
-        return self.q(
-            "UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
-            "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() "
-            f"WHERE key = (SELECT key FROM jobs WHERE {where}{restrict} LIMIT 1{self.skip_locked}) RETURNING {COLS}")
+        return self.q(f"{self._lease}(SELECT key FROM jobs WHERE {where} LIMIT 1{self.skip_locked}) RETURNING {COLS}")
 
     def pick_among_sql(self) -> str:
         """The first planned job among a loaded key set (params: set_id, after), in key order."""
@@ -480,7 +499,7 @@ class SqlJobStore(JobStore):
 
     def pick_expired_sql(self) -> str:
         """A job of a loaded key set held under an expired lease (param: set_id), found through ``jobs_claim``."""
-        return (f"SELECT jobs.key FROM jobs WHERE {self.CLAIMABLE[1]} AND EXISTS "
+        return (f"SELECT jobs.key FROM jobs WHERE {self.expired_held} AND EXISTS "
                 "(SELECT 1 FROM claim_keys c WHERE c.set_id = ? AND c.key = jobs.key) "
                 f"ORDER BY jobs.lease_expires_at LIMIT 1{self.skip_locked}")
 
@@ -491,14 +510,16 @@ class SqlJobStore(JobStore):
         record = row_to_record(rows[0])
         return Claim(key=record.key, epoch=record.epoch, owner=owner, record=record)
 
-    #: planned jobs first, then jobs whose holder's lease expired
-    CLAIMABLE = ("state = 'planned'", f"state IN {HELD_SQL} AND lease_expires_at < cd_now()")
+    @property
+    def expired_held(self) -> str:
+        """A job whose holder's lease ran out."""
+        return f"state IN {HELD_SQL} AND {self.expired_sql}"
 
     def claim(self, owner: str, ttl: float, keys: Collection[str] | None = None) -> Claim | None:
         if keys is None:
             def take(conn: Any) -> Claim | None:
-                for where in self.CLAIMABLE:
-                    claim = self._as_claim(self._fetchall(conn, self._claim_sql(where), (owner, float(ttl))), owner)
+                for where in (self.expired_held, PLANNED_SQL):
+                    claim = self._as_claim(self._fetchall(conn, self._claim_sql(where), (owner, *self._ttl(ttl))), owner)
                     if claim is not None:
                         return claim
                 return None
@@ -513,15 +534,13 @@ class SqlJobStore(JobStore):
             # An expired lease first, wherever it is in the list (few jobs are held: the index finds
             # them), then the run's planned keys in key order from where this connection last found
             # a job, then once from the start: finished keys are stepped over once, not at every claim.
-            lease = ("UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
-                     "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() WHERE key = ")
-            expired = self.q(f"{lease}({self.pick_expired_sql()}) RETURNING {COLS}")
-            claim = self._as_claim(self._fetchall(conn, expired, (owner, float(ttl), keyset.set_id)), owner)
+            expired = self.q(f"{self._lease}({self.pick_expired_sql()}) RETURNING {COLS}")
+            claim = self._as_claim(self._fetchall(conn, expired, (owner, *self._ttl(ttl), keyset.set_id)), owner)
             if claim is not None:
                 return claim
-            planned = self.q(f"{lease}({self.pick_among_sql()}) RETURNING {COLS}")
+            planned = self.q(f"{self._lease}({self.pick_among_sql()}) RETURNING {COLS}")
             for after in dict.fromkeys((keyset.cursor, "")):
-                claim = self._as_claim(self._fetchall(conn, planned, (owner, float(ttl), keyset.set_id, after)), owner)
+                claim = self._as_claim(self._fetchall(conn, planned, (owner, *self._ttl(ttl), keyset.set_id, after)), owner)
                 if claim is not None:
                     keyset.cursor = claim.key
                     return claim
@@ -532,15 +551,13 @@ class SqlJobStore(JobStore):
     def claim_key(self, key: str, owner: str, ttl: float) -> Claim | None:
         def take(conn: Any) -> Claim | None:
             rows = self._fetchall(conn, self.q(
-                f"SELECT state, lease_expires_at < cd_now() FROM jobs WHERE key = ?{self.for_update}"), (key,))
+                f"SELECT state, {self.expired_sql} FROM jobs WHERE key = ?{self.for_update}"), (key,))
             if not rows:
                 return None
             state, expired = rows[0]
             if state == "planned" or (state in HELD_STATES and expired):
-                return self._as_claim(self._fetchall(conn, self.q(
-                    "UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
-                    "lease_expires_at = cd_now() + ?, leased_at = cd_now(), updated_at = cd_now() "
-                    f"WHERE key = ? RETURNING {COLS}"), (owner, float(ttl), key)), owner)
+                return self._as_claim(self._fetchall(conn, self.q(f"{self._lease}? RETURNING {COLS}"),
+                                                     (owner, *self._ttl(ttl), key)), owner)
             return None
 
         return self._run(take, write=True)
@@ -558,9 +575,9 @@ class SqlJobStore(JobStore):
     def heartbeat(self, key: str, epoch: int, ttl: float) -> None:
         self._run(lambda conn: self._fenced(
             conn,
-            "UPDATE jobs SET lease_expires_at = cd_now() + ?, updated_at = cd_now() "
+            f"UPDATE jobs SET {self.lease_sql}, updated_at = cd_now() "
             f"WHERE key = ? AND epoch = ? AND state IN {HELD_SQL} RETURNING key",
-            (float(ttl), key, int(epoch)), key, epoch, None), write=True, durable=False)
+            (*self._ttl(ttl), key, int(epoch)), key, epoch, None), write=True, durable=False)
 
     def mark_streaming(self, key: str, epoch: int) -> None:
         def mark(conn: Any) -> None:
@@ -632,7 +649,7 @@ class SqlJobStore(JobStore):
                 count_location(out, location, state, int(n))
             out["total"] = sum(out["by_state"].values())
             expired, oldest = self._fetchall(conn, (
-                "SELECT count(*) FILTER (WHERE lease_expires_at < cd_now()), cd_now() - min(leased_at) "
+                f"SELECT count(*) FILTER (WHERE {self.expired_sql}), cd_now() - min(leased_at) "
                 f"FROM jobs WHERE state IN {HELD_SQL}"))[0]
             out["expired_leases"] = int(expired or 0)
             out["oldest_in_flight_s"] = None if oldest is None else max(0.0, float(oldest))

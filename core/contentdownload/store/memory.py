@@ -2,15 +2,16 @@
 
 Used when the persistent store is switched off: state lasts as long as the process.
 Every method takes one lock, so the store is safe to share between worker threads.
+Leases are measured on the steady clock (:mod:`contentdownload.clock`), times recorded on the wall clock.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
-import time
 from typing import Any, Collection, Iterator, Sequence
 
+from contentdownload.clock import SYSTEM_CLOCK, Clock
 from contentdownload.errors import StoreError
 from contentdownload.store import transitions
 from contentdownload.store.base import (
@@ -35,8 +36,9 @@ P, L, S, F, X = JobState.PLANNED, JobState.LEASED, JobState.STREAMING, JobState.
 class MemoryStore(JobStore):
     """Jobs and the ledger in dictionaries, behind one lock."""
 
-    def __init__(self, url: str = "memory:"):
+    def __init__(self, url: str = "memory:", *, clock: Clock = SYSTEM_CLOCK):
         self.url = url
+        self.clock = clock
         self._lock = threading.RLock()
         self._jobs: dict[str, dict[str, Any]] = {}
         self._planned: dict[str, None] = {}  # planned keys in planning order (a claim takes the first)
@@ -76,15 +78,19 @@ class MemoryStore(JobStore):
             updated_at=row["updated_at"], location=row["location"],
         )
 
-    def _take(self, row: dict[str, Any], owner: str, ttl: float, now: float) -> Claim:
+    def _take(self, row: dict[str, Any], owner: str, ttl: float) -> Claim:
         self._set_state(row, L)
-        row.update(epoch=row["epoch"] + 1, claims=row["claims"] + 1, lease_owner=owner,
-                   lease_expires_at=now + float(ttl), leased_at=now, updated_at=now)
+        row.update(epoch=row["epoch"] + 1, claims=row["claims"] + 1, lease_owner=owner, leased_at=self.clock.wall())
+        self._extend(row, ttl)
         return Claim(key=row["key"], epoch=row["epoch"], owner=owner, record=self._record(row))
 
-    @staticmethod
-    def _expired(row: dict[str, Any], now: float) -> bool:
-        return row["lease_expires_at"] is not None and row["lease_expires_at"] < now
+    def _extend(self, row: dict[str, Any], ttl: float) -> None:
+        """The lease ends ``ttl`` from now on the steady clock (and, for people to read, on the wall clock)."""
+        now = self.clock.wall()
+        row.update(lease_expires_at=now + float(ttl), lease_deadline=self.clock.steady() + float(ttl), updated_at=now)
+
+    def _expired(self, row: dict[str, Any]) -> bool:
+        return row["lease_expires_at"] is not None and row["lease_deadline"] < self.clock.steady()
 
     def _held_row(self, key: str, epoch: int, target: JobState | None) -> dict[str, Any]:
         """The row, when ``epoch`` holds its lease; otherwise the same refusal the databases give."""
@@ -98,14 +104,14 @@ class MemoryStore(JobStore):
     def plan(self, jobs: Sequence[PlannedJob]) -> int:
         with self._lock:
             self._check_open()
-            now, added = time.time(), 0
+            now, added = self.clock.wall(), 0
             for job in jobs:
                 if job.key in self._jobs:
                     continue
                 self._jobs[job.key] = {
                     "key": job.key, "scheme": job.scheme, "state": P, "payload": dumps(job.payload or {}),
                     "attempts": 0, "claims": 0, "epoch": 0, "lease_owner": None, "lease_expires_at": None,
-                    "leased_at": None, "etag": None, "last_modified": None, "size": None, "sha256": None,
+                    "lease_deadline": None, "leased_at": None, "etag": None, "last_modified": None, "size": None, "sha256": None,
                     "path": None, "final_url": None, "content_type": None, "mtime_ns": None, "last_error": None,
                     "updated_at": now, "location": self.location,
                 }
@@ -122,41 +128,37 @@ class MemoryStore(JobStore):
         wanted = None if keys is None else (keys if isinstance(keys, (set, frozenset, dict)) else frozenset(keys))
         with self._lock:
             self._check_open()
-            now = time.time()
             if wanted is not None and len(wanted) < len(self._planned):
                 candidates = (k for k in wanted if k in self._planned)
             else:
                 candidates = (k for k in self._planned if wanted is None or k in wanted)
-            for key in candidates:
-                return self._take(self._jobs[key], owner, ttl, now)
-            for key in self._held:
+            for key in self._held:  # an expired lease first, then planned jobs
                 row = self._jobs[key]
-                if self._expired(row, now) and (wanted is None or key in wanted):
-                    return self._take(row, owner, ttl, now)
+                if self._expired(row) and (wanted is None or key in wanted):
+                    return self._take(row, owner, ttl)
+            for key in candidates:
+                return self._take(self._jobs[key], owner, ttl)
             return None
 
     def claim_key(self, key: str, owner: str, ttl: float) -> Claim | None:
         with self._lock:
             row = self._job(key)
-            now = time.time()
             if row is None:
                 return None
-            if row["state"] is P or (row["state"] in transitions.HELD and self._expired(row, now)):
-                return self._take(row, owner, ttl, now)
+            if row["state"] is P or (row["state"] in transitions.HELD and self._expired(row)):
+                return self._take(row, owner, ttl)
             return None
 
     def heartbeat(self, key: str, epoch: int, ttl: float) -> None:
         with self._lock:
-            row = self._held_row(key, epoch, None)
-            now = time.time()
-            row.update(lease_expires_at=now + float(ttl), updated_at=now)
+            self._extend(self._held_row(key, epoch, None), ttl)
 
     def mark_streaming(self, key: str, epoch: int) -> None:
         with self._lock:
             row = self._held_row(key, epoch, S)
             if row["state"] is L:
                 self._set_state(row, S)
-                row["updated_at"] = time.time()
+                row["updated_at"] = self.clock.wall()
 
     def finish(self, key: str, epoch: int, *, path: str, size: int, sha256: str, etag: str | None = None,
                last_modified: str | None = None, final_url: str | None = None, content_type: str | None = None,
@@ -167,7 +169,7 @@ class MemoryStore(JobStore):
             row.update(path=str(path), size=None if size is None else int(size), sha256=sha256, etag=etag,
                        last_modified=last_modified, final_url=final_url, content_type=content_type,
                        mtime_ns=None if mtime_ns is None else int(mtime_ns), lease_owner=None,
-                       lease_expires_at=None, updated_at=time.time(), location=self.location or row["location"])
+                       lease_expires_at=None, updated_at=self.clock.wall(), location=self.location or row["location"])
 
     def fail(self, key: str, epoch: int, error: str, *, retryable: bool, max_attempts: int) -> JobState:
         with self._lock:
@@ -176,7 +178,7 @@ class MemoryStore(JobStore):
             row = self._held_row(key, epoch, target)
             self._set_state(row, target)
             row.update(attempts=row["attempts"] + 1, last_error=str(error), lease_owner=None,
-                       lease_expires_at=None, updated_at=time.time(), location=self.location or row["location"])
+                       lease_expires_at=None, updated_at=self.clock.wall(), location=self.location or row["location"])
             return target
 
     def release(self, key: str, epoch: int) -> None:
@@ -185,14 +187,14 @@ class MemoryStore(JobStore):
             if row is None or row["epoch"] != epoch or row["state"] not in transitions.HELD:
                 return
             self._set_state(row, P)
-            row.update(epoch=row["epoch"] + 1, lease_owner=None, lease_expires_at=None, updated_at=time.time())
+            row.update(epoch=row["epoch"] + 1, lease_owner=None, lease_expires_at=None, updated_at=self.clock.wall())
 
     def reopen(self, key: str) -> None:
         with self._lock:
             row = self._job(key)
             if row is not None and row["state"] is F:
                 self._set_state(row, P)
-                row["updated_at"] = time.time()
+                row["updated_at"] = self.clock.wall()
 
     def requeue(self, key: str) -> bool:
         with self._lock:
@@ -200,7 +202,7 @@ class MemoryStore(JobStore):
             if row is None or row["state"] is not X:
                 return False
             self._set_state(row, P)
-            row.update(attempts=0, updated_at=time.time())
+            row.update(attempts=0, updated_at=self.clock.wall())
             return True
 
     def requeue_failed(self) -> int:
@@ -215,14 +217,14 @@ class MemoryStore(JobStore):
         with self._lock:
             self._check_open()
             out = empty_stats()
-            now = time.time()
+            now = self.clock.wall()
             oldest = None
             reasons: dict[str, int] = {}
             for row in self._jobs.values():
                 out["by_state"][row["state"].value] += 1
                 count_location(out, row["location"], row["state"].value, 1)
                 if row["state"] in transitions.HELD:
-                    if self._expired(row, now):
+                    if self._expired(row):
                         out["expired_leases"] += 1
                     if row["leased_at"] is not None and (oldest is None or row["leased_at"] < oldest):
                         oldest = row["leased_at"]
@@ -248,7 +250,7 @@ class MemoryStore(JobStore):
         with self._lock:
             self._check_open()
             op = self._ops.get(op_key)
-            now = time.time()
+            now = self.clock.wall()
             if op is None:
                 if job_key not in self._jobs:
                     raise UnknownJobError(f"unknown job key (the job was never planned in this store): {job_key!r}")
@@ -269,11 +271,11 @@ class MemoryStore(JobStore):
 
     def op_done(self, op_key: str, result: dict | None = None) -> None:
         with self._lock:
-            self._op(op_key).update(status="done", result=dumps(result), error=None, updated_at=time.time())
+            self._op(op_key).update(status="done", result=dumps(result), error=None, updated_at=self.clock.wall())
 
     def op_failed(self, op_key: str, error: str) -> None:
         with self._lock:
-            self._op(op_key).update(status="failed", error=str(error), updated_at=time.time())
+            self._op(op_key).update(status="failed", error=str(error), updated_at=self.clock.wall())
 
     def op_get(self, op_key: str) -> dict | None:
         with self._lock:

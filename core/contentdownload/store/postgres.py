@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from contentdownload.errors import IllegalTransition, StoreError
-from contentdownload.store.base import SqlJobStore, UnknownJobError, translated
+from contentdownload.store.base import OUTAGE_MAX_WAIT_S, PLANNED_SQL, SqlJobStore, UnknownJobError, translated
 from contentdownload.store.schema import (
     POSTGRES,
     SCHEMA_VERSION,
@@ -72,7 +72,7 @@ class PostgresStore(SqlJobStore):
     for_update = " FOR UPDATE"
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0,
-                 pool_timeout: float = 10.0, **retry: Any):
+                 pool_timeout: float = OUTAGE_MAX_WAIT_S, **retry: Any):
         super().__init__(**retry)
         import psycopg
         from psycopg_pool import ConnectionPool
@@ -87,11 +87,28 @@ class PostgresStore(SqlJobStore):
             except psycopg.OperationalError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise StoreError(f"cannot connect to the job store {self.url}: {first}") from None
+            # The pool's own reconnection backs off without a bound (1, 2, 4, 8... s): after a long
+            # outage its next attempt could come minutes after the server is back. It gives up
+            # after one retry step instead, and the next store call, retried at its own pace,
+            # starts a fresh attempt at once.
             self._pool = ConnectionPool(
                 url, min_size=min_size, max_size=max_size, open=True, timeout=pool_timeout,
+                reconnect_timeout=OUTAGE_MAX_WAIT_S,
                 kwargs={"autocommit": False, "connect_timeout": int(connect_timeout)},
-                name="contentdownload-store", check=ConnectionPool.check_connection,
+                name="contentdownload-store", check=self._check_connection,
             )
+
+    def _check_connection(self, conn: Any) -> None:
+        """The pool's check on checkout. A dead connection rarely dies alone (a restart, terminated
+        backends): then every idle one is checked at once, and the dead are replaced, instead of
+        the pool finding them one checkout at a time with a pause of 1, 2, 4... s between."""
+        from psycopg_pool import ConnectionPool
+
+        try:
+            ConnectionPool.check_connection(conn)
+        except Exception:
+            self._pool.check()
+            raise
 
     def pick_among_sql(self) -> str:
         # The LATERAL sub-select (it has a LIMIT, so it cannot be flattened) probes jobs by primary
@@ -99,7 +116,7 @@ class PostgresStore(SqlJobStore):
         # skipping rows other claimers hold: the plan does not depend on table statistics.
         return ("SELECT j.key FROM claim_keys c CROSS JOIN LATERAL ("
                 "SELECT jobs.key FROM jobs WHERE jobs.key = c.key "
-                f"AND {self.CLAIMABLE[0]} LIMIT 1 FOR UPDATE SKIP LOCKED) j "
+                f"AND {PLANNED_SQL} LIMIT 1 FOR UPDATE SKIP LOCKED) j "
                 "WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT 1")
 
     # -- connections ------------------------------------------------------------------

@@ -90,6 +90,10 @@ TABLES: dict[str, tuple[Column, ...]] = {
 ADDED_COLUMNS: dict[int, tuple[tuple[str, Column], ...]] = {
     # the output folder a job's file is in (or is going to), as ``host:/absolute/folder``
     2: (("jobs", ("location", "text", "")),),
+    # a lease on the steady clock of one boot (:mod:`contentdownload.clock`): the boot's identity and the
+    # reading at which the lease ends. SQLite measures leases with them; PostgreSQL leaves them NULL
+    # (its own clock, ``cd_now()``, is the authority for every machine).
+    3: (("jobs", ("lease_boot_id", "text", "")), ("jobs", ("lease_boot_deadline", "real", ""))),
 }
 #: table constraints after the columns
 TABLE_CONSTRAINTS = {"job_transitions": ("PRIMARY KEY (from_state, to_state)",)}
@@ -164,7 +168,7 @@ def _added(version: int) -> Callable[[Dialect], list[str]]:
     return render
 
 
-MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _added(2))]
+MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _added(2)), (3, _added(3))]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -6,6 +6,12 @@ keeps readers and the writer out of each other's way). Each thread has its own
 connection. Writes, claims included, run in ``BEGIN IMMEDIATE`` transactions: the
 write lock is taken up front, so two claimers can never pick the same job and a
 transaction never has to be retried halfway. Times are this machine's clock.
+
+Leases are measured on the machine's steady clock (:mod:`contentdownload.clock`), never
+stepped, so a wall-clock jump neither expires nor prolongs one; each lease records the
+boot it was taken in, and a lease of another boot counts as expired (the machine
+restarted: its holder is gone). A lease without a boot id (written before the store had
+these columns, or where the system does not tell its boot id) is measured on the wall clock.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from contentdownload.errors import DamagedStoreError, DiskError, DiskFullError, DiskIOError, IllegalTransition, ReadOnlyError, StoreError
-from contentdownload.store.base import SqlJobStore, UnknownJobError, translated
+from contentdownload.store.base import PLANNED_SQL, SqlJobStore, UnknownJobError, translated
 from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TABLES, TRANSITION_ERROR, columns, check_transition_table, pending, version_table
 
 BUSY_TIMEOUT_S = 30.0
@@ -88,8 +94,16 @@ class SQLiteStore(SqlJobStore):
     def pick_among_sql(self) -> str:
         # CROSS JOIN keeps the key set as the outer loop: one primary-key probe into jobs per key.
         return ("SELECT c.key FROM claim_keys c CROSS JOIN jobs ON jobs.key = c.key "
-                f"WHERE c.set_id = ? AND c.key > ? AND {self.CLAIMABLE[0]} "
+                f"WHERE c.set_id = ? AND c.key > ? AND {PLANNED_SQL} "
                 "ORDER BY c.key LIMIT 1")
+
+    lease_sql = ("lease_expires_at = cd_now() + ?, lease_boot_id = cd_boot(), "
+                 "lease_boot_deadline = cd_steady() + ?")
+    expired_sql = ("(CASE WHEN lease_boot_id IS NULL THEN lease_expires_at < cd_now() "
+                   "WHEN lease_boot_id = cd_boot() THEN lease_boot_deadline < cd_steady() ELSE 1 END)")
+
+    def _ttl(self, ttl: float) -> tuple[float, ...]:
+        return (float(ttl), float(ttl))  # the wall-clock end (for people to read) and the steady one
 
     def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S, **retry: Any):
         super().__init__(**retry)
@@ -143,7 +157,9 @@ class SQLiteStore(SqlJobStore):
                 raise StoreError(f"cannot switch the job store {self.url} to WAL mode (it is in {mode!r} mode)")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.create_function("cd_now", 0, time.time)
+            conn.create_function("cd_now", 0, self.clock.wall)
+            conn.create_function("cd_steady", 0, self.clock.steady)
+            conn.create_function("cd_boot", 0, self.clock.boot_id)
         except BaseException:
             conn.close()
             raise
@@ -266,7 +282,7 @@ class SQLiteStore(SqlJobStore):
 
     def _insert_planned(self, conn: sqlite3.Connection, rows: list[tuple[str, str, str]]) -> int:
         before = conn.total_changes
-        now = time.time()
+        now = self.clock.wall()
         conn.executemany(
             "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, location, created_at, updated_at) "
             "VALUES (?, ?, 'planned', ?, ?, ?, ?)",

@@ -8,6 +8,7 @@
   ``contentdownload.testing.probe`` sees what each ``stream_io`` call did).
 - ``contentdownload.testing.pg``: a throwaway PostgreSQL from ``initdb``/``pg_ctl``.
 - :func:`capture_events`: the structlog events logged inside a ``with`` block.
+- :class:`ManualClock`: a clock for a job store that stands still until a test steps it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,36 @@ from typing import Any
 
 from structlog.testing import capture_logs as capture_events
 
-__all__ = ["LoopbackServer", "Fault", "capture_events"]
+from contentdownload.clock import Clock
+
+__all__ = ["LoopbackServer", "Fault", "capture_events", "ManualClock"]
+
+
+class ManualClock(Clock):
+    """A store clock that stands still until stepped: ``advance`` lets time pass (both clocks move),
+    ``step_wall`` jumps the wall clock only (NTP, an administrator), ``reboot`` starts a new boot."""
+
+    def __init__(self, *, wall: float = 1_800_000_000.0, steady: float = 1_000.0, boot: str | None = "boot-1"):
+        self.wall_s, self.steady_s, self.boot = wall, steady, boot
+
+    def wall(self) -> float:
+        return self.wall_s
+
+    def steady(self) -> float:
+        return self.steady_s
+
+    def boot_id(self) -> str | None:
+        return self.boot
+
+    def advance(self, seconds: float) -> None:
+        self.wall_s += seconds
+        self.steady_s += seconds
+
+    def step_wall(self, seconds: float) -> None:
+        self.wall_s += seconds
+
+    def reboot(self, boot: str) -> None:
+        self.boot, self.steady_s = boot, 1.0
 
 
 def __getattr__(name: str) -> Any:

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import attrs
 from filelock import FileLock, Timeout
 
+from contentdownload.clock import boot_id
 from contentdownload.errors import Cancelled, DiskError, LeaseLostError, StagingError, UnsafePathError, UsageError
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
 from contentdownload.records.log import get_logger
@@ -62,7 +63,6 @@ FENCED_SUFFIX = ".fenced"
 _HASH_BLOCK = 1 << 20
 #: Bodies at least this large (or of unknown length) are hashed in a second thread.
 THREADED_HASH_MIN = 8 << 20
-_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 # -- test hooks -------------------------------------------------------------------------
 
@@ -84,14 +84,6 @@ def _at(name: str, *args: Any) -> None:
 
 
 # -- the sidecar ------------------------------------------------------------------------
-
-
-def boot_id() -> str | None:
-    """This boot's identity (Linux), so a reader can tell a process crash from a reboot."""
-    try:
-        return _BOOT_ID.read_text(encoding="ascii").strip() or None
-    except OSError:
-        return None
 
 
 def url_identity(url: str) -> str:
