@@ -60,7 +60,10 @@ class RunSettings:
     revalidate: bool = False
     accept_any_content: bool = False
     retry_failed: bool = False
-    chunk_size: int = 64 << 10
+    chunk_size: int = 1 << 20
+    low_speed_limit: int = 1000
+    low_speed_time: float = 60.0
+    max_time: float | None = None
     lease_ttl: float = 60.0
     store_retry_s: float = 300.0
     backoff_factor: float = 0.5
@@ -100,6 +103,9 @@ RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "accept_any_content": ((bool,), _ANY),
     "retry_failed": ((bool,), _ANY),
     "chunk_size": ((int,), (lambda v: v >= 4096, "must be at least 4096")),
+    "low_speed_limit": ((int,), _NON_NEGATIVE),
+    "low_speed_time": ((int, float), _POSITIVE),
+    "max_time": ((int, float), _POSITIVE),
     "lease_ttl": ((int, float), (lambda v: v >= 1, "must be at least 1 (seconds)")),
     "store_retry_s": ((int, float), _NON_NEGATIVE),
     "backoff_factor": ((int, float), _NON_NEGATIVE),
