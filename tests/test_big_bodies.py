@@ -5,6 +5,7 @@ Real files and the loopback server; the short write is forced by wrapping ``os.w
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 
@@ -64,24 +65,31 @@ def test_start_writeback_is_the_real_system_call(tmp_path):
         os.close(fd)
 
 
-def test_buffers_are_reused_only_after_the_hash_thread_is_done(tmp_path):
-    """A reader that reuses buffers as fast as it can: the SHA-256 must still be the body's."""
-    body = os.urandom(40 << 20)
+class Source:
+    """A body read into the caller's buffers as fast as it can, in odd sizes."""
 
-    class Source:
-        position = 0
+    def __init__(self, body: bytes):
+        self.body, self.position = body, 0
 
-        def readinto(self, view):
-            n = min(len(view), len(body) - self.position, 300_001)
-            view[:n] = body[self.position:self.position + n]
-            self.position += n
-            return n
+    def readinto(self, view):
+        n = min(len(view), len(self.body) - self.position, 300_001)
+        view[:n] = self.body[self.position:self.position + n]
+        self.position += n
+        return n
 
+
+def _open(tmp_path, size, mode="plain"):
     staging = tmp_path / "staging"
     staging.mkdir()
     paths = StagePaths.for_key(tmp_path / "out.bin", staging, "k", root=tmp_path)
-    part = PartStore(staging, mode="plain").open(paths, expected_size=len(body))
-    outcome = part.receive(Source(), effects=Effects(), block_size=1 << 20)
+    return paths, PartStore(staging, mode=mode).open(paths, expected_size=size)
+
+
+def test_buffers_are_reused_only_after_the_hash_thread_is_done(tmp_path):
+    """The reader reuses buffers as fast as it can: the SHA-256 and the file must still be the body's."""
+    body = os.urandom(40 << 20)
+    paths, part = _open(tmp_path, len(body))
+    outcome = part.receive(Source(body), effects=Effects(), block_size=1 << 20)
     assert outcome.error is None
     assert part.close() == hashlib.sha256(body).hexdigest()
     assert paths.part.read_bytes() == body
@@ -96,3 +104,23 @@ def test_a_body_cut_mid_block_keeps_every_byte_received(server, tmp_path):
         part = rig.paths("cut.bin").part
         assert result.outcome == "failed"
         assert part.read_bytes() == data[: (2 << 20) + 12345]  # nothing held back in a half-filled buffer
+
+
+def test_a_full_disk_in_the_writer_thread_is_raised_by_receive(tmp_path, monkeypatch):
+    body = os.urandom(30 << 20)
+    paths, part = _open(tmp_path, len(body))
+    real_write, written = os.write, [0]
+
+    def write(fd, data):
+        if written[0] > (5 << 20):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, data)
+        written[0] += n
+        return n
+
+    monkeypatch.setattr(blocks.os, "write", write)
+    with pytest.raises(OSError) as info:
+        part.receive(Source(body), effects=Effects(), block_size=1 << 20)
+    assert info.value.errno == errno.ENOSPC
+    part.abandon()
+    assert paths.part.stat().st_size == written[0]

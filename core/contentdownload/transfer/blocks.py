@@ -5,7 +5,9 @@
   ``count * size`` whatever the body's length, and no block is allocated per read).
 - :func:`write_all`: ``os.write`` until every byte is written (a short write is continued,
   never dropped).
-- :class:`Hasher`: the SHA-256 of a body, inline or in a thread fed memoryviews.
+- :class:`Stage`: a step (writing, hashing) run over blocks in a thread of its own, so
+  that receiving, writing and hashing a big body overlap; :class:`Hasher` is the SHA-256
+  stage.
 - :func:`start_writeback`: Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, so the disk
   starts writing a durable part while it is received and the final fsync has little left
   to do (a no-op elsewhere).
@@ -48,42 +50,81 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-class Hasher:
-    """SHA-256 (any ``hashlib`` object) of the blocks fed, inline or, when ``threaded``, in a thread.
+Done = Callable[[], None]
 
-    ``feed(block, done)`` hashes ``block`` and then calls ``done()`` (when given): a caller
-    that reuses the block's buffer passes the function that takes it back.
+
+class Stage:
+    """Runs ``step(block, done)`` for each block fed, inline or, when ``threaded``, in a thread of its own.
+
+    ``done`` (``None`` or a function) is to be called once nothing will read ``block`` any
+    more (a caller that reuses the block's buffer passes the function that takes it back);
+    ``step`` calls it or hands it on. In a thread, the first error of ``step`` is kept:
+    later blocks are skipped (their ``done`` called) and :meth:`raise_error`, :meth:`drain`
+    or :meth:`stop` raises it in the caller's thread.
     """
 
-    def __init__(self, digest: Any, threaded: bool, depth: int = DEPTH):
-        self.digest = digest
+    def __init__(self, step: Callable[[Any, Done | None], None], threaded: bool, name: str, depth: int = DEPTH):
+        self.step = step
+        self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         if threaded:
-            self.queue: queue.Queue[tuple[Any, Callable[[], None] | None] | None] = queue.Queue(depth)
-            self.thread = threading.Thread(target=self._run, name="contentdownload-sha256", daemon=True)
+            self.queue: queue.Queue[tuple[Any, Done | None] | None] = queue.Queue(depth)
+            self.thread = threading.Thread(target=self._run, name=name, daemon=True)
             self.thread.start()
 
-    def feed(self, block: bytes | memoryview, done: Callable[[], None] | None = None) -> None:
+    def feed(self, block: bytes | memoryview, done: Done | None = None) -> None:
         if self.thread is not None:
             self.queue.put((block, done))
-            return
-        self.digest.update(block)
-        if done is not None:
-            done()
+        else:
+            self.step(block, done)
 
     def _run(self) -> None:
-        update, get = self.digest.update, self.queue.get
+        get, task_done = self.queue.get, self.queue.task_done
         while (item := get()) is not None:
             block, done = item
-            update(block)
-            if done is not None:
-                done()
+            try:
+                if self.error is None:
+                    self.step(block, done)
+                    done = None  # the step called it or handed it on
+            except BaseException as exc:  # raised in the feeding thread by raise_error
+                self.error = exc
+            finally:
+                if done is not None:
+                    done()
+                task_done()
+        task_done()
+
+    def drain(self) -> None:
+        """Wait until every block fed so far went through the step; raise its error if it failed."""
+        if self.thread is not None:
+            self.queue.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
     def stop(self) -> None:
+        """Finish the blocks fed, end the thread; raise the step's error if it failed."""
         if self.thread is not None:
             self.queue.put(None)
             self.thread.join()
             self.thread = None
+        self.raise_error()
+
+
+class Hasher(Stage):
+    """SHA-256 (any ``hashlib`` object) of the blocks fed, inline or in a thread."""
+
+    def __init__(self, digest: Any, threaded: bool, depth: int = DEPTH):
+        self.digest = digest
+        super().__init__(self._update, threaded, "contentdownload-sha256", depth)
+
+    def _update(self, block: Any, done: Done | None) -> None:
+        self.digest.update(block)
+        if done is not None:
+            done()
 
     def hexdigest(self) -> str:
         self.stop()

@@ -46,7 +46,7 @@ from contentdownload.errors import Cancelled, LeaseLostError, StagingError, Unsa
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
 from contentdownload.records.log import get_logger
 from contentdownload.transfer import content
-from contentdownload.transfer.blocks import BufferPool, Hasher, start_writeback, write_all
+from contentdownload.transfer.blocks import BufferPool, Hasher, Stage, start_writeback, write_all
 from contentdownload.transfer.digests import BodyHasher, ServerDigest
 from contentdownload.transfer.urls import identity_url, redact_url
 from contentdownload.transfer.validators import Overlap, OverlapMismatch, resume_start
@@ -307,10 +307,11 @@ class Part:
         self.store, self.paths, self.meta = store, paths, meta
         self.fd: int | None = fd
         os.lseek(fd, offset, os.SEEK_SET)
-        self.position = self._written_back = offset
+        self.position = self._written = self._written_back = offset
         self.overlap = overlap
         self.body_digest: BodyHasher | None = None
         self.hasher = Hasher(digest, threaded_hash)
+        self._writer: Stage | None = None
         self._checkpoint: threading.Thread | None = None
         self._checkpoint_error: BaseException | None = None
 
@@ -344,14 +345,22 @@ class Part:
         return data
 
     def _write(self, data: bytes | memoryview, done: Callable[[], None] | None = None) -> None:
-        """Write ``data`` whole, hand it to the hasher (``done`` once hashed), start its writeback in durable mode."""
+        """Append ``data``: written whole and hashed (``done`` once both are done), by :meth:`receive`'s writer while it runs."""
+        self.position += len(data)
+        if self._writer is not None:
+            self._writer.feed(data, done)
+        else:
+            self._put(data, done)
+
+    def _put(self, data: bytes | memoryview, done: Callable[[], None] | None) -> None:
+        """Write ``data`` at the end of the file, hand it to the hasher, start its writeback in durable mode."""
         assert self.fd is not None
         write_all(self.fd, data)
-        self.hasher.feed(data, done)
-        self.position += len(data)
-        if self.store.durable and self.position - self._written_back >= WRITEBACK_EVERY:
-            start_writeback(self.fd, self._written_back, self.position - self._written_back)
-            self._written_back = self.position
+        self._written += len(data)
+        if self.store.durable and self._written - self._written_back >= WRITEBACK_EVERY:
+            start_writeback(self.fd, self._written_back, self._written - self._written_back)
+            self._written_back = self._written
+        self.hasher.feed(data, done)  # last: ``done`` is handed on only once nothing here can fail
 
     def check_body_digest(self, digests: tuple[ServerDigest, ...]) -> None:
         """Hash this response's body (overlap included) for its ``Content-Digest``; see :meth:`body_digest_mismatch`."""
@@ -371,9 +380,23 @@ class Part:
         with ``readinto(buffer) -> int`` (such as :class:`~contentdownload.transfer.body.BodyReader`),
         which is read into a few reused buffers of ``block_size`` bytes. One of ``errors``
         ends it (returned, the bytes so far kept); a body past ``max_bytes`` ends it with
-        ``too_large`` (the part discarded). After each block is written, ``progress`` is
-        told its size (the one place a per-block callback goes).
+        ``too_large`` (the part discarded). ``effects`` and then ``progress`` are told of
+        each block once it is checked and handed to the writer (``progress`` is the one
+        place for a per-block callback: a progress bar, a rate limit, the lease). A big
+        body (hashed in a thread) is also written by a thread of its own, so receiving,
+        writing and hashing overlap; a write error (a full disk) is raised here, and every
+        block handed over is in the file when this returns.
         """
+        self._writer = Stage(self._put, self.hasher.thread is not None, "contentdownload-write")
+        try:
+            return self._receive(source, effects, progress, max_bytes, checkpoint_every, heartbeat, errors, block_size)
+        finally:
+            writer, self._writer = self._writer, None
+            writer.stop()
+
+    def _receive(self, source: Any, effects: Effects, progress: Callable[[int], None] | None, max_bytes: int | None,
+                 checkpoint_every: int | None, heartbeat: Callable[[], None] | None,
+                 errors: tuple[type[BaseException], ...], block_size: int) -> BodyOutcome:
         pool = BufferPool(block_size) if hasattr(source, "readinto") else None
         since = 0
         while True:
@@ -387,6 +410,8 @@ class Part:
             outcome = self._take(data, effects, max_bytes, None if buffer is None else (lambda b=buffer: pool.give(b)))
             if outcome is not None:
                 return outcome
+            assert self._writer is not None
+            self._writer.raise_error()
             if progress is not None:
                 progress(len(data))
             since += len(data)
@@ -425,6 +450,8 @@ class Part:
         if background and self._checkpoint is not None and self._checkpoint.is_alive():
             return
         self._wait_checkpoint()
+        if self._writer is not None:
+            self._writer.drain()  # every byte counted is in the file before it is synced
         if not background:
             self._sync(self.position, durable=True)
             self._raise_checkpoint_error()
@@ -485,6 +512,9 @@ class Part:
 
     def discard(self) -> None:
         """Close and delete the part and its sidecar."""
+        if self._writer is not None:  # discarded while receiving: let the writer finish with the file first
+            with contextlib.suppress(OSError):
+                self._writer.drain()
         self._wait_checkpoint()
         self.hasher.stop()
         self._close_fd()
