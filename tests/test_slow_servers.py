@@ -232,3 +232,11 @@ def test_max_time_ends_an_attempt_through_the_library(server, tmp_path):
         result = downloader.download(server.url("/long.bin"), tmp_path / "out")
     assert result.outcome == "failed" and result.reason == "max_time"
     assert list((tmp_path / "out" / ".contentdownload" / "staging").glob("*.part")), "the part is kept"
+
+
+def test_max_time_also_bounds_the_wait_for_the_headers(server, tmp_path):
+    server.add_file("/late.bin", os.urandom(1000))
+    server.add_fault("/late.bin", Fault.delay(30.0))
+    with Downloader(max_time=0.5, retries=0) as downloader:
+        result = downloader.download(server.url("/late.bin"), tmp_path / "out")
+    assert result.outcome == "failed" and result.reason == "max_time"

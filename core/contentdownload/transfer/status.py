@@ -101,8 +101,9 @@ class Attempt:
         """GET the URL with the headers: the response, or a result when no response came."""
         ctx = self.ctx
         connect, read = ctx.options.timeout
+        timeout = (self.guard.timeout(connect, body=False), self.guard.timeout(read, body=False))  # within max_time
         try:
-            response = ctx.http.get(ctx.url, self.headers, timeout=(self.guard.timeout(connect, body=False), self.guard.timeout(read, body=False)))
+            response = ctx.http.get(ctx.url, self.headers, timeout=timeout)
         except JobAbort:
             raise
         except (*TRANSPORT_ERRORS, ValueError) as exc:
