@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds to wait after the write-back before each run (default 2)")
     parser.add_argument("--chunk-size", default=None,
-                        help="chunk size of the pipeline clients (default: TransferOptions' 1 MiB), e.g. 256K")
+                        help="chunk size of the pipeline clients (default: TransferOptions' 256 KiB), e.g. 256K")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument("--child", nargs=3, metavar=("CLIENT", "URL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -193,7 +193,7 @@ class TransferOptions:
     """
 
     max_bytes: int | None = None
-    chunk_size: int = 1 << 20
+    chunk_size: int = 256 << 10
     checkpoint_bytes: int = 16 << 20
     timeout: tuple[float, float] = (10.0, 60.0)
     revalidate: bool = False

@@ -60,7 +60,7 @@ class RunSettings:
     revalidate: bool = False
     accept_any_content: bool = False
     retry_failed: bool = False
-    chunk_size: int = 1 << 20
+    chunk_size: int = 256 << 10
     low_speed_limit: int = 1000
     low_speed_time: float = 60.0
     max_time: float | None = None

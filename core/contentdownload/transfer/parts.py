@@ -65,7 +65,7 @@ THREADED_HASH_MIN = 8 << 20
 #: Durable parts: the kernel is asked to start writing every so many bytes received (see ``blocks.start_writeback``).
 WRITEBACK_EVERY = 8 << 20
 #: Size of the buffers :meth:`Part.receive` reads a ``readinto`` source into.
-DEFAULT_BLOCK = 1 << 20
+DEFAULT_BLOCK = 256 << 10
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 # -- test hooks -------------------------------------------------------------------------
