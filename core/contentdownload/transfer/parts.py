@@ -407,14 +407,14 @@ class Part:
                 return BodyOutcome(error=exc)
             if not data:
                 return BodyOutcome()
-            outcome = self._take(data, effects, max_bytes, None if buffer is None else (lambda b=buffer: pool.give(b)))
-            if outcome is not None:
-                return outcome
+            taken = self._take(data, effects, max_bytes, None if buffer is None else (lambda b=buffer: pool.give(b)))
+            if isinstance(taken, BodyOutcome):
+                return taken
             assert self._writer is not None
             self._writer.raise_error()
             if progress is not None:
-                progress(len(data))
-            since += len(data)
+                progress(taken)
+            since += taken
             if checkpoint_every is not None and since >= checkpoint_every:
                 self.checkpoint(background=True)
                 since = 0
@@ -422,8 +422,8 @@ class Part:
                     heartbeat()
 
     def _take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None,
-              done: Callable[[], None] | None) -> BodyOutcome | None:
-        """Check, then write one received block; a :class:`BodyOutcome` when the body must stop here."""
+              done: Callable[[], None] | None) -> BodyOutcome | int:
+        """Check, then write one received block: the bytes appended (past the overlap), or a :class:`BodyOutcome` when the body must stop here."""
         if max_bytes is not None and self.position + len(data) - (self.overlap.pending if self.overlap else 0) > max_bytes:
             self.discard()
             return BodyOutcome(too_large=True)
@@ -438,7 +438,7 @@ class Part:
             self._write(data, done)
         elif done is not None:
             done()
-        return None
+        return len(data)
 
     def checkpoint(self, *, background: bool = False) -> None:
         """Make the bytes so far durable, then record their count in the sidecar (durable mode; plain: nothing to do).
