@@ -67,6 +67,18 @@ class UnsafeRedirectError(ContentDownloadError, ValueError):
         super().__init__(message)
 
 
+class TooSlowError(ContentDownloadError, TimeoutError):
+    """A transfer attempt broke a speed limit: ``reason`` is ``too_slow`` (under ``--low-speed-limit``
+    bytes a second for ``--low-speed-time`` seconds) or ``max_time`` (longer than ``--max-time``).
+
+    A transport error like a read timeout: the attempt ends as ``retry`` and its part is kept.
+    """
+
+    def __init__(self, message: str, reason: str = "too_slow"):
+        self.reason = reason
+        super().__init__(message)
+
+
 class StagingError(ContentDownloadError, OSError):
     """The staging folder cannot be used (for instance it is on another filesystem than the output)."""
 

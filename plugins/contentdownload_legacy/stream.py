@@ -7,7 +7,9 @@ request is ``not_modified``; ``412`` retries without validators; a ``206`` (neve
 for) is retried as ``bad_content_range``; ``408``, ``429`` and ``5xx`` retry; every other
 non-``200`` status fails with ``http_<code>`` and its body is never written. A body
 shorter than ``Content-Length`` (for a compressed body, the raw bytes) or larger than
-``max_bytes`` is never reported ``complete``.
+``max_bytes`` is never reported ``complete``. The body is read by the core's
+``BodyReader``, so the read timeout and the speed limits (``too_slow``, ``max_time``)
+hold here too.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ def stream_io(ctx: StreamContext) -> StreamResult:
             part = attempt.open_part(parts, ctx.paths, expected_size=None if encoded else announced)
         except UnsafePathError as exc:
             return attempt.result("failed", exc.reason)
-        chunk = ctx.options.chunk_size
-        outcome = part.receive(lambda: response.raw.read(chunk, decode_content=True), effects=ctx.effects,
-                               progress=ctx.progress, max_bytes=max_bytes, errors=TRANSPORT_ERRORS)
+        outcome = part.receive(attempt.body_reader(response, decode=True), effects=ctx.effects, progress=ctx.progress,
+                               max_bytes=max_bytes, errors=TRANSPORT_ERRORS, block_size=max(4096, ctx.options.chunk_size))
         return attempt.body_result(part, outcome, response, offset=0, expected_body=None if encoded else announced)

@@ -20,12 +20,15 @@ Nothing is written before the status line and headers are judged:
 - ``408``, ``429`` and ``5xx``: ``retry`` (with ``Retry-After``); other statuses ``failed``
   with ``http_<code>``. Error bodies are never read into the part.
 
-The body is read with ``response.raw.read`` in blocks of ``options.chunk_size``
-(decoded for gzip/deflate, which makes the part not resumable) and appended to the part
-through the core's part store in ``durable`` mode (hashed, in a second thread for large
-bodies); every ``options.checkpoint_bytes`` the part is checkpointed in the background
-(fsync, then the sidecar's committed count) and the lease heart-beaten. A transfer that stops early (timeout, lost connection, short
-body, cancellation) leaves the part and an up-to-date sidecar behind.
+The body is read by the core's :class:`~contentdownload.transfer.body.BodyReader` into
+reused buffers of ``options.chunk_size`` (decoded for gzip/deflate, which makes the part
+not resumable), within the read timeout and the attempt's speed limits
+(``low_speed_limit``/``low_speed_time``: ``too_slow``, ``max_time``), and appended to the
+part through the core's part store in ``durable`` mode (written whole, hashed in a second
+thread for large bodies, its writeback started early); every ``options.checkpoint_bytes``
+the part is checkpointed in the background (fdatasync, then the sidecar's committed
+count) and the lease heart-beaten. A transfer that stops early (timeout, too slow, lost
+connection, short body, cancellation) leaves the part and an up-to-date sidecar behind.
 """
 
 from __future__ import annotations
@@ -196,11 +199,10 @@ class _Transfer:
             return self.result("failed", exc.reason)
         self.attempt.info["resumed_from"] = offset
         chunk = max(4096, int(options.chunk_size))
-        decode = content_encoding(response) is not None
+        reader = self.attempt.body_reader(response, decode=content_encoding(response) is not None)
         try:
-            outcome = part.receive(lambda: response.raw.read(chunk, decode_content=decode), effects=ctx.effects,
-                                   progress=ctx.progress, max_bytes=options.max_bytes,
-                                   checkpoint_every=max(chunk, int(options.checkpoint_bytes)),
+            outcome = part.receive(reader, effects=ctx.effects, progress=ctx.progress, max_bytes=options.max_bytes,
+                                   checkpoint_every=max(chunk, int(options.checkpoint_bytes)), block_size=chunk,
                                    heartbeat=ctx.lease.heartbeat, errors=TRANSPORT_ERRORS)
         except BaseException:
             part.abandon()  # cancelled, lease lost, disk full...: leave a part the next attempt can trust

@@ -34,6 +34,9 @@ RUN_FLAGS = {
     "retries": "retries",
     "timeout": "timeout",
     "connect_timeout": "connect_timeout",
+    "low_speed_limit": "low_speed_limit",
+    "low_speed_time": "low_speed_time",
+    "max_time": "max_time",
     "lease_ttl": "lease_ttl",
     "store_retry_s": "store_retry_s",
     "log_level": "log_level",
@@ -265,6 +268,10 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retries", type=int, metavar="N", help="retries of a transfer per candidate URL (default 5)")
     g.add_argument("--timeout", type=float, metavar="S", help="read timeout in seconds (default 60)")
     g.add_argument("--connect-timeout", type=float, metavar="S", help="connect timeout in seconds (default 10)")
+    g.add_argument("--low-speed-limit", type=int, metavar="BYTES",
+                   help="with --low-speed-time: an attempt slower than BYTES a second ends as too_slow, its part kept (default 1000; 0: no limit)")
+    g.add_argument("--low-speed-time", type=float, metavar="S", help="seconds an attempt may stay under --low-speed-limit (default 60)")
+    g.add_argument("--max-time", type=float, metavar="S", help="an attempt longer than S seconds ends as max_time, its part kept (default: no limit)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary; errors only")
     p.add_argument("-v", "--verbose", action="store_true", help="also print log lines (at --log-level) on stderr")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")

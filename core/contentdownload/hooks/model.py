@@ -186,14 +186,21 @@ class TransferOptions:
     ``timeout``: (connect, read) seconds. ``revalidate``: send a conditional request
     for finished files instead of skipping them. ``accept_any_content``: promote a body
     whatever its first bytes show (no check against the job's expected type).
+    ``low_speed_limit`` / ``low_speed_time``: an attempt receiving fewer than
+    ``low_speed_limit`` bytes a second for ``low_speed_time`` seconds ends as
+    ``too_slow`` (0: no limit); ``max_time``: an attempt longer than this many seconds
+    ends as ``max_time`` (``None``: no limit). Both keep the part for a resume.
     """
 
     max_bytes: int | None = None
-    chunk_size: int = 64 << 10
+    chunk_size: int = 256 << 10
     checkpoint_bytes: int = 16 << 20
     timeout: tuple[float, float] = (10.0, 60.0)
     revalidate: bool = False
     accept_any_content: bool = False
+    low_speed_limit: int = 1000
+    low_speed_time: float = 60.0
+    max_time: float | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -88,6 +88,9 @@ def transfer_options(settings: Any) -> TransferOptions:
         timeout=(settings.connect_timeout, settings.timeout),
         revalidate=settings.revalidate,
         accept_any_content=settings.accept_any_content,
+        low_speed_limit=settings.low_speed_limit,
+        low_speed_time=settings.low_speed_time,
+        max_time=settings.max_time,
     )
 
 

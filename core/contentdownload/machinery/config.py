@@ -84,7 +84,10 @@ class RunSettings:
     revalidate: bool = False
     accept_any_content: bool = False
     retry_failed: bool = False
-    chunk_size: int = _setting(64 << 10, (lambda v: v >= 4096, "must be at least 4096"))
+    chunk_size: int = _setting(256 << 10, (lambda v: v >= 4096, "must be at least 4096"))
+    low_speed_limit: int = _setting(1000, _NON_NEGATIVE)
+    low_speed_time: float = _setting(60.0, _POSITIVE)
+    max_time: float | None = _setting(None, _POSITIVE)
     lease_ttl: float = _setting(60.0, (lambda v: v >= 1, "must be at least 1 (seconds)"))
     store_retry_s: float = _setting(300.0, _NON_NEGATIVE)
     backoff_factor: float = _setting(0.5, _NON_NEGATIVE)

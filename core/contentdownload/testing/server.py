@@ -175,7 +175,7 @@ class Fault:
     """A misbehaviour injected into one response; build one with the class methods.
 
     Queue faults with :meth:`LoopbackServer.add_fault`. Faults that shape the body
-    (``cut_after``, ``short_body``, ``stall``, ``ignore_range``, ``wrong_content_range``)
+    (``cut_after``, ``short_body``, ``stall``, ``drip``, ``ignore_range``, ``wrong_content_range``)
     apply to file responses; the others apply to any path.
     """
 
@@ -189,6 +189,7 @@ class Fault:
     data: bytes | None = None
     close: bool = False
     reset: bool = False
+    rate: float = 0.0
 
     @classmethod
     def cut_after(cls, n: int, *, reset: bool = False) -> Fault:
@@ -260,6 +261,17 @@ class Fault:
         ``close=True``. Stopping the server ends the pause early and closes the connection.
         """
         return cls("stall", seconds=float(seconds), count=after, close=close)
+
+    @classmethod
+    def drip(cls, rate: float, after: int = 0) -> Fault:
+        """Send the headers and ``after`` body bytes at full speed, then the rest at ``rate`` bytes a second.
+
+        The rest goes out in pieces of a tenth of ``rate`` (at least one byte), so a client
+        sees a steady trickle; stopping the server or a client that hangs up ends it.
+        """
+        if rate <= 0:
+            raise ValueError("drip needs rate > 0")
+        return cls("drip", rate=float(rate), count=max(0, after))
 
     @classmethod
     def delay(cls, seconds: float) -> Fault:
@@ -1478,6 +1490,18 @@ class LoopbackServer:
             h._close_quietly()
             raise _ConnectionGone()
 
+    def _drip(self, h: _Handler, rec: _Rec, fd: int, start: int, length: int, fault: Fault) -> int:
+        """``fault.count`` bytes at once, then pieces of ``fault.rate / 10`` bytes at ``fault.rate`` bytes a second."""
+        sent = h._send_body(rec, fd, start, min(fault.count, length), completes=fault.count >= length)
+        piece = max(1, int(fault.rate / 10))
+        while sent < length:
+            if self._stopping.wait(piece / fault.rate):
+                h._close_quietly()
+                raise _ConnectionGone()
+            n = min(piece, length - sent)
+            sent += h._send_body(rec, fd, start + sent, n, completes=sent + n >= length)
+        return sent
+
     def _send_with_fault(self, h: _Handler, rec: _Rec, fd: int, start: int, length: int, fault: Fault | None) -> None:
         fkind = fault.kind if fault is not None else None
         if fkind in ("cut_after", "short_body"):
@@ -1492,6 +1516,9 @@ class LoopbackServer:
             sent = h._send_body(rec, fd, start, first, completes=False)
             self._stall(h, fault)
             sent += h._send_body(rec, fd, start + first, length - first, completes=True)
+        elif fkind == "drip":
+            assert fault is not None
+            sent = self._drip(h, rec, fd, start, length, fault)
         else:
             sent = h._send_body(rec, fd, start, length, completes=True)
         if sent < length:  # the body file shrank under us: the announced length cannot be met

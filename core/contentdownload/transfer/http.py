@@ -48,7 +48,7 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 from contentdownload.version import __version__
-from contentdownload.errors import UnsafeRedirectError
+from contentdownload.errors import TooSlowError, UnsafeRedirectError
 from contentdownload.records.log import get_logger
 from contentdownload.transfer.digests import WANT_REPR_DIGEST
 from contentdownload.transfer.urls import redact_url
@@ -224,13 +224,18 @@ def request_failure(exc: BaseException) -> tuple[str, str]:
     reset connections) and ``failed`` for those it cannot (a refused redirect, a bad URL, a
     certificate that does not verify, framing headers that contradict each other). The
     reason names what happened: ``connect_timeout``, ``read_timeout``, ``connection_refused``,
-    ``connection_reset``, ``connection_lost``, ``protocol_error``, ``tls_error`` ...
+    ``connection_reset``, ``connection_lost``, ``protocol_error``, ``tls_error``, and
+    ``too_slow`` or ``max_time`` for a broken speed limit (:class:`~contentdownload.errors.TooSlowError`) ...
     """
     chain = _causes(exc)
     kinds = tuple(type(e) for e in chain)
 
     def has(*types: type) -> bool:
         return any(issubclass(kind, types) for kind in kinds)
+
+    slow = next((e for e in chain if isinstance(e, TooSlowError)), None)
+    if slow is not None:
+        return "retry", slow.reason
 
     if has(UnsafeRedirectError):
         return "failed", "unsafe_redirect"

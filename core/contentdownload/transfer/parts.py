@@ -33,7 +33,6 @@ import errno
 import hashlib
 import json
 import os
-import queue
 import stat
 import threading
 import time
@@ -48,6 +47,7 @@ from contentdownload.errors import Cancelled, DiskError, LeaseLostError, Staging
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
 from contentdownload.records.log import get_logger
 from contentdownload.transfer import content
+from contentdownload.transfer.blocks import BufferPool, Hasher, Stage, start_writeback, write_all
 from contentdownload.transfer.digests import BodyHasher, ServerDigest
 from contentdownload.transfer.urls import identity_url, redact_url
 from contentdownload.transfer.validators import Overlap, OverlapMismatch, resume_start
@@ -63,6 +63,10 @@ FENCED_SUFFIX = ".fenced"
 _HASH_BLOCK = 1 << 20
 #: Bodies at least this large (or of unknown length) are hashed in a second thread.
 THREADED_HASH_MIN = 8 << 20
+#: Durable parts: the kernel is asked to start writing every so many bytes received (see ``blocks.start_writeback``).
+WRITEBACK_EVERY = 8 << 20
+#: Size of the buffers :meth:`Part.receive` reads a ``readinto`` source into.
+DEFAULT_BLOCK = 256 << 10
 
 # -- test hooks -------------------------------------------------------------------------
 
@@ -270,35 +274,6 @@ def hash_prefix(fd: int, length: int, *digests: Any) -> None:
         position += len(block)
 
 
-class _Hasher:
-    """SHA-256 of the body: ``feed`` hashes inline, or hands the block to a thread for large bodies."""
-
-    def __init__(self, digest: Any, threaded: bool, depth: int = 4):
-        self.digest = digest
-        self.thread: threading.Thread | None = None
-        self.feed: Callable[[bytes], Any] = digest.update
-        if threaded:
-            self.queue: queue.Queue[bytes | None] = queue.Queue(depth)
-            self.feed = self.queue.put
-            self.thread = threading.Thread(target=self._run, name="contentdownload-sha256", daemon=True)
-            self.thread.start()
-
-    def _run(self) -> None:
-        update, get = self.digest.update, self.queue.get
-        while (block := get()) is not None:
-            update(block)
-
-    def stop(self) -> None:
-        if self.thread is not None:
-            self.queue.put(None)
-            self.thread.join()
-            self.thread = None
-
-    def hexdigest(self) -> str:
-        self.stop()
-        return self.digest.hexdigest()
-
-
 # -- a part -----------------------------------------------------------------------------
 
 
@@ -322,20 +297,25 @@ class Part:
     def __init__(self, store: "PartStore", paths: StagePaths, fd: int, digest: Any, offset: int,
                  meta: Sidecar | None, threaded_hash: bool, overlap: Overlap | None = None):
         self.store, self.paths, self.meta = store, paths, meta
-        self.fh = os.fdopen(fd, "r+b")
-        self.fh.seek(offset)
-        self.position = offset
+        self.fd: int | None = fd
+        os.lseek(fd, offset, os.SEEK_SET)
+        self.position = self._written = self._written_back = offset
         self.overlap = overlap
         self.body_digest: BodyHasher | None = None
-        self.hasher = _Hasher(digest, threaded_hash)
+        self.hasher = Hasher(digest, threaded_hash)
+        self._writer: Stage | None = None
         self._checkpoint: threading.Thread | None = None
         self._checkpoint_error: BaseException | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.fd is None
 
     def __enter__(self) -> "Part":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if not self.fh.closed:
+        if not self.closed:
             self.close(sha=False)
 
     def append(self, data: bytes) -> int:
@@ -349,17 +329,30 @@ class Part:
         self._write(data)
         return len(data)
 
-    def _past_overlap(self, data: bytes) -> bytes:
+    def _past_overlap(self, data: bytes | memoryview) -> bytes | memoryview:
         if self.body_digest is not None:
             self.body_digest.update(data)
         if self.overlap is not None and self.overlap.pending:
-            return bytes(self.overlap.feed(data))
+            return self.overlap.feed(data)
         return data
 
-    def _write(self, data: bytes) -> None:
-        self.fh.write(data)
-        self.hasher.feed(data)
+    def _write(self, data: bytes | memoryview, done: Callable[[], None] | None = None) -> None:
+        """Append ``data``: written whole and hashed (``done`` once both are done), by :meth:`receive`'s writer while it runs."""
         self.position += len(data)
+        if self._writer is not None:
+            self._writer.feed(data, done)
+        else:
+            self._put(data, done)
+
+    def _put(self, data: bytes | memoryview, done: Callable[[], None] | None) -> None:
+        """Write ``data`` at the end of the file, hand it to the hasher, start its writeback in durable mode."""
+        assert self.fd is not None
+        write_all(self.fd, data)
+        self._written += len(data)
+        if self.store.durable and self._written - self._written_back >= WRITEBACK_EVERY:
+            start_writeback(self.fd, self._written_back, self._written - self._written_back)
+            self._written_back = self._written
+        self.hasher.feed(data, done)  # last: ``done`` is handed on only once nothing here can fail
 
     def check_body_digest(self, digests: tuple[ServerDigest, ...]) -> None:
         """Hash this response's body (overlap included) for its ``Content-Digest``; see :meth:`body_digest_mismatch`."""
@@ -369,55 +362,88 @@ class Part:
         """The ``Content-Digest`` the body did not match, once the whole body was received."""
         return self.body_digest.mismatch() if self.body_digest is not None else None
 
-    def receive(self, read: Callable[[], bytes], *, effects: Effects, progress: Callable[[int], None] | None = None,
+    def receive(self, source: Callable[[], bytes] | Any, *, effects: Effects, progress: Callable[[int], None] | None = None,
                 max_bytes: int | None = None, checkpoint_every: int | None = None,
-                heartbeat: Callable[[], None] | None = None, errors: tuple[type[BaseException], ...] = (OSError,)) -> BodyOutcome:
-        """Append ``read()`` blocks until empty; checkpoint every ``checkpoint_every`` bytes (durable mode).
+                heartbeat: Callable[[], None] | None = None, errors: tuple[type[BaseException], ...] = (OSError,),
+                block_size: int = DEFAULT_BLOCK) -> BodyOutcome:
+        """Append the body from ``source`` until its end; checkpoint every ``checkpoint_every`` bytes (durable mode).
 
-        One of ``errors`` ends it (returned, the bytes so far kept); a body past
-        ``max_bytes`` ends it with ``too_large`` (the part discarded). ``effects`` and
-        ``progress`` are told of every block before it is written.
+        ``source`` is a callable returning the next block (``b""`` at the end), or an object
+        with ``readinto(buffer) -> int`` (such as :class:`~contentdownload.transfer.body.BodyReader`),
+        which is read into a few reused buffers of ``block_size`` bytes. One of ``errors``
+        ends it (returned, the bytes so far kept); a body past ``max_bytes`` ends it with
+        ``too_large`` (the part discarded). ``effects`` and then ``progress`` are told of
+        each block once it is checked and handed to the writer (``progress`` is the one
+        place for a per-block callback: a progress bar, a rate limit, the lease). A big
+        body (hashed in a thread) is also written by a thread of its own, so receiving,
+        writing and hashing overlap; a write error (a full disk) is raised here, and every
+        block handed over is in the file when this returns.
         """
+        self._writer = Stage(self._put, self.hasher.thread is not None, "contentdownload-write")
+        try:
+            return self._receive(source, effects, progress, max_bytes, checkpoint_every, heartbeat, errors, block_size)
+        finally:
+            writer, self._writer = self._writer, None
+            writer.stop()
+
+    def _receive(self, source: Any, effects: Effects, progress: Callable[[int], None] | None, max_bytes: int | None,
+                 checkpoint_every: int | None, heartbeat: Callable[[], None] | None,
+                 errors: tuple[type[BaseException], ...], block_size: int) -> BodyOutcome:
+        pool = BufferPool(block_size) if hasattr(source, "readinto") else None
         since = 0
         while True:
+            buffer = pool.take() if pool is not None else None
             try:
-                data = read()
+                data = source() if buffer is None else buffer[:source.readinto(buffer)]
             except errors as exc:
                 return BodyOutcome(error=exc)
             if not data:
                 return BodyOutcome()
-            if max_bytes is not None and self.position + len(data) - (self.overlap.pending if self.overlap else 0) > max_bytes:
-                self.discard()
-                return BodyOutcome(too_large=True)
-            try:
-                data = self._past_overlap(data)
-            except OverlapMismatch:
-                log.warning("the bytes re-read before the resume offset differ: the origin changed", part=self.paths.part.name)
-                self.discard()
-                return BodyOutcome(overlap_mismatch=True)
-            effects.wrote(len(data))
-            self._write(data)
+            taken = self._take(data, effects, max_bytes, None if buffer is None else (lambda b=buffer: pool.give(b)))
+            if isinstance(taken, BodyOutcome):
+                return taken
+            assert self._writer is not None
+            self._writer.raise_error()
             if progress is not None:
-                progress(len(data))
-            since += len(data)
+                progress(taken)
+            since += taken
             if checkpoint_every is not None and since >= checkpoint_every:
                 self.checkpoint(background=True)
                 since = 0
                 if heartbeat is not None:
                     heartbeat()
 
+    def _take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None,
+              done: Callable[[], None] | None) -> BodyOutcome | int:
+        """Check, then write one received block: the bytes appended (past the overlap), or a :class:`BodyOutcome` when the body must stop here."""
+        if max_bytes is not None and self.position + len(data) - (self.overlap.pending if self.overlap else 0) > max_bytes:
+            self.discard()
+            return BodyOutcome(too_large=True)
+        try:
+            data = self._past_overlap(data)
+        except OverlapMismatch:
+            log.warning("the bytes re-read before the resume offset differ: the origin changed", part=self.paths.part.name)
+            self.discard()
+            return BodyOutcome(overlap_mismatch=True)
+        effects.wrote(len(data))
+        if data:
+            self._write(data, done)
+        elif done is not None:
+            done()
+        return len(data)
+
     def checkpoint(self, *, background: bool = False) -> None:
-        """Make the bytes so far durable, then record their count in the sidecar (durable mode; plain: flush only).
+        """Make the bytes so far durable, then record their count in the sidecar (durable mode; plain: nothing to do).
 
         ``background``: fsync in a thread so the transfer goes on (skipped while one runs).
         """
         if not self.store.durable or self.meta is None:
-            self.fh.flush()
             return
         if background and self._checkpoint is not None and self._checkpoint.is_alive():
             return
         self._wait_checkpoint()
-        self.fh.flush()
+        if self._writer is not None:
+            self._writer.drain()  # every byte counted is in the file before it is synced
         if not background:
             self._sync(self.position, durable=True)
             self._raise_checkpoint_error()
@@ -429,7 +455,8 @@ class Part:
     def _sync(self, position: int, durable: bool) -> None:
         try:
             if durable:
-                os.fsync(self.fh.fileno())
+                assert self.fd is not None
+                os.fdatasync(self.fd)
             assert self.meta is not None
             _write_sidecar(self.paths.sidecar, attrs.evolve(self.meta, committed=position), durable)
         except BaseException as exc:  # reported by _raise_checkpoint_error
@@ -445,6 +472,11 @@ class Part:
         if error is not None:
             raise error
 
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
     def close(self, *, sha: bool = True, commit: bool = True) -> str | None:
         """Close the part (recording the count in the sidecar when ``commit``); the SHA-256 when ``sha``.
 
@@ -452,34 +484,35 @@ class Part:
         """
         self._wait_checkpoint()
         digest = self.hasher.hexdigest() if sha else (self.hasher.stop(), None)[1]
-        if not self.fh.closed:
-            self.fh.flush()
+        if not self.closed:
             if commit and self.meta is not None and self.store.durable:
                 self._sync(self.position, durable=False)
-            self.fh.close()
+            self._close_fd()
         self._raise_checkpoint_error()
         return digest
 
     def abandon(self) -> None:
         """Stop after an interruption: make what was written durable and recorded, keep the part for a resume."""
         self.hasher.stop()
-        if self.fh.closed:
+        if self.closed:
             return
         try:
             self.checkpoint()
         except OSError:
             pass  # the count recorded by the last checkpoint stays: what a resume trusts
         try:
-            self.fh.close()
-        except OSError:  # a full or read-only disk refuses the buffered tail too; the fd is closed anyway
+            self._close_fd()
+        except OSError:  # a failing disk may refuse the close too; the descriptor is released anyway
             pass
 
     def discard(self) -> None:
         """Close and delete the part and its sidecar."""
+        if self._writer is not None:  # discarded while receiving: let the writer finish with the file first
+            with contextlib.suppress(OSError):
+                self._writer.drain()
         self._wait_checkpoint()
         self.hasher.stop()
-        if not self.fh.closed:
-            self.fh.close()
+        self._close_fd()
         self.store.discard(self.paths)
 
 

@@ -19,7 +19,8 @@ import attrs
 import requests
 import urllib3
 
-from contentdownload.errors import NOT_PLUGIN_FAULTS
+from contentdownload.errors import NOT_PLUGIN_FAULTS, TooSlowError
+from contentdownload.transfer.body import BodyReader, Clock, SpeedGuard
 from contentdownload.hooks.model import StagePaths, StreamContext, StreamResult
 from contentdownload.transfer.digests import content_digests, representation_digests, server_digests
 from contentdownload.transfer.http import RETRY_STATUSES, content_encoding, content_length, failure_detail, parse_retry_after, request_failure
@@ -77,11 +78,16 @@ def is_conditional(headers: dict[str, str]) -> bool:
 
 
 class Attempt:
-    """One ``stream_io`` attempt's bookkeeping: the request, the response fields, the timed result."""
+    """One ``stream_io`` attempt's bookkeeping: the request, the response fields, the timed result.
 
-    def __init__(self, ctx: StreamContext, headers: dict[str, str]):
+    ``guard`` holds the attempt's speed limits (``options.low_speed_limit``,
+    ``low_speed_time``, ``max_time``), timed by ``clock`` (a monotonic clock).
+    """
+
+    def __init__(self, ctx: StreamContext, headers: dict[str, str], *, clock: Clock = time.monotonic):
         self.ctx, self.headers = ctx, headers
         self.started = time.perf_counter()
+        self.guard = SpeedGuard.of(ctx.options, clock)
         self.info: dict[str, Any] = {"url": redact_url(ctx.url)}
         self.digests: tuple = ()
 
@@ -94,12 +100,14 @@ class Attempt:
     def send(self) -> requests.Response | StreamResult:
         """GET the URL with the headers: the response, or a result when no response came."""
         ctx = self.ctx
+        connect, read = ctx.options.timeout
+        timeout = (self.guard.timeout(connect, body=False), self.guard.timeout(read, body=False))  # within max_time
         try:
-            response = ctx.http.get(ctx.url, self.headers, timeout=ctx.options.timeout)
+            response = ctx.http.get(ctx.url, self.headers, timeout=timeout)
         except NOT_PLUGIN_FAULTS:  # a lease lost or the store or the disk failing while waiting: no transport error
             raise
         except (*TRANSPORT_ERRORS, ValueError) as exc:
-            status, reason = request_failure(exc)
+            status, reason = request_failure(self._over_max_time(exc))
             log.info("request failed", url=redact_url(ctx.url), reason=reason, detail=failure_detail(exc))
             return self.result(status, reason)
         self.digests = server_digests(response.headers)
@@ -111,6 +119,20 @@ class Attempt:
             server_digests={d.label: d.value.hex() for d in representation_digests(self.digests)},
         )
         return response
+
+    def _over_max_time(self, exc: BaseException) -> BaseException:
+        """``exc``, or the :class:`TooSlowError` it became when the request outlived ``max_time``."""
+        try:
+            if self.guard.max_time is not None:
+                self.guard.check()
+        except TooSlowError as slow:
+            if slow.reason == "max_time":
+                return slow
+        return exc
+
+    def body_reader(self, response: requests.Response, *, decode: bool = False) -> BodyReader:
+        """The body of ``response`` read within this attempt's read timeout and speed limits (``Part.receive``'s source)."""
+        return BodyReader(response, guard=self.guard, read_timeout=self.ctx.options.timeout[1], decode=decode)
 
     def open_part(self, parts: "PartStore", paths: StagePaths, **kwargs: Any) -> "Part":
         """Open the part for this response's body (:meth:`PartStore.open`), checking its ``Content-Digest``."""
