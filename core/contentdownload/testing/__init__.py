@@ -30,22 +30,28 @@ class ManualClock(Clock):
         self.wall_s, self.steady_s, self.boot = wall, steady, boot
 
     def wall(self) -> float:
+        """The wall-clock reading, in seconds since the epoch."""
         return self.wall_s
 
     def steady(self) -> float:
+        """The steady-clock reading of this boot, in seconds."""
         return self.steady_s
 
     def boot_id(self) -> str | None:
+        """The identity of the current boot (``None``: the system has none)."""
         return self.boot
 
     def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass: both clocks move."""
         self.wall_s += seconds
         self.steady_s += seconds
 
     def step_wall(self, seconds: float) -> None:
+        """Jump the wall clock only, by ``seconds`` (may be negative), as NTP or an administrator would."""
         self.wall_s += seconds
 
     def reboot(self, boot: str) -> None:
+        """Start a new boot called ``boot``: its steady clock starts again near zero."""
         self.boot, self.steady_s = boot, 1.0
 
 
