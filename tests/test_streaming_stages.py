@@ -14,6 +14,7 @@ import tracemalloc
 import pytest
 from structlog.testing import capture_logs
 
+from contentdownload.clock import boot_id
 from contentdownload.errors import Cancelled, LeaseLostError
 from contentdownload.hooks.model import Job, Lease, TransferOptions
 from contentdownload.testing.conformance import TransferRig, sha256_hex
@@ -166,6 +167,21 @@ def test_a_part_longer_than_its_committed_count_is_cut_back(tmp_path, server):
         result = rig.run(Job(urls=(url,)), "crashed.bin")
     assert result.outcome == "resumed" and result.decisions == ("resume",)
     assert server.stats("/crashed.bin").ranges == [f"bytes={resume_start(120_000)}-"]
+    assert paths.final.read_bytes() == data
+
+
+def test_a_part_killed_before_its_first_checkpoint_resumes_from_its_length_in_the_same_boot(tmp_path, server):
+    """``kill -9`` keeps the page cache: a part this boot wrote is resumed from its length even with nothing fsynced yet."""
+    data = payload(12)
+    url = server.add_file("/killed.bin", data)
+    with one_shot(tmp_path) as rig:
+        paths = rig.paths("killed.bin")
+        paths.part.write_bytes(data[:150_000])
+        PartStore.for_paths(paths).save_sidecar(paths, Sidecar(url=url_identity(url), committed=0, boot_id=boot_id(),
+                                                      etag=server.etag("/killed.bin"), expected_total=len(data)))
+        result = rig.run(Job(urls=(url,)), "killed.bin")
+    assert result.outcome == "resumed" and result.decisions == ("resume",)
+    assert server.stats("/killed.bin").ranges == [f"bytes={resume_start(150_000)}-"]
     assert paths.final.read_bytes() == data
 
 

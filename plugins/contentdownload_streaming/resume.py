@@ -76,7 +76,7 @@ def _part_problem(ctx: ResumeContext, part_size: int) -> tuple[str | None, Sidec
         return "different_url", meta
     if meta.content_encoding or not meta.resumable:
         return "encoded_content" if meta.content_encoding else "not_resumable", meta
-    if meta.committed <= 0:
+    if resume_offset(meta, part_size) <= 0:
         return "nothing_committed", meta
     if part_size < meta.committed:
         return "part_shorter_than_committed", meta
