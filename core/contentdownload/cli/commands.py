@@ -269,7 +269,7 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("run", parents=[common], help="download URLs or job lists into a folder")
+    p = sub.add_parser("run", parents=[common], help="download URLs or job lists into a folder", intermixed=True)
     p.add_argument("inputs", nargs="*", metavar="URL|LIST", help="http(s) URLs to fetch, or job lists: a text file of URLs, a JSONL file of jobs, - for stdin")
     p.add_argument("-i", "--input-file", action="append", metavar="LIST", help="a job list (repeatable)")
     p.add_argument("-P", "--out", required=True, metavar="DIR", help="output folder")
