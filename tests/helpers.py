@@ -30,15 +30,20 @@ def make_distribution(root: Path, dist: str, plugins: dict[str, str], version: s
     return root
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m contentdownload`` in a subprocess with a clean flag environment."""
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a CLI subprocess: no flag variables, an absolute PYTHONPATH, then ``env``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
     if base.get("PYTHONPATH"):  # absolute, so that a test's own cwd still imports this checkout
         base["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in base["PYTHONPATH"].split(os.pathsep) if p)
     base.update(env or {})
+    return base
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m contentdownload`` in a subprocess with a clean flag environment."""
     return subprocess.run(
         [sys.executable, "-m", "contentdownload", *args],
-        env=base,
+        env=cli_env(env),
         cwd=cwd,
         input=input,
         capture_output=True,

@@ -275,7 +275,6 @@ class _JobRun:
         return JobResult(**base)
 
     def failed(self, reason: str, url: str | None) -> JobResult:
-        log.info("job failed", job_key=self.job_key.key, reason=reason, url=redact_url(url) if url else None, attempts=self.attempts)
         return self.result("failed", reason=reason, url=redact_url(url) if url else None)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -368,9 +367,10 @@ class _JobRun:
         sctx = StreamContext(job=self.job, job_key=self.job_key, url=cand.url, paths=paths, decision=decision,
                              http=self.p.http, options=self.options, record=self.record, lease=self.lease,
                              effects=effects, progress=self.progress())
+        client = self.p.http if isinstance(self.p.http, HttpClient) else None
+        retries_before = client.retries_made() if client is not None else 0
         try:
-            waiting = self.p.http.waiting(self.on_wait) if isinstance(self.p.http, HttpClient) else contextlib.nullcontext()
-            with waiting:
+            with client.waiting(self.on_wait) if client is not None else contextlib.nullcontext():
                 answer = self.dispatcher.call(self.selections["stream_io"], sctx)
         except StageFailed as exc:
             log.warning("stream_io failed after writing; retrying from the resume decision",
@@ -381,6 +381,8 @@ class _JobRun:
         except NoPluginAnsweredError as exc:
             log.error("no plugin answered stream_io", error=str(exc), job_key=self.job_key.key)
             return None
+        finally:  # the requests the client sent again on its own are attempts too
+            self.attempts += client.retries_made() - retries_before if client is not None else 0
         self.note("stream_io", answer)
         return answer.result
 

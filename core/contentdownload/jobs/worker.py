@@ -45,6 +45,14 @@ def is_permanent(reason: str) -> bool:
     return reason.startswith(PERMANENT_REASONS)
 
 
+def log_outcome(result: JobResult) -> None:
+    """One ``job_outcome`` line per job: a failure at INFO, anything else at DEBUG (cheap on large runs)."""
+    level = log.info if result.outcome == "failed" else log.debug
+    level("job_outcome", outcome=result.outcome, reason=result.reason, http_status=result.http_status, attempts=result.attempts,
+          url=result.url, line=result.job.line, job_key=result.job_key, path=str(result.path) if result.path else None,
+          size=result.size, bytes_downloaded=result.bytes_downloaded)
+
+
 def make_owner() -> str:
     """A lease owner id naming this host and process: ``host:pid:random``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -251,6 +259,7 @@ class JobWorker:
         another process planning the same list never writes a second one; a crash in
         between is recovered from the finalize intent and the row already on disk.
         """
+        log_outcome(result)
         if self.on_result is not None:
             self.on_result(result)
         self._record(item, result)

@@ -291,16 +291,25 @@ class PatientRetry(Retry):
     """
 
     def __init__(self, *args: Any, max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
-                 waiter: Callable[[float], None] | None = None, **kwargs: Any):
+                 waiter: Callable[[float], None] | None = None, on_retry: Callable[[], None] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_retry_after = float(max_retry_after)
         self.waiter = waiter or time.sleep
+        self.on_retry = on_retry
 
     def new(self, **kw: Any) -> "PatientRetry":
-        """A copy with ``kw`` changed, keeping the cap and the waiter."""
+        """A copy with ``kw`` changed, keeping the cap, the waiter and the retry callback."""
         new = super().new(**kw)
         new.max_retry_after = self.max_retry_after
         new.waiter = self.waiter
+        new.on_retry = self.on_retry
+        return new
+
+    def increment(self, *args: Any, **kwargs: Any) -> "PatientRetry":
+        """urllib3's count of one more try; ``on_retry()`` is told when another request will be sent."""
+        new = super().increment(*args, **kwargs)  # raises MaxRetryError when no try is left
+        if self.on_retry is not None:
+            self.on_retry()
         return new
 
     def get_retry_after(self, response: Any) -> float | None:
@@ -415,7 +424,18 @@ class HttpClient:
             raise_on_status=False,
             max_retry_after=self.max_retry_after,
             waiter=self._wait,
+            on_retry=self._count_retry,
         )
+
+    def _count_retry(self) -> None:
+        self._local.retries = self.retries_made() + 1
+
+    def retries_made(self) -> int:
+        """Requests this thread's sessions sent again on their own (urllib3's retries), since the thread began.
+
+        A caller counting attempts takes the difference around its call.
+        """
+        return getattr(self._local, "retries", 0)
 
     def session(self) -> requests.Session:
         """This thread's session (created on first use)."""
