@@ -233,20 +233,22 @@ class _JobRun:
         return self.paths_for_url if isinstance(self.paths_for_url, StagePaths) else self.paths_for_url(url)
 
     def progress(self) -> Callable[[int], None] | None:
-        """The per-chunk callback: stop on Ctrl-C, keep the lease alive, report bytes.
+        """The per-chunk callback: stop on Ctrl-C, keep the lease alive, hold ``--limit-rate``, report bytes.
 
         The lease heartbeat runs on every chunk (the lease itself limits it to one store
         write per third of its TTL), so a slow transfer never loses its job between
         checkpoints, whatever the plugin's checkpoint spacing.
         """
-        user, cancel, heartbeat = self.user_progress, self.cancel, self.lease.heartbeat
+        cancel, heartbeat = self.cancel, self.lease.heartbeat
+        pace = self.p.http.received if isinstance(self.p.http, HttpClient) and self.p.http.byte_rate else None
+        sinks = tuple(f for f in (pace, self.user_progress) if f is not None)  # --limit-rate, then the progress display
 
         def report(n: int) -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the run was interrupted; the part is kept for a later resume")
             heartbeat()
-            if user is not None:
-                user(n)
+            for sink in sinks:
+                sink(n)
 
         return report
 

@@ -248,7 +248,8 @@ class Run:
                    "idempotency": self.runtime.policy.idempotency.enabled,
                    "streaming_schema": self.runtime.policy.streaming_schema.enabled,
                    "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
-                   "store_error": self._store_error},
+                   "store_error": self._store_error,
+                   "throttled_hosts": self._http.pacer.throttled() if self._http is not None else {}},
         )
 
     def _exit_code(self, left: int) -> int:
