@@ -35,7 +35,7 @@ from urllib3.util.retry import RequestHistory, Retry
 
 from contentdownload.machinery.dispatch import Answer, StageFailed
 from contentdownload.errors import Cancelled, NoPluginAnsweredError
-from contentdownload.transfer.http import DEFAULT_MAX_RETRY_AFTER, HttpClient
+from contentdownload.transfer.http import DEFAULT_MAX_RETRY_AFTER, HttpClient, content_length, parse_content_range
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import (
     NO_LEASE,
@@ -144,6 +144,7 @@ class Pipeline:
         options: TransferOptions | None = None,
         before_finalize: Callable[[StreamResult], None] | None = None,
         host_slot: Callable[[str], ContextManager[Any]] | None = None,
+        expect: Callable[[int | None, int], None] | None = None,
     ) -> JobResult:
         """Fetch ``job`` and return its :class:`JobResult`.
 
@@ -158,14 +159,15 @@ class Pipeline:
         ``before_finalize(stream)`` runs right before ``finalize`` (the runner records its
         finalize intent there). ``host_slot(url)`` is entered around the attempts on each
         candidate URL (the runner's per-host connection limit, counted for the host
-        actually fetched).
+        actually fetched). ``expect(size, start)`` is told, for every response with a body,
+        the file's expected size (``None`` when unknown) and the offset the body starts at.
 
         Raises :class:`~contentdownload.errors.JobAbort` (``Cancelled``, ``LeaseLostError``);
         every other failure is a ``failed`` result with a reason.
         """
         return _JobRun(self, job, job_key, paths_for_url, selections, record=record, lease=lease, progress=progress,
                        cancel=cancel, job_key_answer=job_key_answer, options=options or self.options,
-                       before_finalize=before_finalize, host_slot=host_slot).run()
+                       before_finalize=before_finalize, host_slot=host_slot, expect=expect).run()
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -203,12 +205,13 @@ class _JobRun:
                  record: PriorRecord | None, lease: Lease, progress: Callable[[int], None] | None,
                  cancel: threading.Event | None, job_key_answer: Answer | None, options: TransferOptions,
                  before_finalize: Callable[[StreamResult], None] | None,
-                 host_slot: Callable[[str], ContextManager[Any]] | None = None):
+                 host_slot: Callable[[str], ContextManager[Any]] | None = None,
+                 expect: Callable[[int | None, int], None] | None = None):
         self.p = pipeline
         self.dispatcher = pipeline.runtime.dispatcher
         self.job, self.job_key, self.paths_for_url, self.selections = job, job_key, paths_for_url, selections
         self.record, self.lease, self.cancel, self.options = record, lease, cancel, options
-        self.user_progress, self.before_finalize = progress, before_finalize
+        self.user_progress, self.before_finalize, self.expect = progress, before_finalize, expect
         self.host_slot = host_slot or (lambda url: contextlib.nullcontext())
         self.started = time.monotonic()
         self.plugins: dict[str, str] = {}
@@ -251,6 +254,17 @@ class _JobRun:
                 sink(n)
 
         return report
+
+    def on_response(self, response: Any) -> None:
+        """Tell ``expect`` the size a response's body completes the file to, and where it starts."""
+        if self.expect is None:
+            return
+        if response.status_code == 206:
+            span = parse_content_range(response.headers.get("Content-Range"))
+            if span is not None and span.start is not None:
+                self.expect(span.total, span.start)
+        elif response.status_code == 200:
+            self.expect(content_length(response), 0)
 
     def on_wait(self) -> None:
         _check_cancel(self.cancel)
@@ -372,7 +386,7 @@ class _JobRun:
         client = self.p.http if isinstance(self.p.http, HttpClient) else None
         retries_before = client.retries_made() if client is not None else 0
         try:
-            with client.waiting(self.on_wait) if client is not None else contextlib.nullcontext():
+            with client.waiting(self.on_wait, self.on_response) if client is not None else contextlib.nullcontext():
                 answer = self.dispatcher.call(self.selections["stream_io"], sctx)
         except StageFailed as exc:
             log.warning("stream_io failed after writing; retrying from the resume decision",

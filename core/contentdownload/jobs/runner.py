@@ -202,7 +202,8 @@ class Run:
             Pipeline(self.runtime, http, options, retries=self.settings.retries, backoff_factor=self.settings.backoff_factor),
             store, self.ws, options,
             owner=self.owner, lease_ttl=self.settings.lease_ttl, leasing=self.leasing, cancel=self.cancel,
-            host_gate=HostGate(self.settings.per_host), progress=self._progress.bytes,
+            host_gate=HostGate(self.settings.per_host),
+            progress=lambda item: self._progress.job(item.key.key, item.relative_path, item.job.size),
             on_result=lambda result: self._emit(result, self.leasing),
         )
         self._queue = deque(plan.order) if not self.leasing else deque()

@@ -160,7 +160,11 @@ class WorkItem:
 
 
 class JobWorker:
-    """Processes :class:`WorkItem` s against one store, workspace and pipeline; thread-safe."""
+    """Processes :class:`WorkItem` s against one store, workspace and pipeline; thread-safe.
+
+    ``progress(item)``, when given, returns the job's byte sink: called with the size of each
+    body block, and its ``expect(size, start)`` (when it has one) with each response's sizes.
+    """
 
     def __init__(
         self,
@@ -175,7 +179,7 @@ class JobWorker:
         leasing: bool,
         cancel: threading.Event | None = None,
         host_gate: Callable[[str], Any] | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[["WorkItem"], Any] | None = None,
         on_result: Callable[[JobResult], None] | None = None,
     ):
         self.runtime = runtime
@@ -267,9 +271,10 @@ class JobWorker:
     def _transfer(self, item: WorkItem, paths: Any, lease: Lease) -> JobResult:
         selections = self.runtime.policy.plan(item.identity)
         options = attrs.evolve(self.options, revalidate=self.options.revalidate or item.revalidate)
+        sink = self.progress(item) if self.progress is not None else None
         return self.pipeline.run(
             item.job, item.key, paths, selections,
-            record=item.record, lease=lease, progress=self.progress, cancel=self.cancel,
+            record=item.record, lease=lease, progress=sink, expect=getattr(sink, "expect", None), cancel=self.cancel,
             job_key_answer=item.job_key_answer, options=options,
             before_finalize=(lambda stream: ledger.record_intent(self.store, item.key.key, item.epoch, stream)) if self.leasing else None,
             host_slot=(lambda url: self._host_slot(url, lease)) if self.host_gate else None,

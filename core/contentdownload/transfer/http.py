@@ -524,6 +524,9 @@ class HttpClient:
                                       allow_redirects=True, verify=self.verify, proxies=self.proxies or None)
         with self._lock:
             self._responses.add(response)
+        on_response = getattr(self._local, "on_response", None)
+        if on_response is not None:
+            on_response(response)
         return response
 
     def abort(self) -> None:
@@ -543,18 +546,21 @@ class HttpClient:
     # -- waiting ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def waiting(self, callback: WaitCallback | None) -> Iterator[None]:
+    def waiting(self, callback: WaitCallback | None,
+                on_response: Callable[[requests.Response], None] | None = None) -> Iterator[None]:
         """While the block runs in this thread, call ``callback()`` during retry waits (at least every half second).
 
         The callback may raise (for instance ``Cancelled`` or ``LeaseLostError``) to end
-        the wait: the exception propagates out of :meth:`get`.
+        the wait: the exception propagates out of :meth:`get`. ``on_response(response)``
+        is called with every response :meth:`get` returns in the block (the progress
+        display reads the body's expected size there).
         """
-        previous = getattr(self._local, "on_wait", None)
-        self._local.on_wait = callback
+        previous = getattr(self._local, "on_wait", None), getattr(self._local, "on_response", None)
+        self._local.on_wait, self._local.on_response = callback, on_response
         try:
             yield
         finally:
-            self._local.on_wait = previous
+            self._local.on_wait, self._local.on_response = previous
 
     def _wait(self, seconds: float) -> None:
         callback = getattr(self._local, "on_wait", None)
