@@ -49,6 +49,7 @@ def test_limit_rate_holds_the_total_of_all_workers_within_ten_percent(server, tm
     size, limit = 16 << 20, 8 << 20  # two files of 16 MiB at 8 MiB/s in all: about 4 s
     paths = ["/big1.bin", "/big2.bin"]
     urls = [server.add_large_file(p, size, seed=i)[0] for i, p in enumerate(paths)]
+    server.throttle(1 << 30)  # far above the limit: only so the server counts its bytes in blocks of 64 KiB
     sampler = ByteSampler(server, paths)
     sampler.start()
     try:

@@ -72,7 +72,7 @@ DEFAULT_LAST_MODIFIED = 1_700_000_000.0
 
 _BLOCK = 1 << 20  # add_large_file generation block
 _SMALL_BODY = 1 << 16  # bodies up to this size go out in the same write as the headers
-_SENDFILE_CHUNK = 256 << 10  # small enough that body_bytes follows a slow reader closely
+_SENDFILE_CHUNK = 8 << 20
 _DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 _NOT_FOUND_BODY = b"<html><head><title>404 Not Found</title></head><body><h1>Not Found</h1></body></html>\n"
 

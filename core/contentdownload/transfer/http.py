@@ -300,11 +300,12 @@ class PatientRetry(Retry):
 
     def __init__(self, *args: Any, max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
                  waiter: Callable[[float], None] | None = None, on_retry: Callable[[], None] | None = None,
-                 pacer: HostPacer | None = None, host: str | None = None, **kwargs: Any):
+                 pacer: HostPacer | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_retry_after = float(max_retry_after)
         self.waiter = waiter or time.sleep
-        self.on_retry, self.pacer, self.host = on_retry, pacer, host
+        self.on_retry, self.pacer = on_retry, pacer
+        self.host: str | None = None  # the host of the request to send again (set by increment)
 
     def new(self, **kw: Any) -> "PatientRetry":
         """A copy with ``kw`` changed, keeping the cap, the waiter, the callbacks and the host."""
