@@ -77,9 +77,9 @@ def test_byte_rate_keeps_the_total_at_the_limit():
     for _ in range(10):
         limit.consumed(500)
     assert clock.now == 5.0  # 5000 bytes at 1000 B/s
-    clock.now = 100.0  # idle time is no credit: no burst after a pause
+    clock.now = 100.0  # idle time earns a quarter of a second at most: no burst after a pause
     limit.consumed(2000)
-    assert clock.now == 102.0
+    assert clock.now == 101.75
 
 
 def test_rates_are_settings_of_the_config_env_and_library():

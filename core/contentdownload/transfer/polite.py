@@ -65,8 +65,13 @@ class HostPacer:
             return {host: dict(seen) for host, seen in self._throttled.items()}
 
 
+#: Idle time a byte rate may make up for, in seconds: a worker delayed by the scheduler catches up,
+#: a paused run does not burst.
+CATCH_UP_S = 0.25
+
+
 class ByteRate:
-    """Body bytes of all workers together at most ``rate`` per second (no credit for idle time)."""
+    """Body bytes of all workers together at most ``rate`` per second (idle time earns at most :data:`CATCH_UP_S`)."""
 
     def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
@@ -79,7 +84,7 @@ class ByteRate:
         """``n`` body bytes arrived: wait until they fit the rate."""
         with self._lock:
             now = self.clock()
-            self._due = max(self._due, now) + n / self.rate
+            self._due = max(self._due, now - CATCH_UP_S) + n / self.rate
             wait = self._due - now
         if wait > 0:
             self.sleep(wait)
