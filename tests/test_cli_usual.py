@@ -94,3 +94,12 @@ def test_log_records_run_start_and_end_and_single_host_notice(server, tmp_path):
     assert start["version"] and start["settings"]["workers"] == 6 and set(start["winners"]) >= {"job_key", "stream_io"}
     assert end["jobs"] == 3 and end["outcomes"]["downloaded"] == 3 and end["exit_code"] == 0
     assert events.index(start) < events.index(end)
+
+
+def test_run_takes_options_between_url_arguments(server, tmp_path):
+    a = server.add_file("/first.pdf", PDF)
+    b = server.add_file("/second.pdf", PDF[:700])
+    proc = run_cli("run", a, "--out", str(tmp_path / "out"), b, "--no-progress", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "first.pdf").read_bytes() == PDF
+    assert (tmp_path / "out" / "second.pdf").read_bytes() == PDF[:700]

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import cli_env
+
 from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
 from contentdownload.testing.server import Fault
 
 pytestmark = pytest.mark.slow
 
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
+CLEAN_ENV = cli_env()  # an absolute PYTHONPATH: the processes run in the test's folder
 
 
 def _start(jobs: Path, out: Path, *extra: str) -> subprocess.Popen:

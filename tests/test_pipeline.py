@@ -99,7 +99,7 @@ def test_statuses_the_client_retried_are_not_retried_again(tmp_path, server):
     url = server.add_status("/down.bin", 503)
     with TransferRig("streaming", tmp_path / "rig", retries=5, http_retries=2) as rig:
         result = rig.run(Job(urls=(url,)), "down.bin")
-    assert result.outcome == "failed" and result.reason == "http_503" and result.attempts == 1
+    assert result.outcome == "failed" and result.reason == "http_503" and result.attempts == 3  # every request counts
     assert server.stats("/down.bin").requests == 3  # 1 + the client's 2 retries, not 6 * 3
 
 

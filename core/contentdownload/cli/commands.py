@@ -46,6 +46,8 @@ RUN_FLAGS = {
     "cookie_jar": "cookie_jar",
     "proxy": "proxy",
     "ca_bundle": "ca_bundle",
+    "host_rate": "host_rate",
+    "limit_rate": "limit_rate",
 }
 #: run setting -> the flag that sets it (for messages and ``contentdownload config``)
 SETTING_FLAGS = {key: "--" + dest.replace("_", "-") for dest, key in RUN_FLAGS.items()}
@@ -179,6 +181,9 @@ def print_summary(report: Any, stream=None) -> None:
         f"({human_bytes(m['throughput_bytes_per_s'])}/s); manifest: {report.workspace.manifest}",
         file=stream,
     )
+    for host, seen in m.get("throttled_hosts", {}).items():
+        times = "time" if seen["responses"] == 1 else "times"
+        print(f"throttled: {host} asked to wait {seen['responses']} {times} ({seen['paused_s']:.1f} s in all)", file=stream)
     if report.left:
         print(f"{report.left} of {report.planned} planned jobs left: {report.left_reason}; "
               "parts are kept, run the same command again to finish", file=stream)
@@ -264,6 +269,8 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proxy", metavar="URL", help="proxy for http and https (default: HTTP_PROXY / HTTPS_PROXY / NO_PROXY)")
     g.add_argument("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE (beats REQUESTS_CA_BUNDLE and SSL_CERT_FILE)")
     g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (one warning is printed)")
+    g.add_argument("--limit-rate", metavar="RATE", help="body bytes per second for the whole run, such as 500k or 2M (as wget and curl)")
+    g.add_argument("--host-rate", type=float, metavar="R", help="requests per second per host, spaced evenly (no bursts)")
     g.add_argument("--max-bytes", type=int, metavar="N", help="abort a body larger than N bytes")
     g.add_argument("--retries", type=int, metavar="N", help="retries of a transfer per candidate URL (default 5)")
     g.add_argument("--timeout", type=float, metavar="S", help="read timeout in seconds (default 60)")
@@ -278,7 +285,7 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("run", parents=[common], help="download URLs or job lists into a folder")
+    p = sub.add_parser("run", parents=[common], help="download URLs or job lists into a folder", intermixed=True)
     p.add_argument("inputs", nargs="*", metavar="URL|LIST", help="http(s) URLs to fetch, or job lists: a text file of URLs, a JSONL file of jobs, - for stdin")
     p.add_argument("-i", "--input-file", action="append", metavar="LIST", help="a job list (repeatable)")
     p.add_argument("-P", "--out", required=True, metavar="DIR", help="output folder")

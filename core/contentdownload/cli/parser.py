@@ -24,6 +24,26 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
+    """One line and exit 2 on bad usage; with ``intermixed=True``, options may come between positionals.
+
+    ``run URL --out d URL``: the subcommand action calls ``parse_known_args``, which then
+    answers with argparse's ``parse_known_intermixed_args`` (itself calling the plain
+    ``parse_known_args`` twice).
+    """
+
+    def __init__(self, *args: Any, intermixed: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._intermixed = intermixed
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if not self._intermixed:
+            return super().parse_known_args(args, namespace)
+        self._intermixed = False
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = True
+
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 

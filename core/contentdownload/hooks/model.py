@@ -394,7 +394,7 @@ class JobResult:
     ``job`` is the job and ``job_key`` its key. ``url`` is the candidate that answered and
     ``final_url`` where redirects led; ``http_status`` the last status seen. ``path``,
     ``size`` and ``sha256`` describe the finished file. ``content_type``, ``etag`` and
-    ``last_modified`` come from the server. ``attempts`` counts transfer attempts,
+    ``last_modified`` come from the server. ``attempts`` counts requests sent (the client's own retries included),
     ``elapsed_ms`` the job's wall time. ``decisions`` lists the resume decision mode of
     each attempt, in order (``fresh``, ``resume``, ``revalidate``, ``discard``).
     ``verified_by`` and ``detected_type`` are the finalize stage's (see :class:`FinalizeResult`).

@@ -46,7 +46,7 @@ class Downloader:
     ``os.environ``). ``pins``: ``{hook: plugin}`` choices that beat env and config, like
     ``--plugin``. ``plugins``: extra plugin objects to register by name. Any other keyword
     is a ``[run]`` setting (``retries``, ``timeout``, ``max_bytes``, ``revalidate``,
-    ``headers``, ``cookie_jar``, ``ca_bundle`` ...), checked as the CLI checks its flags: an
+    ``headers``, ``cookie_jar``, ``ca_bundle``, ``host_rate``, ``limit_rate`` ...), checked as the CLI checks its flags: an
     unknown name or a bad value raises :class:`~contentdownload.errors.UsageError`.
     """
 

@@ -35,7 +35,7 @@ from urllib3.util.retry import RequestHistory, Retry
 
 from contentdownload.machinery.dispatch import Answer, StageFailed
 from contentdownload.errors import Cancelled, NoPluginAnsweredError
-from contentdownload.transfer.http import DEFAULT_MAX_RETRY_AFTER, HttpClient
+from contentdownload.transfer.http import DEFAULT_MAX_RETRY_AFTER, HttpClient, content_length, parse_content_range
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import (
     NO_LEASE,
@@ -144,6 +144,7 @@ class Pipeline:
         options: TransferOptions | None = None,
         before_finalize: Callable[[StreamResult], None] | None = None,
         host_slot: Callable[[str], ContextManager[Any]] | None = None,
+        expect: Callable[[int | None, int], None] | None = None,
     ) -> JobResult:
         """Fetch ``job`` and return its :class:`JobResult`.
 
@@ -158,14 +159,15 @@ class Pipeline:
         ``before_finalize(stream)`` runs right before ``finalize`` (the runner records its
         finalize intent there). ``host_slot(url)`` is entered around the attempts on each
         candidate URL (the runner's per-host connection limit, counted for the host
-        actually fetched).
+        actually fetched). ``expect(size, start)`` is told, for every response with a body,
+        the file's expected size (``None`` when unknown) and the offset the body starts at.
 
         Raises :class:`~contentdownload.errors.JobAbort` (``Cancelled``, ``LeaseLostError``);
         every other failure is a ``failed`` result with a reason.
         """
         return _JobRun(self, job, job_key, paths_for_url, selections, record=record, lease=lease, progress=progress,
                        cancel=cancel, job_key_answer=job_key_answer, options=options or self.options,
-                       before_finalize=before_finalize, host_slot=host_slot).run()
+                       before_finalize=before_finalize, host_slot=host_slot, expect=expect).run()
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -203,12 +205,13 @@ class _JobRun:
                  record: PriorRecord | None, lease: Lease, progress: Callable[[int], None] | None,
                  cancel: threading.Event | None, job_key_answer: Answer | None, options: TransferOptions,
                  before_finalize: Callable[[StreamResult], None] | None,
-                 host_slot: Callable[[str], ContextManager[Any]] | None = None):
+                 host_slot: Callable[[str], ContextManager[Any]] | None = None,
+                 expect: Callable[[int | None, int], None] | None = None):
         self.p = pipeline
         self.dispatcher = pipeline.runtime.dispatcher
         self.job, self.job_key, self.paths_for_url, self.selections = job, job_key, paths_for_url, selections
         self.record, self.lease, self.cancel, self.options = record, lease, cancel, options
-        self.user_progress, self.before_finalize = progress, before_finalize
+        self.user_progress, self.before_finalize, self.expect = progress, before_finalize, expect
         self.host_slot = host_slot or (lambda url: contextlib.nullcontext())
         self.started = time.monotonic()
         self.plugins: dict[str, str] = {}
@@ -233,22 +236,35 @@ class _JobRun:
         return self.paths_for_url if isinstance(self.paths_for_url, StagePaths) else self.paths_for_url(url)
 
     def progress(self) -> Callable[[int], None] | None:
-        """The per-chunk callback: stop on Ctrl-C, keep the lease alive, report bytes.
+        """The per-chunk callback: stop on Ctrl-C, keep the lease alive, hold ``--limit-rate``, report bytes.
 
         The lease heartbeat runs on every chunk (the lease itself limits it to one store
         write per third of its TTL), so a slow transfer never loses its job between
         checkpoints, whatever the plugin's checkpoint spacing.
         """
-        user, cancel, heartbeat = self.user_progress, self.cancel, self.lease.heartbeat
+        cancel, heartbeat = self.cancel, self.lease.heartbeat
+        pace = self.p.http.received if isinstance(self.p.http, HttpClient) and self.p.http.byte_rate else None
+        sinks = tuple(f for f in (pace, self.user_progress) if f is not None)  # --limit-rate, then the progress display
 
         def report(n: int) -> None:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the run was interrupted; the part is kept for a later resume")
             heartbeat()
-            if user is not None:
-                user(n)
+            for sink in sinks:
+                sink(n)
 
         return report
+
+    def on_response(self, response: Any) -> None:
+        """Tell ``expect`` the size a response's body completes the file to, and where it starts."""
+        if self.expect is None:
+            return
+        if response.status_code == 206:
+            span = parse_content_range(response.headers.get("Content-Range"))
+            if span is not None and span.start is not None:
+                self.expect(span.total, span.start)
+        elif response.status_code == 200:
+            self.expect(content_length(response), 0)
 
     def on_wait(self) -> None:
         _check_cancel(self.cancel)
@@ -275,7 +291,6 @@ class _JobRun:
         return JobResult(**base)
 
     def failed(self, reason: str, url: str | None) -> JobResult:
-        log.info("job failed", job_key=self.job_key.key, reason=reason, url=redact_url(url) if url else None, attempts=self.attempts)
         return self.result("failed", reason=reason, url=redact_url(url) if url else None)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -368,9 +383,10 @@ class _JobRun:
         sctx = StreamContext(job=self.job, job_key=self.job_key, url=cand.url, paths=paths, decision=decision,
                              http=self.p.http, options=self.options, record=self.record, lease=self.lease,
                              effects=effects, progress=self.progress())
+        client = self.p.http if isinstance(self.p.http, HttpClient) else None
+        retries_before = client.retries_made() if client is not None else 0
         try:
-            waiting = self.p.http.waiting(self.on_wait) if isinstance(self.p.http, HttpClient) else contextlib.nullcontext()
-            with waiting:
+            with client.waiting(self.on_wait, self.on_response) if client is not None else contextlib.nullcontext():
                 answer = self.dispatcher.call(self.selections["stream_io"], sctx)
         except StageFailed as exc:
             log.warning("stream_io failed after writing; retrying from the resume decision",
@@ -381,6 +397,8 @@ class _JobRun:
         except NoPluginAnsweredError as exc:
             log.error("no plugin answered stream_io", error=str(exc), job_key=self.job_key.key)
             return None
+        finally:  # the requests the client sent again on its own are attempts too
+            self.attempts += client.retries_made() - retries_before if client is not None else 0
         self.note("stream_io", answer)
         return answer.result
 

@@ -37,7 +37,7 @@ from contentdownload.jobs.rebuild import damaged, rebuild_from_manifest
 from contentdownload.cli.progress import Progress
 from contentdownload.store import open_store
 from contentdownload.transfer.urls import redact_url
-from contentdownload.jobs.worker import JobWorker, make_owner
+from contentdownload.jobs.worker import JobWorker, log_outcome, make_owner
 from contentdownload.jobs.workspace import Workspace
 
 log = get_logger(__name__)
@@ -228,10 +228,10 @@ class Run:
         )
         bad = [e for e in self.entries if isinstance(e, BadLine)]
         for line in bad:
-            self._emit(JobResult(outcome="failed", job=Job(urls=(line.text or "-",), line=line.line),
-                                 reason=f"bad_input: line {line.line}: {line.reason}"), leasing=False)
+            self._settle(JobResult(outcome="failed", job=Job(urls=(line.text or "-",), line=line.line),
+                                   reason=f"bad_input: line {line.line}: {line.reason}"), leasing=False)
         for result in plan.settled:
-            self._emit(result, self.leasing)
+            self._settle(result, self.leasing)
         self._progress = Progress(total=len(plan.items) + len(plan.settled) + len(bad), enabled=self.show_progress)
         self._progress.done_many(plan.settled, bad=len(bad))
         return plan
@@ -244,7 +244,8 @@ class Run:
             Pipeline(self.runtime, http, options, retries=self.settings.retries, backoff_factor=self.settings.backoff_factor),
             store, self.ws, options,
             owner=self.owner, lease_ttl=self.settings.lease_ttl, leasing=self.leasing, cancel=self.cancel,
-            host_gate=HostGate(self.settings.per_host), progress=self._progress.bytes,
+            host_gate=HostGate(self.settings.per_host),
+            progress=lambda item: self._progress.job(item.key.key, item.relative_path, item.job.size),
             on_result=lambda result: self._emit(result, self.leasing),
         )
         self._queue = deque(plan.order) if not self.leasing else deque()
@@ -300,7 +301,8 @@ class Run:
                    "idempotency": self.runtime.policy.idempotency.enabled,
                    "streaming_schema": self.runtime.policy.streaming_schema.enabled,
                    "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
-                   "store_error": self._store_error, "disk_error": self._disk_error.reason if self._disk_error else None},
+                   "store_error": self._store_error, "disk_error": self._disk_error.reason if self._disk_error else None,
+                   "throttled_hosts": self._http.pacer.throttled() if self._http is not None else {}},
         )
 
     def _exit_code(self, left: int) -> int:
@@ -347,6 +349,7 @@ class Run:
             self._progress.done(worker.process(item))
             return
         except Cancelled:
+            log.info("job_interrupted", job_key=item.key.key, url=redact_url(item.job.url), part_kept=bool(self.ws.parts_of(item.key.key)))
             self._release(store, item)
             return
         except LeaseLostError as exc:
@@ -367,7 +370,7 @@ class Run:
         try:
             if self.leasing:
                 store.fail(item.key.key, item.epoch, result.reason, retryable=False, max_attempts=1)
-            self._emit(result, self.leasing)
+            self._settle(result, self.leasing)
             self._progress.done(result)
         except (StoreError, StoreUnavailableError) as exc:
             self._store_down(store, exc)
@@ -436,6 +439,11 @@ class Run:
             log.error("stopping the run: " + line, exc_info=not isinstance(exc, (StoreError, StoreUnavailableError)))
         self.cancel.set()
 
+    def _settle(self, result: JobResult, leasing: bool) -> None:
+        """Log and record an outcome the worker did not produce (input errors, planning, a crash)."""
+        log_outcome(result)
+        self._emit(result, leasing)
+
     def _emit(self, result: JobResult, leasing: bool) -> None:
         """Record one outcome: a manifest row written once per job (the ledger's manifest op), counted in metrics."""
         self._ledger.write(result, leasing=leasing)
@@ -456,6 +464,7 @@ class Run:
             sys.stderr.flush()
             os._exit(128 + self._signal)
         self._signal = signum
+        log.warning("run_interrupted", signal=signal.Signals(signum).name)
         sys.stderr.write("contentdownload: interrupted, saving state (send it again to stop at once)\n")
         sys.stderr.flush()
         self.cancel.set()

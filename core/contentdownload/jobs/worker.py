@@ -45,6 +45,14 @@ def is_permanent(reason: str) -> bool:
     return reason.startswith(PERMANENT_REASONS)
 
 
+def log_outcome(result: JobResult) -> None:
+    """One ``job_outcome`` line per job: a failure at INFO, anything else at DEBUG (cheap on large runs)."""
+    level = log.info if result.outcome == "failed" else log.debug
+    level("job_outcome", outcome=result.outcome, reason=result.reason, http_status=result.http_status, attempts=result.attempts,
+          url=result.url, line=result.job.line, job_key=result.job_key, path=str(result.path) if result.path else None,
+          size=result.size, bytes_downloaded=result.bytes_downloaded)
+
+
 def make_owner() -> str:
     """A lease owner id naming this host and process: ``host:pid:random``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -152,7 +160,11 @@ class WorkItem:
 
 
 class JobWorker:
-    """Processes :class:`WorkItem` s against one store, workspace and pipeline; thread-safe."""
+    """Processes :class:`WorkItem` s against one store, workspace and pipeline; thread-safe.
+
+    ``progress(item)``, when given, returns the job's byte sink: called with the size of each
+    body block, and its ``expect(size, start)`` (when it has one) with each response's sizes.
+    """
 
     def __init__(
         self,
@@ -167,7 +179,7 @@ class JobWorker:
         leasing: bool,
         cancel: threading.Event | None = None,
         host_gate: Callable[[str], Any] | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[["WorkItem"], Any] | None = None,
         on_result: Callable[[JobResult], None] | None = None,
     ):
         self.runtime = runtime
@@ -251,6 +263,7 @@ class JobWorker:
         another process planning the same list never writes a second one; a crash in
         between is recovered from the finalize intent and the row already on disk.
         """
+        log_outcome(result)
         if self.on_result is not None:
             self.on_result(result)
         self._record(item, result)
@@ -258,9 +271,10 @@ class JobWorker:
     def _transfer(self, item: WorkItem, paths: Any, lease: Lease) -> JobResult:
         selections = self.runtime.policy.plan(item.identity)
         options = attrs.evolve(self.options, revalidate=self.options.revalidate or item.revalidate)
+        sink = self.progress(item) if self.progress is not None else None
         return self.pipeline.run(
             item.job, item.key, paths, selections,
-            record=item.record, lease=lease, progress=self.progress, cancel=self.cancel,
+            record=item.record, lease=lease, progress=sink, expect=getattr(sink, "expect", None), cancel=self.cancel,
             job_key_answer=item.job_key_answer, options=options,
             before_finalize=(lambda stream: ledger.record_intent(self.store, item.key.key, item.epoch, stream)) if self.leasing else None,
             host_slot=(lambda url: self._host_slot(url, lease)) if self.host_gate else None,

@@ -28,6 +28,7 @@ type are errors naming the key and where it was set.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tomllib
 from types import UnionType
@@ -45,6 +46,21 @@ from contentdownload.machinery.suggest import did_you_mean
 CONFIG_NAME = "contentdownload.toml"
 USER_CONFIG_NAME = "config.toml"
 ENV_PREFIX = "CONTENTDOWNLOAD_"
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]?)\s*$")
+
+
+def parse_size(value: int | str) -> int | None:
+    """Bytes from ``1234``, ``"500k"``, ``"2M"``, ``"1.5G"`` (powers of 1024, as wget and curl read them); ``None`` when malformed."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    number, unit = match.groups()
+    scale = 1024 ** ("kmg".index(unit.lower()) + 1) if unit else 1
+    return int(float(number) * scale)
 
 
 # A [run] value's check beyond its type: (predicate, what the message says it must be)
@@ -101,6 +117,10 @@ class RunSettings:
     cookie_jar: str | None = None
     proxy: str | None = _setting(None, (lambda v: bool(_URL.match(v)), "must be a URL such as http://proxy.example:3128"))
     ca_bundle: str | None = None
+    host_rate: float | None = _setting(None, _POSITIVE)
+    #: bytes per second, from ``1234`` or a size such as ``"500k"`` / ``"2M"``
+    limit_rate: int | str | None = _setting(None, (lambda v: (parse_size(v) or 0) > 0, "must be bytes per second such as 500k or 2M"),
+                                            converter=lambda v: None if v is None else parse_size(v))
 
 
 def _accepted(annotation: Any) -> tuple[type, ...]:
@@ -299,17 +319,16 @@ def load_config(path: str | Path | None = None, cwd: Path | None = None, user: b
 
 def _from_env(key: str, text: str, var: str) -> Any:
     types = RUN_SCHEMA[key][0]
+    if str in types:  # checked (and converted) by the schema
+        return text.strip()
     if bool in types:
         return parse_bool(text, var)
     if list in types:
         return [line.strip() for line in text.splitlines() if line.strip()]
-    for kind in (int, float):
-        if kind in types:
-            try:
-                return kind(text.strip())
-            except ValueError:
-                raise UsageError(f"{var} must be {_type_name(types)}, not {text!r}") from None
-    return text.strip()
+    for kind in (k for k in (int, float) if k in types):  # 2.5 for a number: the int reading fails, the float one not
+        with contextlib.suppress(ValueError):
+            return kind(text.strip())
+    raise UsageError(f"{var} must be {_type_name(types)}, not {text!r}")
 
 
 def env_run_values(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -730,8 +730,11 @@ class _Handler(BaseHTTPRequestHandler):
         out = self.connection.fileno()
         sent = 0
         use_sendfile = hasattr(os, "sendfile")
+        rate, began = self.server.owner._rate, time.monotonic()
         while sent < count:
-            want = min(count - sent, _SENDFILE_CHUNK if use_sendfile else 1 << 20)
+            want = min(count - sent, _SENDFILE_CHUNK if use_sendfile else 1 << 20, _SMALL_BODY if rate else count)
+            if rate and sent:
+                time.sleep(max(0.0, began + sent / rate - time.monotonic()))
             final = completes and sent + want == count
             rec.body_bytes += want
             if final:
@@ -828,6 +831,7 @@ class LoopbackServer:
         self._stopped = False
         self._bound_port: int | None = None
         self._finalizer = weakref.finalize(self, _cleanup, self._httpd_holder, self._thread_holder, self._tmpdir)
+        self._rate: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -1195,6 +1199,16 @@ class LoopbackServer:
         key = _path_key(path)
         with self._lock:
             self._faults.setdefault(key, collections.deque()).append([fault, times])
+
+    def throttle(self, bytes_per_s: float | None) -> None:
+        """Send every body larger than 64 KiB at most ``bytes_per_s`` per response (``None``: as fast as possible).
+
+        Applies to responses started from then on; the bytes go out in blocks of at most 64 KiB,
+        so :meth:`stats` ``body_bytes`` follows the transfer closely.
+        """
+        if bytes_per_s is not None and bytes_per_s <= 0:
+            raise ValueError("throttle needs a rate > 0 bytes per second, or None")
+        self._rate = bytes_per_s
 
     def clear_faults(self, path: str | None = None) -> None:
         """Drop the queued faults of ``path``, or of every path."""

@@ -51,6 +51,7 @@ from contentdownload.version import __version__
 from contentdownload.errors import TooSlowError, UnsafeRedirectError
 from contentdownload.records.log import get_logger
 from contentdownload.transfer.digests import WANT_REPR_DIGEST
+from contentdownload.transfer.polite import ByteRate, HostPacer
 from contentdownload.transfer.urls import redact_url
 
 log = get_logger(__name__)
@@ -285,25 +286,50 @@ _PATH_IN_TEXT = re.compile(r"(url: )\S+")
 # -- retries --------------------------------------------------------------------------
 
 
+#: Statuses whose ``Retry-After`` pauses every request to the host.
+PAUSE_STATUSES = frozenset({429, 503})
+
+
 class PatientRetry(Retry):
-    """urllib3's ``Retry`` with a cap on ``Retry-After`` and waits that go through a callback.
+    """urllib3's ``Retry`` with a cap on ``Retry-After``, waits through a callback, and the host's pacer.
 
     ``max_retry_after`` caps what a server may ask for (and backoff). ``waiter(seconds)``
     does the waiting (default :func:`time.sleep`); :class:`HttpClient` passes one that
-    slices the wait and calls the thread's wait callback between slices.
+    slices the wait and calls the thread's wait callback between slices. ``on_retry()`` is
+    called for every request sent again. ``pacer`` (a :class:`HostPacer`) is told of a
+    ``429``/``503`` with ``Retry-After`` (every worker pauses on that host), and a request
+    sent again waits for its turn there like any other.
     """
 
     def __init__(self, *args: Any, max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
-                 waiter: Callable[[float], None] | None = None, **kwargs: Any):
+                 waiter: Callable[[float], None] | None = None, on_retry: Callable[[], None] | None = None,
+                 pacer: HostPacer | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_retry_after = float(max_retry_after)
         self.waiter = waiter or time.sleep
+        self.on_retry, self.pacer = on_retry, pacer
+        self.host: str | None = None  # the host of the request to send again (set by increment)
 
     def new(self, **kw: Any) -> "PatientRetry":
-        """A copy with ``kw`` changed, keeping the cap and the waiter."""
+        """A copy with ``kw`` changed, keeping the cap, the waiter, the callbacks and the host."""
         new = super().new(**kw)
         new.max_retry_after = self.max_retry_after
         new.waiter = self.waiter
+        new.on_retry, new.pacer, new.host = self.on_retry, self.pacer, self.host
+        return new
+
+    def increment(self, method: str | None = None, url: str | None = None, response: Any = None, error: Exception | None = None,
+                  _pool: Any = None, _stacktrace: Any = None) -> "PatientRetry":
+        """urllib3's count of one more try (``MaxRetryError`` when none is left); notes the host's pause first."""
+        host = getattr(_pool, "host", None)
+        if self.pacer is not None and response is not None and response.status in PAUSE_STATUSES:
+            delay = self.get_retry_after(response)
+            if delay is not None:
+                self.pacer.pause(host, delay)
+        new = super().increment(method, url, response, error, _pool, _stacktrace)
+        new.host = host
+        if self.on_retry is not None:
+            self.on_retry()
         return new
 
     def get_retry_after(self, response: Any) -> float | None:
@@ -323,6 +349,20 @@ class PatientRetry(Retry):
         log.info("http_retry", status=status, delay_s=round(delay, 3), retry=len(self.history))
         if delay > 0:
             self.waiter(delay)
+        if self.pacer is not None:
+            self.pacer.wait_turn(self.host)
+
+
+class PoliteAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter whose every request (redirects included) first waits for its turn at the host's pacer."""
+
+    def __init__(self, pacer: HostPacer, **kwargs: Any):
+        self.pacer = pacer
+        super().__init__(**kwargs)
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        self.pacer.wait_turn(urlsplit(request.url or "").hostname)
+        return super().send(request, *args, **kwargs)
 
 
 # -- sessions -------------------------------------------------------------------------
@@ -363,7 +403,11 @@ class HttpClient:
     ``pool_maxsize``: connections kept per host per thread. ``headers``: sent with every
     request (a stage's own headers win). ``cookies``: a cookie jar copied into every
     thread's session. ``proxies``: requests' ``{scheme: proxy URL}`` (empty: the
-    environment's proxy variables).
+    environment's proxy variables). ``host_rate``: requests per second per host, spaced
+    evenly; ``limit_rate``: body bytes per second of all threads together (see
+    :mod:`~contentdownload.transfer.polite`; the pipeline reports body bytes through
+    :meth:`received`). Whatever the rates, a ``429``/``503`` with ``Retry-After`` pauses
+    every request to that host (:attr:`pacer`, which also lists the hosts that asked).
     """
 
     def __init__(
@@ -380,6 +424,8 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         cookies: http.cookiejar.CookieJar | None = None,
         proxies: Mapping[str, str] | None = None,
+        host_rate: float | None = None,
+        limit_rate: int | None = None,
     ):
         self.headers = dict(headers or {})
         self.cookies = cookies
@@ -396,6 +442,13 @@ class HttpClient:
         self._sessions: "weakref.WeakSet[requests.Session]" = weakref.WeakSet()
         self._responses: "weakref.WeakSet[requests.Response]" = weakref.WeakSet()
         self._lock = threading.Lock()
+        self.pacer = HostPacer(host_rate, sleep=self._wait)
+        self.byte_rate = ByteRate(limit_rate, sleep=self._wait) if limit_rate else None
+
+    def received(self, n: int) -> None:
+        """``n`` body bytes arrived in this thread: wait as ``limit_rate`` says (no-op without one)."""
+        if self.byte_rate is not None:
+            self.byte_rate.consumed(n)
 
     @property
     def retry_statuses(self) -> frozenset[int]:
@@ -418,7 +471,19 @@ class HttpClient:
             raise_on_status=False,
             max_retry_after=self.max_retry_after,
             waiter=self._wait,
+            on_retry=self._count_retry,
+            pacer=self.pacer,
         )
+
+    def _count_retry(self) -> None:
+        self._local.retries = self.retries_made() + 1
+
+    def retries_made(self) -> int:
+        """Requests this thread's sessions sent again on their own (urllib3's retries), since the thread began.
+
+        A caller counting attempts takes the difference around its call.
+        """
+        return getattr(self._local, "retries", 0)
 
     def session(self) -> requests.Session:
         """This thread's session (created on first use)."""
@@ -433,7 +498,7 @@ class HttpClient:
             session.headers.update(self.headers)
             if self.cookies is not None:
                 session.cookies.update(self.cookies)
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=self._retry())
+            adapter = PoliteAdapter(self.pacer, pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=self._retry())
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             self._local.session = session
@@ -463,6 +528,9 @@ class HttpClient:
                                       allow_redirects=True, verify=self.verify, proxies=self.proxies or None)
         with self._lock:
             self._responses.add(response)
+        on_response = getattr(self._local, "on_response", None)
+        if on_response is not None:
+            on_response(response)
         return response
 
     def abort(self) -> None:
@@ -482,18 +550,21 @@ class HttpClient:
     # -- waiting ----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def waiting(self, callback: WaitCallback | None) -> Iterator[None]:
+    def waiting(self, callback: WaitCallback | None,
+                on_response: Callable[[requests.Response], None] | None = None) -> Iterator[None]:
         """While the block runs in this thread, call ``callback()`` during retry waits (at least every half second).
 
         The callback may raise (for instance ``Cancelled`` or ``LeaseLostError``) to end
-        the wait: the exception propagates out of :meth:`get`.
+        the wait: the exception propagates out of :meth:`get`. ``on_response(response)``
+        is called with every response :meth:`get` returns in the block (the progress
+        display reads the body's expected size there).
         """
-        previous = getattr(self._local, "on_wait", None)
-        self._local.on_wait = callback
+        previous = getattr(self._local, "on_wait", None), getattr(self._local, "on_response", None)
+        self._local.on_wait, self._local.on_response = callback, on_response
         try:
             yield
         finally:
-            self._local.on_wait = previous
+            self._local.on_wait, self._local.on_response = previous
 
     def _wait(self, seconds: float) -> None:
         callback = getattr(self._local, "on_wait", None)

@@ -1,4 +1,4 @@
-"""What every request of a run carries, from the ``[run]`` settings: headers, cookies, proxy, TLS trust.
+"""What every request of a run carries, from the ``[run]`` settings: headers, cookies, proxy, TLS trust, rates.
 
 TLS trust, first match wins: ``ca_bundle`` (``--ca-bundle``), ``verify_tls = false``
 (``--insecure``), then the environment's ``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE`` and
@@ -85,4 +85,6 @@ def client_options(settings: Any, environ: Mapping[str, str]) -> dict[str, Any]:
         "user_agent": settings.user_agent,
         "cookies": cookie_jar(settings),
         "proxies": {"http": settings.proxy, "https": settings.proxy} if settings.proxy else {},
+        "host_rate": settings.host_rate,
+        "limit_rate": settings.limit_rate,
     }
