@@ -25,10 +25,15 @@ def test_plain_lines_follow_the_bytes_and_end_on_the_summarys_count(server, tmp_
     assert report.exit_code == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("progress: ")]
     assert len(lines) >= 2, lines
-    shown = [float(re.search(r"files, ([0-9.]+) MB at", line).group(1)) for line in lines]
+    shown = [_bytes(re.search(r"files, ([0-9.]+) ?([kMG]?)B at", line)) for line in lines]
     assert shown == sorted(shown) and len(set(shown)) >= 2, "the lines follow the bytes while files stream"
     assert run._progress.nbytes == report.metrics["bytes_downloaded"] >= 6 << 20
     assert run._progress.files == 2 and run._progress.failed == 0
+
+
+def _bytes(match: re.Match) -> float:
+    """The byte count of a ``1.50MB``-style match (powers of 1000, as the progress writes them)."""
+    return float(match.group(1)) * 1000 ** " kMG".index(match.group(2) or " ")
 
 
 def test_eta_counts_the_active_remainders_and_the_files_not_started():

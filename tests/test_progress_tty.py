@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -17,8 +16,8 @@ from helpers import cli_env
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 SIZE = 200 << 20
-BYTES_SHOWN = re.compile(r"files, ([0-9.]+ [KMGT]?B) at ")
-SUMMARY_BYTES = re.compile(r"jobs, ([0-9.]+ [KMGT]?B) in ")
+BYTES_SHOWN = re.compile(r"files, ([0-9.]+ ?[kKMGT]?B) at ")
+SUMMARY_BYTES = re.compile(r"jobs, ([0-9.]+ ?[kKMGT]?B) in ")
 
 
 class Tmux:
