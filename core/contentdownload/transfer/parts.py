@@ -834,7 +834,7 @@ class PartStore:
         for promotion in ready:
             if not promotion.reason:
                 _remove_sidecar(promotion.request.paths.sidecar)
-                log.info("promoted", final=str(promotion.request.paths.final), size=promotion.size, sha256=promotion.sha256)
+                log.debug("promoted", final=str(promotion.request.paths.final), size=promotion.size, sha256=promotion.sha256)
         return promotions
 
     def _verify(self, request: PromoteRequest) -> _Promotion:
