@@ -30,12 +30,18 @@ def make_distribution(root: Path, dist: str, plugins: dict[str, str], version: s
     return root
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m contentdownload`` in a subprocess with a clean flag environment."""
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a CLI subprocess: no flags from the shell, this checkout first on the path."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
     if base.get("PYTHONPATH"):  # absolute, so that a test's own cwd still imports this checkout
         base["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in base["PYTHONPATH"].split(os.pathsep) if p)
     base.update(env or {})
+    return base
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m contentdownload`` in a subprocess with a clean flag environment."""
+    base = cli_env(env)
     return subprocess.run(
         [sys.executable, "-m", "contentdownload", *args],
         env=base,

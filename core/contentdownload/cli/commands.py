@@ -27,6 +27,7 @@ RUN_FLAGS = {
     "max": "max_jobs",
     "workers": "workers",
     "per_host": "per_host",
+    "processes": "processes",
     "db": "db",
     "max_bytes": "max_bytes",
     "retries": "retries",
@@ -277,6 +278,9 @@ def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max", type=int, metavar="N", help="only the first N jobs")
     p.add_argument("--workers", type=int, metavar="N", help="concurrent transfers (default 4)")
     p.add_argument("--per-host", type=int, metavar="N", help="concurrent transfers per host (default 4)")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="worker processes sharing the job store, each with --workers threads (default: one per core, "
+                        "each with at least 256 jobs)")
     p.add_argument("--resume-from", metavar="MANIFEST", help="an earlier manifest: what is done, and the validators to send")
     p.add_argument("--db", metavar="URL", help="job store: sqlite:///path or postgresql://... (default: SQLite in DIR/.contentdownload)")
     add_request_options(p)

@@ -51,6 +51,7 @@ class RunSettings:
 
     workers: int = 4
     per_host: int = 4
+    processes: int | None = None
     retries: int = 5
     timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -90,6 +91,7 @@ def _strings(pattern: re.Pattern[str], why: str) -> tuple[Callable[[Any], bool],
 RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "workers": ((int,), _POSITIVE),
     "per_host": ((int,), _POSITIVE),
+    "processes": ((int,), _POSITIVE),
     "retries": ((int,), _NON_NEGATIVE),
     "timeout": ((int, float), _POSITIVE),
     "connect_timeout": ((int, float), _POSITIVE),
