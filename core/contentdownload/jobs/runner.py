@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from contentdownload.errors import Cancelled, LeaseLostError, StoreError, StoreUnavailableError
+from contentdownload.transfer import durability
 from contentdownload.transfer.http import HttpClient
 from contentdownload.transfer.options import client_options
 from contentdownload.jobs.inputs import BadLine
@@ -154,12 +155,14 @@ class Run:
         self._per_host = self.settings.per_host  # this process's share of --per-host
         self._child_decisions = 0  # decision lines the worker processes logged
         self._by_process: dict[int, int] = {}  # pid -> jobs it ended after planning
+        self._batches: list[int] = []  # sizes of the commit batches of the worker processes
 
     # -- entry point ----------------------------------------------------------------
 
     def execute(self) -> RunReport:
         started = time.monotonic()
         decisions_before = EVENTS.get(DECISION_EVENT)
+        self._batches_before = len(durability.commit_batches())
         jobs = [e for e in self.entries if isinstance(e, Job)][: self.settings.max_jobs]
         store = self.store_factory(self.runtime, self.ws)
         manifest = ManifestWriter(self.ws.manifest)
@@ -253,6 +256,7 @@ class Run:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_child_signal)
         telemetry_before, decisions_before = self.runtime.telemetry.state(), EVENTS.get(DECISION_EVENT)
+        self._batches_before = 0  # a forked process starts with no committer
         store = self.store_factory(self.runtime, self.ws)
         manifest = ManifestWriter(self.ws.manifest)
         self._ledger = ManifestLedger(store, manifest, self.run_id, self.ws.out)
@@ -266,7 +270,8 @@ class Run:
             http.close()
             self._send_results()
             channel.send(("done", os.getpid(), {"telemetry": (self.runtime.telemetry.state(), telemetry_before),
-                                   "decisions": EVENTS.get(DECISION_EVENT) - decisions_before, "store_error": self._store_error}))
+                                   "decisions": EVENTS.get(DECISION_EVENT) - decisions_before, "store_error": self._store_error,
+                                   "batches": durability.commit_batches()}))
 
     def _send_results(self) -> None:
         """In a worker process: send the results not sent yet to the parent."""
@@ -291,6 +296,7 @@ class Run:
             self.runtime.telemetry.merge(*body["telemetry"])
             with self._lock:
                 self._child_decisions += body["decisions"]
+                self._batches.extend(body["batches"])
                 self._store_error = self._store_error or body["store_error"]
             if body["store_error"]:
                 self.cancel.set()
@@ -334,10 +340,16 @@ class Run:
             extra={"interrupted": self._signal is not None, "store": redact_url(store.url) if hasattr(store, "url") else None,
                    "idempotency": self.runtime.policy.idempotency.enabled,
                    "streaming_schema": self.runtime.policy.streaming_schema.enabled,
+                   "durability": self.settings.durability, "commit_batches": self._commit_batches(),
                    "processes": max(1, len(self._by_process)), "jobs_per_process": sorted(self._by_process.values(), reverse=True),
                    "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
                    "store_error": self._store_error},
         )
+
+    def _commit_batches(self) -> dict:
+        """How many commit batches promoted files at durability ``batch``, and how large they were."""
+        sizes = durability.commit_batches()[self._batches_before:] + self._batches
+        return {"count": len(sizes), "files": sum(sizes), "largest": max(sizes, default=0)}
 
     def _exit_code(self, left: int) -> int:
         if self._signal is not None:

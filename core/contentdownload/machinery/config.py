@@ -52,6 +52,7 @@ class RunSettings:
     workers: int = 4
     per_host: int = 4
     processes: int | None = None
+    durability: str = "batch"
     retries: int = 5
     timeout: float = 60.0
     connect_timeout: float = 10.0
@@ -92,6 +93,7 @@ RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "workers": ((int,), _POSITIVE),
     "per_host": ((int,), _POSITIVE),
     "processes": ((int,), _POSITIVE),
+    "durability": ((str,), (lambda v: v in ("file", "batch", "none"), "must be file, batch or none")),
     "retries": ((int,), _NON_NEGATIVE),
     "timeout": ((int, float), _POSITIVE),
     "connect_timeout": ((int, float), _POSITIVE),

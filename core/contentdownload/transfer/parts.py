@@ -46,7 +46,7 @@ from filelock import FileLock, Timeout
 from contentdownload.errors import Cancelled, LeaseLostError, StagingError, UnsafePathError, UsageError
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
 from contentdownload.records.log import get_logger
-from contentdownload.transfer import content
+from contentdownload.transfer import content, durability
 from contentdownload.transfer.digests import BodyHasher, ServerDigest
 from contentdownload.transfer.urls import identity_url, redact_url
 from contentdownload.transfer.validators import Overlap, OverlapMismatch, resume_start
@@ -179,7 +179,7 @@ def _write_sidecar(path: Path, sidecar: Sidecar, durable: bool) -> None:
         fh.write(data)
         if durable:
             fh.flush()
-            os.fsync(fh.fileno())
+            durability.current().sync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -200,18 +200,9 @@ def _open_nofollow(path: Path, flags: int) -> int:
         raise
 
 
-def fsync_directory(path: Path) -> None:
-    """fsync a folder so the names created or renamed in it are durable (a no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a folder
-    finally:
-        os.close(fd)
+def fsync_directory(path: Path, level: durability.Durability | None = None) -> None:
+    """fsync a folder so the names created or renamed in it are durable (a no-op where unsupported, or at durability ``none``)."""
+    (level or durability.current()).sync_folder(path)
 
 
 def _kind(path: Path) -> str:
@@ -244,7 +235,7 @@ def _check_final(final: Path) -> None:
         raise UnsafePathError(f"final path {final} is a folder", "final_path_is_folder")
 
 
-def _make_parents(folder: Path, root: Path | None, durable: bool) -> None:
+def _make_parents(folder: Path, root: Path | None, durable: bool, level: durability.Durability) -> None:
     """Create ``folder`` below ``root`` one level at a time, refusing any symlink on the way."""
     if root is None or (folder != root and root not in folder.parents):
         chain = [folder]
@@ -259,7 +250,7 @@ def _make_parents(folder: Path, root: Path | None, durable: bool) -> None:
                 pass
             kind = _kind(current)
             if durable:
-                fsync_directory(current.parent)
+                fsync_directory(current.parent, level)
         if kind == "link":
             raise UnsafePathError(f"folder {current} of a final path is a symlink: refusing to write through it", "parent_is_symlink")
         if kind != "folder":
@@ -337,6 +328,7 @@ class Part:
         self.body_digest: BodyHasher | None = None
         self.hasher = _Hasher(digest, threaded_hash)
         self._checkpoint: threading.Thread | None = None
+        self.durability = durability.current()  # also for the checkpoints' threads
         self._checkpoint_error: BaseException | None = None
 
     def __enter__(self) -> "Part":
@@ -437,7 +429,7 @@ class Part:
     def _sync(self, position: int, durable: bool) -> None:
         try:
             if durable:
-                os.fsync(self.fh.fileno())
+                self.durability.sync(self.fh.fileno())
             assert self.meta is not None
             _write_sidecar(self.paths.sidecar, attrs.evolve(self.meta, committed=position), durable)
         except BaseException as exc:  # reported by _raise_checkpoint_error
@@ -806,9 +798,18 @@ class PartStore:
     def promote(self, request: PromoteRequest) -> FinalizeResult:
         """Check, fence and rename one part to its final path (see :meth:`promote_many`).
 
-        Raises :class:`~contentdownload.errors.LeaseLostError` when the job was taken over.
+        The checks and the part's fsync run in the caller's thread; at durability
+        ``batch`` (durable mode) the rename and the folder's fsync are the staging
+        folder's committer's, shared with the jobs finishing at the same time
+        (:mod:`~contentdownload.transfer.durability`). Raises
+        :class:`~contentdownload.errors.LeaseLostError` when the job was taken over.
         """
-        [promotion] = self._promote_all([request])
+        promotion = self._verify(request)
+        level = durability.current()
+        if not promotion.reason and self.durable and level.level == "batch":
+            durability.committer((self.staging, self.root), lambda ready: self._commit(ready, level)).submit(promotion)
+        elif not promotion.reason:
+            self._commit([promotion], level)
         if promotion.error is not None:
             raise promotion.error
         return promotion.result(self.durable)
@@ -823,19 +824,23 @@ class PartStore:
 
     def _promote_all(self, requests: list[PromoteRequest]) -> list[_Promotion]:
         promotions = [self._verify(request) for request in requests]
-        ready = [p for p in promotions if not p.reason]
+        self._commit([p for p in promotions if not p.reason], durability.current())
+        return promotions
+
+    def _commit(self, ready: list[_Promotion], level: durability.Durability) -> list[_Promotion]:
+        """Rename each verified part (fenced), fsync each folder once (durable mode), drop the sidecars."""
         folders: dict[Path, None] = {}
         for promotion in ready:
-            if self._rename(promotion):
+            if self._rename(promotion, level):
                 folders[promotion.request.paths.final.parent] = None
         if self.durable:
             for folder in folders:
-                fsync_directory(folder)
+                fsync_directory(folder, level)
         for promotion in ready:
             if not promotion.reason:
                 _remove_sidecar(promotion.request.paths.sidecar)
                 log.debug("promoted", final=str(promotion.request.paths.final), size=promotion.size, sha256=promotion.sha256)
-        return promotions
+        return ready
 
     def _verify(self, request: PromoteRequest) -> _Promotion:
         """Size, SHA-256, server digests and content type against the transfer and the job; a mismatch discards the part. Durable: fsync."""
@@ -855,7 +860,7 @@ class PartStore:
                 promotion.sha256 = request.sha256 or _sha256_of(fd)
                 promotion.reason = _content_problem(fd, request, promotion)
             if not promotion.reason and self.durable:
-                os.fsync(fd)
+                durability.current().sync(fd)
         finally:
             os.close(fd)
         if promotion.reason:
@@ -871,12 +876,12 @@ class PartStore:
             return "size_mismatch"
         return ""
 
-    def _rename(self, promotion: _Promotion) -> bool:
+    def _rename(self, promotion: _Promotion, level: durability.Durability) -> bool:
         """The fenced rename: parents checked, lease asserted, then rename from the epoch's own part path."""
         request = promotion.request
         paths = request.paths
         try:
-            _make_parents(paths.final.parent, self.root, self.durable)
+            _make_parents(paths.final.parent, self.root, self.durable, level)
             _check_final(paths.final)
         except UnsafePathError as exc:
             log.error("final path refused", final=str(paths.final), reason=exc.reason, error=str(exc))
