@@ -812,14 +812,15 @@ class PartStore:
             self._commit([promotion], level)
         if promotion.error is not None:
             raise promotion.error
-        return promotion.result(self.durable)
+        return promotion.result(self.durable and level.syncs)
 
     def promote_many(self, requests: Iterable[PromoteRequest]) -> list[FinalizeResult]:
         """Promote many parts: check each, make them durable together, rename each, fsync each folder once.
 
         One result per request, in order; a part whose lease was lost gets ``lease_lost``.
         """
-        return [p.result(self.durable) if p.error is None else FinalizeResult(ok=False, size=p.size, sha256=p.sha256, reason="lease_lost")
+        durable = self.durable and durability.current().syncs
+        return [p.result(durable) if p.error is None else FinalizeResult(ok=False, size=p.size, sha256=p.sha256, reason="lease_lost")
                 for p in self._promote_all(list(requests))]
 
     def _promote_all(self, requests: list[PromoteRequest]) -> list[_Promotion]:
