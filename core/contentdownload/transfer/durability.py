@@ -40,14 +40,18 @@ DEFAULT = "batch"
 MAX_BATCH = 256
 
 
-_fsync: Callable[[int], None] = os.fsync
+_fsync: Callable[[int], None] | None = None  # None: os.fsync, looked up at each call
 
 
-def set_fsync(fsync: Callable[[int], None]) -> Callable[[int], None]:
-    """Replace the function every level uses to make a descriptor durable (``os.fsync``); returns the previous one."""
+def set_fsync(fsync: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """Replace the function every level uses to make a descriptor durable (``None``: ``os.fsync``); returns the previous one."""
     global _fsync
     previous, _fsync = _fsync, fsync
     return previous
+
+
+def _sync(fd: int) -> None:
+    (_fsync or os.fsync)(fd)
 
 
 @attrs.frozen
@@ -67,7 +71,7 @@ class Durability:
     def sync(self, fd: int) -> None:
         """Make the file ``fd`` durable (nothing at level ``none``)."""
         if self.syncs:
-            _fsync(fd)
+            _sync(fd)
 
     def sync_folder(self, path: Path) -> None:
         """Make the names in the folder ``path`` durable (a no-op where a folder cannot be fsynced)."""
@@ -78,7 +82,7 @@ class Durability:
         except OSError:
             return
         try:
-            _fsync(fd)
+            _sync(fd)
         except OSError:
             pass  # some filesystems cannot fsync a folder
         finally:

@@ -62,6 +62,9 @@ FENCED_SUFFIX = ".fenced"
 _HASH_BLOCK = 1 << 20
 #: Bodies at least this large (or of unknown length) are hashed in a second thread.
 THREADED_HASH_MIN = 8 << 20
+#: A fresh body no longer than this (one read block) gets its sidecar only when it is interrupted:
+#: complete, it is promoted at once; killed before that, it is fetched again.
+LAZY_SIDECAR_MAX = 64 << 10
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 # -- test hooks -------------------------------------------------------------------------
@@ -329,6 +332,7 @@ class Part:
         self.hasher = _Hasher(digest, threaded_hash)
         self._checkpoint: threading.Thread | None = None
         self.durability = durability.current()  # also for the checkpoints' threads
+        self.sidecar_on_disk = False
         self._checkpoint_error: BaseException | None = None
 
     def __enter__(self) -> "Part":
@@ -432,6 +436,7 @@ class Part:
                 self.durability.sync(self.fh.fileno())
             assert self.meta is not None
             _write_sidecar(self.paths.sidecar, attrs.evolve(self.meta, committed=position), durable)
+            self.sidecar_on_disk = True
         except BaseException as exc:  # reported by _raise_checkpoint_error
             self._checkpoint_error = exc
 
@@ -454,7 +459,7 @@ class Part:
         digest = self.hasher.hexdigest() if sha else (self.hasher.stop(), None)[1]
         if not self.fh.closed:
             self.fh.flush()
-            if commit and self.meta is not None and self.store.durable:
+            if commit and self.meta is not None and self.store.durable and self.sidecar_on_disk:
                 self._sync(self.position, durable=False)
             self.fh.close()
         self._raise_checkpoint_error()
@@ -651,7 +656,9 @@ class PartStore:
         continued at an offset expects the body to start at :func:`~contentdownload.transfer.validators.resume_start` ``(offset)``:
         the bytes before ``offset`` are compared with the part's tail, not written (see
         :meth:`Part.append`). In durable mode ``meta`` (with this boot's id; its
-        ``committed`` is the count known to be fsynced) is written as the sidecar; in plain
+        ``committed`` is the count known to be fsynced) is written as the sidecar (for a
+        fresh body of at most :data:`LAZY_SIDECAR_MAX` bytes only once it is interrupted or
+        checkpointed: complete, it is promoted without ever having one); in plain
         mode any sidecar is removed. Raises :class:`UnsafePathError` for a planted
         symlink, ``ValueError`` when the part is shorter than ``offset``.
         """
@@ -672,12 +679,16 @@ class PartStore:
             fd = _open_nofollow(paths.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         if not self.durable:
             meta = None
-        elif meta is not None:
-            meta = attrs.evolve(meta, committed=min(meta.committed, offset), boot_id=boot_id())
-            _write_sidecar(paths.sidecar, meta, durable=False)  # its count is already on disk
         remaining = None if expected_size is None else expected_size - offset
-        return Part(self, paths, fd, digest, offset, meta, threaded_hash=remaining is None or remaining >= THREADED_HASH_MIN,
+        lazy = offset == 0 and remaining is not None and remaining <= LAZY_SIDECAR_MAX
+        if meta is not None:
+            meta = attrs.evolve(meta, committed=min(meta.committed, offset), boot_id=boot_id())
+            if not lazy:
+                _write_sidecar(paths.sidecar, meta, durable=False)  # its count is already on disk
+        part = Part(self, paths, fd, digest, offset, meta, threaded_hash=remaining is None or remaining >= THREADED_HASH_MIN,
                     overlap=overlap)
+        part.sidecar_on_disk = meta is not None and not lazy
+        return part
 
     def _forget_sidecar(self, paths: StagePaths) -> None:
         """Remove a sidecar that describes bytes about to be overwritten (durably, in durable mode)."""
