@@ -162,11 +162,13 @@ class Committer:
                     slot.error = exc
             finally:
                 self.batches.append(len(batch))
+                _all_batches.append(len(batch))
                 for slot in batch:
                     slot.done.set()
 
 
 _committers: dict[Any, Committer] = {}
+_all_batches: list[int] = []  # every committer's batch sizes, in the order committed
 _committers_lock = threading.Lock()
 
 
@@ -180,14 +182,14 @@ def committer(key: Any, commit: Callable[[Sequence[Any]], Sequence[Any]]) -> Com
 
 
 def commit_batches() -> list[int]:
-    """The size of every batch the committers of this process committed, oldest first (per committer)."""
-    with _committers_lock:
-        return [size for found in _committers.values() for size in found.batches]
+    """The size of every batch the committers of this process committed, oldest first."""
+    return list(_all_batches)
 
 
 def _forget_committers() -> None:
     global _committers_lock
-    _committers.clear()  # a forked child has none of its parent's threads
+    _committers.clear()  # a forked child has none of its parent's threads, nor their batches
+    _all_batches.clear()
     _committers_lock = threading.Lock()
 
 
