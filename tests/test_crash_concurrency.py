@@ -17,10 +17,11 @@ import pytest
 
 from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
 from contentdownload.testing.server import Fault
+from helpers import cli_env
 
 pytestmark = pytest.mark.slow
 
-CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
+CLEAN_ENV = cli_env()
 
 
 def _start(jobs: Path, out: Path, *extra: str) -> subprocess.Popen:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from contentdownload.testing.server import Fault
-from helpers import run_cli
+from helpers import cli_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -203,7 +203,7 @@ def test_sigint_keeps_parts_and_a_valid_manifest_then_rerun_completes(server, tm
     jobs = tmp_path / "jobs.txt"
     jobs.write_text("".join(server.url(p) + "\n" for p in [*files, *(f"/small/s{i}.bin" for i in range(20))]))
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
+    env = cli_env()
     proc = subprocess.Popen([sys.executable, "-m", "contentdownload", "run", str(jobs), "--out", str(out), "--no-progress", "--workers", "4"],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

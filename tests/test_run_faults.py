@@ -21,6 +21,7 @@ from contentdownload.jobs.inputs import read_jobs
 from contentdownload.machinery.flags import FlagLayer
 from contentdownload.machinery.runtime import Runtime
 from contentdownload.testing.server import Fault
+from helpers import cli_env
 
 
 class FaultyStore:
@@ -132,7 +133,7 @@ def test_a_signal_stops_a_read_blocked_on_a_stalled_server(server, tmp_path, sig
     jobs = tmp_path / "jobs.txt"
     jobs.write_text(server.url("/slow.bin") + "\n")
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
+    env = cli_env()
     proc = subprocess.Popen([sys.executable, "-m", "contentdownload", "run", str(jobs), "--out", str(out), "--no-progress"],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
