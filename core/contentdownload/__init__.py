@@ -17,21 +17,6 @@ from contentdownload.errors import (  # noqa: E402
     UnknownPluginError,
     UsageError,
 )
-from contentdownload.hooks.specs import HOOKSPEC_VERSION, hookimpl  # noqa: E402
-from contentdownload.hooks.model import (  # noqa: E402
-    FinalizeContext,
-    FinalizeResult,
-    Job,
-    JobKey,
-    JobKeyContext,
-    JobResult,
-    ResumeContext,
-    ResumeDecision,
-    StreamContext,
-    StreamResult,
-)
-from contentdownload.machinery.runtime import Runtime, explain, integration_status  # noqa: E402
-
 __all__ = [
     "__version__",
     "Downloader",
@@ -61,10 +46,27 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The Downloader pulls in the HTTP stack; import it on first use only.
-    if name == "Downloader":
-        from contentdownload.jobs.downloader import Downloader
+#: Where each public name lives; imported on first use, so the command line starts fast.
+_LAZY = {
+    "Downloader": "contentdownload.jobs.downloader",
+    "HOOKSPEC_VERSION": "contentdownload.hooks.specs",
+    "hookimpl": "contentdownload.hooks.specs",
+    **dict.fromkeys(("FinalizeContext", "FinalizeResult", "Job", "JobKey", "JobKeyContext", "JobResult", "ResumeContext",
+                     "ResumeDecision", "StreamContext", "StreamResult"), "contentdownload.hooks.model"),
+    **dict.fromkeys(("Runtime", "explain", "integration_status"), "contentdownload.machinery.runtime"),
+}
 
-        return Downloader
-    raise AttributeError(f"module 'contentdownload' has no attribute {name!r}")
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'contentdownload' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -21,6 +21,7 @@ Every decision carries a ``reason`` and is logged as ``streaming_resume_decision
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
@@ -117,7 +118,8 @@ def decide(ctx: ResumeContext) -> ResumeDecision:
     part_size = PartStore.part_size(paths)
 
     if part_size is None:
-        drop_part(paths)  # an orphan sidecar (a crash right after a finalize)
+        if os.path.lexists(paths.sidecar):
+            drop_part(paths)  # an orphan sidecar (a crash right after a finalize)
         revalidate = _revalidation(ctx, "finished_file_matches_record")
         if revalidate is not None:
             return revalidate

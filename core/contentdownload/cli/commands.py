@@ -29,6 +29,8 @@ RUN_FLAGS = {
     "max": "max_jobs",
     "workers": "workers",
     "per_host": "per_host",
+    "processes": "processes",
+    "durability": "durability",
     "db": "db",
     "max_bytes": "max_bytes",
     "retries": "retries",
@@ -293,6 +295,12 @@ def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max", type=int, metavar="N", help="only the first N jobs")
     p.add_argument("--workers", type=int, metavar="N", help="concurrent transfers (default 4)")
     p.add_argument("--per-host", type=int, metavar="N", help="concurrent transfers per host (default 4)")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="worker processes sharing the job store, each with --workers threads (default: one per core, "
+                        "each with at least 256 jobs)")
+    p.add_argument("--durability", choices=("file", "batch", "none"),
+                   help="file: fsync each file and its folder; batch (default): the same, with one folder fsync for the "
+                        "files finishing together; none: no fsync (survives a crash of the process, not of the machine)")
     p.add_argument("--resume-from", metavar="MANIFEST", help="an earlier manifest: what is done, and the validators to send")
     p.add_argument("--db", metavar="URL", help="job store: sqlite:///path or postgresql://... (default: SQLite in DIR/.contentdownload)")
     add_request_options(p)

@@ -11,14 +11,15 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from contentdownload.version import __version__
 from contentdownload.errors import ContentDownloadError, DiskError, PluginLoadError, UsageError
 from contentdownload.machinery.flags import FlagLayer, parse_pin, parse_ratio
-from contentdownload.machinery.runtime import Runtime
-from contentdownload.records.log import log_traceback
 from contentdownload.transfer.urls import redact_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from contentdownload.machinery.runtime import Runtime
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -93,6 +94,8 @@ def cli_layer(args: argparse.Namespace) -> FlagLayer:
 
 
 def runtime_from_args(args: argparse.Namespace, run_overrides: dict | None = None) -> Runtime:
+    from contentdownload.machinery.runtime import Runtime
+
     return Runtime.from_options(config_path=args.config, cli=cli_layer(args), run_overrides=run_overrides)
 
 
@@ -239,6 +242,8 @@ def _guarded(args: argparse.Namespace) -> int:
 
 def _unexpected(exc: Exception) -> int:
     """An error nobody expected: one line on stderr, the traceback to the log file only."""
+    from contentdownload.records.log import log_traceback
+
     log_traceback("unexpected error", exc)
     print(f"contentdownload: error: unexpected {type(exc).__name__}: {redact_text(str(exc))[:300]}", file=sys.stderr)
     return EXIT_USAGE

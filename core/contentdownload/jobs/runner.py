@@ -2,7 +2,8 @@
 
 The run plans the list into the job store, then worker threads claim jobs one at a
 time (with leases when idempotency is on, so several processes or machines can share a
-store) and process them. Every outcome becomes one manifest row; the metrics file is
+store) and process them; on a persistent store, in several processes forked after
+planning (:mod:`~contentdownload.jobs.processes`). Every outcome becomes one manifest row; the metrics file is
 written at the end, also when jobs failed or the run was interrupted.
 """
 
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from contentdownload.errors import Cancelled, DamagedStoreError, DiskError, DiskIOError, LeaseLostError, StoreError, StoreUnavailableError
+from contentdownload.transfer import durability
 from contentdownload.transfer.http import HttpClient
 from contentdownload.transfer.options import client_options
 from contentdownload.jobs.inputs import BadLine
@@ -32,10 +34,12 @@ from contentdownload.records.manifest import ManifestWriter, read_manifest
 from contentdownload.records.metrics import DECISION_EVENT, build_metrics, previous_totals, with_folder_totals, write_metrics
 from contentdownload.hooks.model import Job, JobResult, TransferOptions
 from contentdownload.jobs.pipeline import Pipeline
+from contentdownload.jobs.processes import Channel, Children, process_count
 from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining, finished_elsewhere
 from contentdownload.jobs.rebuild import damaged, rebuild_from_manifest
 from contentdownload.cli.progress import Progress
 from contentdownload.store import open_store
+from contentdownload.store.memory import MemoryStore
 from contentdownload.transfer.urls import redact_url
 from contentdownload.jobs.worker import JobWorker, log_outcome, make_owner
 from contentdownload.jobs.workspace import Workspace
@@ -172,12 +176,20 @@ class Run:
         self._disk_failed: set[str] = set()  # job keys stopped by the disk: left for a rerun
         self._record_errors: list[str] = []
         self._http: HttpClient | None = None
+        self._children: Children | None = None  # the worker processes this one forked
+        self._channel: Channel | None = None  # in a forked worker process: the pipe to the parent
+        self._sent = 0  # results already sent to the parent
+        self._per_host = self.settings.per_host  # this process's share of --per-host
+        self._child_decisions = 0  # decision lines the worker processes logged
+        self._by_process: dict[int, int] = {}  # pid -> jobs it ended after planning
+        self._batches: list[int] = []  # sizes of the commit batches of the worker processes
 
     # -- entry point ----------------------------------------------------------------
 
     def execute(self) -> RunReport:
         started = time.monotonic()
         decisions_before = EVENTS.get(DECISION_EVENT)
+        self._batches_before = len(durability.commit_batches())
         jobs = [e for e in self.entries if isinstance(e, Job)][: self.settings.max_jobs]
         store = self.store_factory(self.runtime, self.ws)
         manifest = ManifestWriter(self.ws.manifest)
@@ -237,14 +249,31 @@ class Run:
         return plan
 
     def _drive(self, plan: Plan, store: Any, http: HttpClient) -> None:
-        """Run the worker threads over the plan until it is done, the run is interrupted or the store is lost."""
+        """Fork the worker processes (see :mod:`~contentdownload.jobs.processes`), work, and wait for them."""
+        count = process_count(self.settings.processes, len(plan.items), shared_store=self.leasing and not isinstance(store, MemoryStore))
+        self._per_host = max(1, self.settings.per_host // count)  # --per-host counts for all processes together
+        if count > 1:
+            self._children = Children()
+            self._children.fork(count - 1, lambda channel: self._child(channel, plan), self._on_child_message)
+            log.info("worker_processes_started", processes=count, pids=[os.getpid(), *self._children.pids])
+        self._by_process = {os.getpid(): 0, **dict.fromkeys(self._children.pids if self._children else (), 0)}
+        before = len(self._results)
+        self._drive_threads(plan, store, http)
+        if self._children is not None:
+            self._children.wait()
+        with self._lock:
+            self._by_process[os.getpid()] = len(self._results) - before - sum(self._by_process.values())
+        self._progress.close()
+
+    def _drive_threads(self, plan: Plan, store: Any, http: HttpClient) -> None:
+        """Run this process's worker threads over the plan until it is done, the run is interrupted or the store is lost."""
         options = transfer_options(self.settings)
         worker = JobWorker(
             self.runtime,
             Pipeline(self.runtime, http, options, retries=self.settings.retries, backoff_factor=self.settings.backoff_factor),
             store, self.ws, options,
             owner=self.owner, lease_ttl=self.settings.lease_ttl, leasing=self.leasing, cancel=self.cancel,
-            host_gate=HostGate(self.settings.per_host),
+            host_gate=HostGate(self._per_host),
             progress=lambda item: self._progress.job(item.key.key, item.relative_path, item.job.size),
             on_result=lambda result: self._emit(result, self.leasing),
         )
@@ -258,7 +287,71 @@ class Run:
         for t in threads:
             while t.is_alive():
                 t.join(timeout=0.2)
-        self._progress.close()
+                self._send_results()
+
+    # -- worker processes -----------------------------------------------------------
+
+    def _child(self, channel: Channel, plan: Plan) -> None:
+        """A forked worker process: its own store connection, client, manifest writer and lease owner; reports to the parent."""
+        self._channel, self._children = channel, None
+        self._results, self._ended, self._sent = [], set(), 0
+        self.owner = make_owner()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_child_signal)
+        telemetry_before, decisions_before = self.runtime.telemetry.state(), EVENTS.get(DECISION_EVENT)
+        self._batches_before = 0  # a forked process starts with no committer
+        store = self.store_factory(self.runtime, self.ws)
+        manifest = ManifestWriter(self.ws.manifest)
+        self._ledger = ManifestLedger(store, manifest, self.run_id, self.ws.out)
+        self._http = http = make_http(self.settings)
+        self._progress = Progress(total=0, enabled=False)
+        try:
+            self._drive_threads(plan, store, http)
+        finally:
+            manifest.close()
+            store.close()
+            http.close()
+            self._send_results()
+            channel.send(("done", os.getpid(), {"telemetry": (self.runtime.telemetry.state(), telemetry_before),
+                                   "decisions": EVENTS.get(DECISION_EVENT) - decisions_before, "store_error": self._store_error,
+                                   "batches": durability.commit_batches()}))
+
+    def _send_results(self) -> None:
+        """In a worker process: send the results not sent yet to the parent."""
+        if self._channel is None:
+            return
+        with self._lock:
+            batch, self._sent = self._results[self._sent:], len(self._results)
+        if batch:
+            self._channel.send(("results", os.getpid(), batch))
+
+    def _on_child_message(self, message: tuple[str, int, Any]) -> None:
+        """In the parent: count a worker process's results, hook counters and store error as this run's."""
+        kind, pid, body = message
+        if kind == "results":
+            with self._lock:
+                self._results.extend(body)
+                self._by_process[pid] = self._by_process.get(pid, 0) + len(body)
+                self._ended.update(r.job_key for r in body if r.job_key)
+            self._progress.done_many(body)
+            self._progress.bytes(sum(r.bytes_downloaded for r in body))
+        elif kind == "done":
+            self.runtime.telemetry.merge(*body["telemetry"])
+            with self._lock:
+                self._child_decisions += body["decisions"]
+                self._batches.extend(body["batches"])
+                self._store_error = self._store_error or body["store_error"]
+            if body["store_error"]:
+                self.cancel.set()
+        else:
+            log.error("a worker process failed; its jobs are left for a rerun", pid=pid, error=body)
+
+    def _on_child_signal(self, signum: int, frame: Any) -> None:
+        """In a worker process: stop as the parent does (the parent alone answers a second signal)."""
+        self._signal = signum
+        self.cancel.set()
+        if self._http is not None:
+            self._http.abort()
 
     # -- the end: what is left, metrics, exit code ----------------------------------
 
@@ -296,14 +389,21 @@ class Run:
     def _metrics(self, store: Any, started: float, decisions_before: int, *, planned: int, left: int) -> dict:
         return build_metrics(
             self._results, self.runtime.telemetry, run_id=self.run_id, elapsed_s=time.monotonic() - started,
-            decisions_logged=EVENTS.get(DECISION_EVENT) - decisions_before,
+            decisions_logged=EVENTS.get(DECISION_EVENT) - decisions_before + self._child_decisions,
             extra={"interrupted": self._signal is not None, "store": redact_url(store.url) if hasattr(store, "url") else None,
                    "idempotency": self.runtime.policy.idempotency.enabled,
                    "streaming_schema": self.runtime.policy.streaming_schema.enabled,
+                   "durability": self.settings.durability, "commit_batches": self._commit_batches(),
+                   "processes": max(1, len(self._by_process)), "jobs_per_process": sorted(self._by_process.values(), reverse=True),
                    "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
                    "store_error": self._store_error, "disk_error": self._disk_error.reason if self._disk_error else None,
                    "throttled_hosts": self._http.pacer.throttled() if self._http is not None else {}},
         )
+
+    def _commit_batches(self) -> dict:
+        """How many commit batches promoted files at durability ``batch``, and how large they were."""
+        sizes = durability.commit_batches()[self._batches_before:] + self._batches
+        return {"count": len(sizes), "files": sum(sizes), "largest": max(sizes, default=0)}
 
     def _exit_code(self, left: int) -> int:
         if self._signal is not None:
@@ -468,5 +568,7 @@ class Run:
         sys.stderr.write("contentdownload: interrupted, saving state (send it again to stop at once)\n")
         sys.stderr.flush()
         self.cancel.set()
+        if self._children is not None:
+            self._children.signal(signum)
         if self._http is not None:
             self._http.abort()

@@ -32,6 +32,7 @@ from contentdownload.transfer.urls import redact_url
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, TransferOptions
 from contentdownload.jobs.workspace import Workspace
+from contentdownload.transfer import durability
 from contentdownload.transfer.parts import PartStore, PromoteRequest
 
 log = get_logger(__name__)
@@ -224,7 +225,11 @@ class JobWorker:
     # -- one job --------------------------------------------------------------------
 
     def process(self, item: WorkItem) -> JobResult:
-        """Run one job to a result and record it in the store. Raises ``Cancelled`` and ``LeaseLostError``."""
+        """Run one job to a result and record it in the store, at the run's durability. Raises ``Cancelled`` and ``LeaseLostError``."""
+        with durability.using(self.runtime.settings.durability):
+            return self._process(item)
+
+    def _process(self, item: WorkItem) -> JobResult:
         key = item.key.key
         lease: Lease = StoreLease(self.store, key, item.epoch or 0, self.owner, self.lease_ttl) if self.leasing else NO_LEASE
         if self.leasing:

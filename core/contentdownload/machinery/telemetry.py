@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import Mapping
 
 import attrs
 
@@ -63,6 +64,21 @@ class Telemetry:
                     stats.declined += 1
                 else:
                     stats.errors += 1
+
+    def state(self) -> dict[tuple[str, str], tuple[int, ...]]:
+        """The raw counters per (hook, plugin), for another process to :meth:`merge`."""
+        with self._lock:
+            return {pair: attrs.astuple(stats) for pair, stats in self._per_plugin.items()}
+
+    def merge(self, state: Mapping[tuple[str, str], tuple[int, ...]], minus: Mapping[tuple[str, str], tuple[int, ...]] | None = None) -> None:
+        """Add another process's counters (``state`` less what it had already counted, ``minus``)."""
+        with self._lock:
+            for (hook, plugin), values in state.items():
+                before = (minus or {}).get((hook, plugin), (0,) * len(values))
+                delta = [v - b for v, b in zip(values, before)]
+                for stats in (self._per_plugin[(hook, plugin)], self._per_hook[hook]):
+                    for field, d in zip(attrs.fields(HookStats), delta):
+                        setattr(stats, field.name, getattr(stats, field.name) + d)
 
     def snapshot(self) -> dict:
         """``{hook: {"total": {...}, "plugins": {name: {...}}}}`` for every hook."""

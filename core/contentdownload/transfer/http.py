@@ -375,6 +375,19 @@ class SafeSession(requests.Session):
     (``rebuild_auth``/``should_strip_auth``); this class adds the scheme check.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._environment: dict[tuple, dict] = {}
+
+    def merge_environment_settings(self, url: str, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict:
+        """requests' merge of ``HTTP(S)_PROXY``/``NO_PROXY`` and the CA variables, read once per origin instead of per request."""
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc.rpartition("@")[2].lower(), tuple(sorted((proxies or {}).items())), stream, verify, cert)
+        found = self._environment.get(key)
+        if found is None:
+            found = self._environment[key] = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        return dict(found, proxies=dict(found["proxies"]))
+
     def get_redirect_target(self, resp: requests.Response) -> str | None:
         """The redirect target, or raise :class:`UnsafeRedirectError` when it is not http(s)."""
         location = super().get_redirect_target(resp)

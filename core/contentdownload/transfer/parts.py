@@ -46,7 +46,7 @@ from contentdownload.clock import boot_id
 from contentdownload.errors import Cancelled, DiskError, LeaseLostError, StagingError, UnsafePathError, UsageError
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
 from contentdownload.records.log import get_logger
-from contentdownload.transfer import content
+from contentdownload.transfer import content, durability
 from contentdownload.transfer.blocks import BufferPool, Hasher, Stage, start_writeback, write_all
 from contentdownload.transfer.digests import BodyHasher, ServerDigest
 from contentdownload.transfer.urls import identity_url, redact_url
@@ -67,6 +67,9 @@ THREADED_HASH_MIN = 8 << 20
 WRITEBACK_EVERY = 8 << 20
 #: Size of the buffers :meth:`Part.receive` reads a ``readinto`` source into.
 DEFAULT_BLOCK = 256 << 10
+#: A fresh body no longer than this (one read block) gets its sidecar only when it is interrupted:
+#: complete, it is promoted at once; killed before that, it is fetched again.
+LAZY_SIDECAR_MAX = 64 << 10
 
 # -- test hooks -------------------------------------------------------------------------
 
@@ -175,7 +178,7 @@ def _write_sidecar(path: Path, sidecar: Sidecar, durable: bool) -> None:
         fh.write(data)
         if durable:
             fh.flush()
-            os.fsync(fh.fileno())
+            durability.current().sync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -196,18 +199,9 @@ def _open_nofollow(path: Path, flags: int) -> int:
         raise
 
 
-def fsync_directory(path: Path) -> None:
-    """fsync a folder so the names created or renamed in it are durable (a no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a folder
-    finally:
-        os.close(fd)
+def fsync_directory(path: Path, level: durability.Durability | None = None) -> None:
+    """fsync a folder so the names created or renamed in it are durable (a no-op where unsupported, or at durability ``none``)."""
+    (level or durability.current()).sync_folder(path)
 
 
 def _kind(path: Path) -> str:
@@ -240,7 +234,7 @@ def _check_final(final: Path) -> None:
         raise UnsafePathError(f"final path {final} is a folder", "final_path_is_folder")
 
 
-def _make_parents(folder: Path, root: Path | None, durable: bool) -> None:
+def _make_parents(folder: Path, root: Path | None, durable: bool, level: durability.Durability) -> None:
     """Create ``folder`` below ``root`` one level at a time, refusing any symlink on the way."""
     if root is None or (folder != root and root not in folder.parents):
         chain = [folder]
@@ -255,7 +249,7 @@ def _make_parents(folder: Path, root: Path | None, durable: bool) -> None:
                 pass
             kind = _kind(current)
             if durable:
-                fsync_directory(current.parent)
+                fsync_directory(current.parent, level)
         if kind == "link":
             raise UnsafePathError(f"folder {current} of a final path is a symlink: refusing to write through it", "parent_is_symlink")
         if kind != "folder":
@@ -305,6 +299,8 @@ class Part:
         self.hasher = Hasher(digest, threaded_hash)
         self._writer: Stage | None = None
         self._checkpoint: threading.Thread | None = None
+        self.durability = durability.current()  # also for the checkpoints' threads
+        self.sidecar_on_disk = False
         self._checkpoint_error: BaseException | None = None
 
     @property
@@ -456,9 +452,10 @@ class Part:
         try:
             if durable:
                 assert self.fd is not None
-                os.fdatasync(self.fd)
+                self.durability.sync(self.fd)
             assert self.meta is not None
             _write_sidecar(self.paths.sidecar, attrs.evolve(self.meta, committed=position), durable)
+            self.sidecar_on_disk = True
         except BaseException as exc:  # reported by _raise_checkpoint_error
             self._checkpoint_error = exc
 
@@ -485,7 +482,7 @@ class Part:
         self._wait_checkpoint()
         digest = self.hasher.hexdigest() if sha else (self.hasher.stop(), None)[1]
         if not self.closed:
-            if commit and self.meta is not None and self.store.durable:
+            if commit and self.meta is not None and self.store.durable and self.sidecar_on_disk:
                 self._sync(self.position, durable=False)
             self._close_fd()
         self._raise_checkpoint_error()
@@ -687,7 +684,9 @@ class PartStore:
         continued at an offset expects the body to start at :func:`~contentdownload.transfer.validators.resume_start` ``(offset)``:
         the bytes before ``offset`` are compared with the part's tail, not written (see
         :meth:`Part.append`). In durable mode ``meta`` (with this boot's id; its
-        ``committed`` is the count known to be fsynced) is written as the sidecar; in plain
+        ``committed`` is the count known to be fsynced) is written as the sidecar (for a
+        fresh body of at most :data:`LAZY_SIDECAR_MAX` bytes only once it is interrupted or
+        checkpointed: complete, it is promoted without ever having one); in plain
         mode any sidecar is removed. Raises :class:`UnsafePathError` for a planted
         symlink, ``ValueError`` when the part is shorter than ``offset``.
         """
@@ -708,12 +707,16 @@ class PartStore:
             fd = _open_nofollow(paths.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         if not self.durable:
             meta = None
-        elif meta is not None:
-            meta = attrs.evolve(meta, committed=min(meta.committed, offset), boot_id=boot_id())
-            _write_sidecar(paths.sidecar, meta, durable=False)  # its count is already on disk
         remaining = None if expected_size is None else expected_size - offset
-        return Part(self, paths, fd, digest, offset, meta, threaded_hash=remaining is None or remaining >= THREADED_HASH_MIN,
+        lazy = offset == 0 and remaining is not None and remaining <= LAZY_SIDECAR_MAX
+        if meta is not None:
+            meta = attrs.evolve(meta, committed=min(meta.committed, offset), boot_id=boot_id())
+            if not lazy:
+                _write_sidecar(paths.sidecar, meta, durable=False)  # its count is already on disk
+        part = Part(self, paths, fd, digest, offset, meta, threaded_hash=remaining is None or remaining >= THREADED_HASH_MIN,
                     overlap=overlap)
+        part.sidecar_on_disk = meta is not None and not lazy
+        return part
 
     def _forget_sidecar(self, paths: StagePaths) -> None:
         """Remove a sidecar that describes bytes about to be overwritten (durably, in durable mode)."""
@@ -834,36 +837,50 @@ class PartStore:
     def promote(self, request: PromoteRequest) -> FinalizeResult:
         """Check, fence and rename one part to its final path (see :meth:`promote_many`).
 
-        Raises :class:`~contentdownload.errors.LeaseLostError` when the job was taken over.
+        The checks and the part's fsync run in the caller's thread; at durability
+        ``batch`` (durable mode) the rename and the folder's fsync are the staging
+        folder's committer's, shared with the jobs finishing at the same time
+        (:mod:`~contentdownload.transfer.durability`). Raises
+        :class:`~contentdownload.errors.LeaseLostError` when the job was taken over.
         """
-        [promotion] = self._promote_all([request])
+        promotion = self._verify(request)
+        level = durability.current()
+        if not promotion.reason and self.durable and level.level == "batch":
+            durability.committer((self.staging, self.root), lambda ready: self._commit(ready, level)).submit(promotion)
+        elif not promotion.reason:
+            self._commit([promotion], level)
         if promotion.error is not None:
             raise promotion.error
-        return promotion.result(self.durable)
+        return promotion.result(self.durable and level.syncs)
 
     def promote_many(self, requests: Iterable[PromoteRequest]) -> list[FinalizeResult]:
         """Promote many parts: check each, make them durable together, rename each, fsync each folder once.
 
         One result per request, in order; a part whose lease was lost gets ``lease_lost``.
         """
-        return [p.result(self.durable) if p.error is None else FinalizeResult(ok=False, size=p.size, sha256=p.sha256, reason="lease_lost")
+        durable = self.durable and durability.current().syncs
+        return [p.result(durable) if p.error is None else FinalizeResult(ok=False, size=p.size, sha256=p.sha256, reason="lease_lost")
                 for p in self._promote_all(list(requests))]
 
     def _promote_all(self, requests: list[PromoteRequest]) -> list[_Promotion]:
         promotions = [self._verify(request) for request in requests]
-        ready = [p for p in promotions if not p.reason]
+        self._commit([p for p in promotions if not p.reason], durability.current())
+        return promotions
+
+    def _commit(self, ready: list[_Promotion], level: durability.Durability) -> list[_Promotion]:
+        """Rename each verified part (fenced), fsync each folder once (durable mode), drop the sidecars."""
         folders: dict[Path, None] = {}
         for promotion in ready:
-            if self._rename(promotion):
+            if self._rename(promotion, level):
                 folders[promotion.request.paths.final.parent] = None
         if self.durable:
             for folder in folders:
-                fsync_directory(folder)
+                fsync_directory(folder, level)
         for promotion in ready:
             if not promotion.reason:
                 _remove_sidecar(promotion.request.paths.sidecar)
-                log.info("promoted", final=str(promotion.request.paths.final), size=promotion.size, sha256=promotion.sha256)
-        return promotions
+                log.debug("promoted", final=str(promotion.request.paths.final), size=promotion.size, sha256=promotion.sha256)
+        return ready
 
     def _verify(self, request: PromoteRequest) -> _Promotion:
         """Size, SHA-256, server digests and content type against the transfer and the job; a mismatch discards the part. Durable: fsync."""
@@ -883,7 +900,7 @@ class PartStore:
                 promotion.sha256 = request.sha256 or _sha256_of(fd)
                 promotion.reason = _content_problem(fd, request, promotion)
             if not promotion.reason and self.durable:
-                os.fsync(fd)
+                durability.current().sync(fd)
         finally:
             os.close(fd)
         if promotion.reason:
@@ -899,12 +916,12 @@ class PartStore:
             return "size_mismatch"
         return ""
 
-    def _rename(self, promotion: _Promotion) -> bool:
+    def _rename(self, promotion: _Promotion, level: durability.Durability) -> bool:
         """The fenced rename: parents checked, lease asserted, then rename from the epoch's own part path."""
         request = promotion.request
         paths = request.paths
         try:
-            _make_parents(paths.final.parent, self.root, self.durable)
+            _make_parents(paths.final.parent, self.root, self.durable, level)
             _check_final(paths.final)
         except UnsafePathError as exc:
             log.error("final path refused", final=str(paths.final), reason=exc.reason, error=str(exc))

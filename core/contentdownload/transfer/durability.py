@@ -1,0 +1,197 @@
+"""How durable the part store makes a finished file: ``--durability file|batch|none``.
+
+What each survives:
+
+- ``file``: every part is fsynced before its rename and its folder after it, one job at
+  a time. A job the store records finished has its file on disk through a crash of the
+  process or of the machine (power cut).
+- ``batch`` (the default): the same guarantee and the same order (the part durable, then
+  the rename, then the folder durable, then the record), but the renames of jobs that
+  finish together are done by one committer per staging folder, which fsyncs each
+  folder once for the whole batch instead of once per file (group commit: a batch is
+  whatever waits while the previous one is written, up to :data:`MAX_BATCH`). The
+  parts themselves are fsynced by the workers, in parallel.
+- ``none``: nothing is fsynced (parts, sidecars, folders). Survives a crash of the
+  process (the kernel still writes what it was given), not of the machine: after a
+  power cut a file recorded finished may be empty, short or missing; the next run's
+  check of every finished file (size and mtime, else SHA-256) then fetches it again.
+  Checkpoints do not make resume offsets durable either, so a part resumes from what
+  the sidecar recorded in this boot.
+
+The level is per thread (:func:`using`; the job worker sets it for each job), the sync
+function per process (:func:`set_fsync`, which is how the tests count fsyncs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import attrs
+
+LEVELS: tuple[str, ...] = ("file", "batch", "none")
+DEFAULT = "batch"
+#: The most promotions one batch holds.
+MAX_BATCH = 256
+
+
+_fsync: Callable[[int], None] | None = None  # None: os.fsync, looked up at each call
+
+
+def set_fsync(fsync: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """Replace the function every level uses to make a descriptor durable (``None``: ``os.fsync``); returns the previous one."""
+    global _fsync
+    previous, _fsync = _fsync, fsync
+    return previous
+
+
+def _sync(fd: int) -> None:
+    (_fsync or os.fsync)(fd)
+
+
+@attrs.frozen
+class Durability:
+    """A level: whether and how the part store makes files durable."""
+
+    level: str = DEFAULT
+
+    def __attrs_post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"unknown durability {self.level!r}: use file, batch or none")
+
+    @property
+    def syncs(self) -> bool:
+        return self.level != "none"
+
+    def sync(self, fd: int) -> None:
+        """Make the file ``fd`` durable (nothing at level ``none``)."""
+        if self.syncs:
+            _sync(fd)
+
+    def sync_folder(self, path: Path) -> None:
+        """Make the names in the folder ``path`` durable (a no-op where a folder cannot be fsynced)."""
+        if not self.syncs:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return
+        try:
+            _sync(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a folder
+        finally:
+            os.close(fd)
+
+
+_current: contextvars.ContextVar[Durability] = contextvars.ContextVar("contentdownload_durability", default=Durability())
+
+
+def current() -> Durability:
+    """The level in force in this thread (set by :func:`using`; ``batch`` where none was set)."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def using(level: str) -> Iterator[Durability]:
+    """``level`` in force in this thread inside the block."""
+    token = _current.set(Durability(level))
+    try:
+        yield _current.get()
+    finally:
+        _current.reset(token)
+
+
+class _Slot:
+    __slots__ = ("item", "done", "result", "error")
+
+    def __init__(self, item: Any):
+        self.item, self.done, self.result, self.error = item, threading.Event(), None, None
+
+
+class Committer:
+    """Runs ``commit(items)`` for items submitted by many threads, in batches (group commit).
+
+    :meth:`submit` blocks until its item's batch is committed and returns its result (or
+    raises what the batch raised). A batch is every item waiting when the committer is
+    free, up to ``max_batch``; ``window`` seconds (default 0) it may wait for more.
+    """
+
+    def __init__(self, commit: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = MAX_BATCH, window: float = 0.0):
+        self.commit, self.max_batch, self.window = commit, max_batch, window
+        self._queue: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches: list[int] = []  # the size of each batch committed (for metrics and tests)
+
+    def submit(self, item: Any) -> Any:
+        slot = _Slot(item)
+        self._queue.put(slot)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="contentdownload-committer", daemon=True)
+                self._thread.start()
+        slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    def _take(self) -> list[_Slot]:
+        batch = [self._queue.get()]
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._queue.get(timeout=self.window) if self.window > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            try:
+                results = self.commit([slot.item for slot in batch])
+                for slot, result in zip(batch, results):
+                    slot.result = result
+            except BaseException as exc:  # every job of the batch sees what went wrong
+                for slot in batch:
+                    slot.error = exc
+            finally:
+                self.batches.append(len(batch))
+                _all_batches.append(len(batch))
+                for slot in batch:
+                    slot.done.set()
+
+
+_committers: dict[Any, Committer] = {}
+_all_batches: list[int] = []  # every committer's batch sizes, in the order committed
+_committers_lock = threading.Lock()
+
+
+def committer(key: Any, commit: Callable[[Sequence[Any]], Sequence[Any]]) -> Committer:
+    """The committer of ``key`` (a staging folder) in this process."""
+    with _committers_lock:
+        found = _committers.get(key)
+        if found is None:
+            found = _committers[key] = Committer(commit)
+        return found
+
+
+def commit_batches() -> list[int]:
+    """The size of every batch the committers of this process committed, oldest first."""
+    return list(_all_batches)
+
+
+def _forget_committers() -> None:
+    global _committers_lock
+    _committers.clear()  # a forked child has none of its parent's threads, nor their batches
+    _all_batches.clear()
+    _committers_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_committers)

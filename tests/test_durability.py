@@ -1,0 +1,90 @@
+"""``--durability file|batch|none``: what the part store fsyncs at each level, counted through the injectable sync function."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from contentdownload.transfer import durability
+from helpers import cli_env
+
+COUNT_FSYNCS = textwrap.dedent("""
+    import atexit, json, os, stat, sys
+    from contentdownload.transfer import durability
+    counts = {"file": 0, "folder": 0}
+    def counting(fd):
+        counts["folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"] += 1
+        os.fsync(fd)
+    durability.set_fsync(counting)
+    report = sys.argv.pop(1)
+    atexit.register(lambda: open(report, "w").write(json.dumps(counts)))
+    from contentdownload.cli.parser import main
+    sys.argv[0] = "contentdownload"
+    raise SystemExit(main())
+""")
+
+
+def _run_counting(tmp_path, jobs, level):
+    import subprocess
+
+    wrapper, report, out = tmp_path / "count_fsyncs.py", tmp_path / f"fsyncs-{level}.json", tmp_path / f"out-{level}"
+    wrapper.write_text(COUNT_FSYNCS)
+    proc = subprocess.run([sys.executable, str(wrapper), str(report), "run", str(jobs), "--out", str(out), "--no-progress",
+                           "--workers", "8", "--per-host", "8", "--processes", "1", "--durability", level],
+                          env=cli_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "manifest.metrics.json").read_text())
+    assert metrics["outcomes"]["downloaded"] == 30 and metrics["durability"] == level
+    return json.loads(report.read_text()), metrics["commit_batches"]
+
+
+def test_each_durability_level_fsyncs_what_it_says(server, tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(server.add_file(f"/d{i}.pdf", b"%PDF-1.4\n" + os.urandom(3000)) + "\n" for i in range(30)))
+    per_file, file_batches = _run_counting(tmp_path, jobs, "file")
+    assert per_file == {"file": 30, "folder": 30} and file_batches["count"] == 0  # each part, then its folder, every time
+    batched, batches = _run_counting(tmp_path, jobs, "batch")
+    assert batched["file"] == 30  # every part still made durable before its rename
+    assert batches["files"] == 30 and batched["folder"] == batches["count"] <= 30  # one folder fsync per batch
+    nothing, _ = _run_counting(tmp_path, jobs, "none")
+    assert nothing == {"file": 0, "folder": 0}
+
+
+def test_the_committer_commits_what_waits_together_in_one_batch():
+    committed: list[list[int]] = []
+    committer = durability.Committer(lambda items: committed.append(list(items)) or items, max_batch=4, window=60.0)
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda i=i: results.append(committer.submit(i))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(committed) == 1 and sorted(committed[0]) == [0, 1, 2, 3]  # a full batch goes at once, not after the window
+    assert sorted(results) == [0, 1, 2, 3] and committer.batches == [4]
+
+
+def test_an_error_in_a_batch_reaches_every_job_of_it():
+    def failing(items):
+        raise OSError("disk gone")
+
+    committer = durability.Committer(failing)
+    with pytest.raises(OSError, match="disk gone"):
+        committer.submit("x")
+
+
+def test_the_level_is_per_thread_and_restored():
+    assert durability.current().level == "batch"
+    seen = []
+    with durability.using("none"):
+        assert not durability.current().syncs
+        t = threading.Thread(target=lambda: seen.append(durability.current().level))
+        t.start()
+        t.join()
+    assert seen == ["batch"] and durability.current().level == "batch"
+    with pytest.raises(ValueError):
+        durability.Durability("sometimes")
