@@ -100,6 +100,11 @@ class Progress:
             self.nbytes += n
             active.got += n
 
+    def add_other_bytes(self, n: int) -> None:
+        """Bytes a worker process streamed, counted when its results reach the parent."""
+        with self._lock:
+            self.nbytes += n
+
     def expect(self, active: _Active, size: int | None, start: int) -> None:
         with self._lock:
             active.got, active.size = start, size if size is not None else active.size

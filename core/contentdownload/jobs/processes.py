@@ -27,7 +27,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
-from contentdownload.records.log import get_logger
+from contentdownload.records.log import get_logger, log_traceback
 
 log = get_logger(__name__)
 
@@ -135,7 +135,10 @@ class Children:
         ended = False
         for message in _messages(fd):
             ended = ended or message[0] in ("done", "crashed")
-            on_message(message)
+            try:
+                on_message(message)
+            except Exception as exc:  # noqa: BLE001 (the pipe is drained whatever one message does; the child's exit is still awaited)
+                log_traceback("a worker process's message could not be taken", exc)
         _, status = os.waitpid(pid, 0)
         if not ended:
             log.error("a worker process ended without reporting; its leases expire on their own", pid=pid,

@@ -334,7 +334,7 @@ class Run:
                 self._by_process[pid] = self._by_process.get(pid, 0) + len(body)
                 self._ended.update(r.job_key for r in body if r.job_key)
             self._progress.done_many(body)
-            self._progress.bytes(sum(r.bytes_downloaded for r in body))
+            self._progress.add_other_bytes(sum(r.bytes_downloaded for r in body))
         elif kind == "done":
             self.runtime.telemetry.merge(*body["telemetry"])
             with self._lock:
