@@ -25,6 +25,7 @@ from contentdownload.store import (
     check_transition,
     open_store,
 )
+from contentdownload.store.schema import SCHEMA_VERSION
 from contentdownload.store.sqlite import parse_sqlite_url
 from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
 
@@ -539,7 +540,7 @@ def test_ledger_errors(store):
 def test_schema_version_table(persistent_url):
     store = open_store(persistent_url)
     store.plan(jobs(3))
-    assert store.schema_version() == 1
+    assert store.schema_version() == SCHEMA_VERSION
     store.close()
     raw_update(persistent_url, "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (99,))
     with pytest.raises(SchemaVersionError, match="schema version 99"):
@@ -661,5 +662,60 @@ def test_an_expired_lease_is_taken_by_the_next_claim_wherever_the_cursor_is(pers
         taken = store.claim("b", 30, keys=keys)
         assert (taken.key, taken.epoch) == (first.key, first.epoch + 1)
         assert store.claim("c", 30, keys=keys).key == "k00005"  # then planned jobs, in order, again
+    finally:
+        store.close()
+
+
+def named(key: str, identity: str | None, name: str) -> PlannedJob:
+    payload = {"urls": [f"https://example.org/{name}"], "relative_path": name}
+    if identity is not None:
+        payload["identity"] = identity
+    return PlannedJob(key=key, scheme="test", payload=payload)
+
+
+def test_lookup_by_key_identity_and_name(store):
+    store.plan([named("k1", "id-1", "Paper.pdf"), named("k2", None, "old.pdf"), named("k3", "id-3", "Straße.pdf"),
+                *jobs(50)])
+    assert [r.key for r in store.lookup(keys=["k1", "nope", "k00007"])] == ["k00007", "k1"]
+    assert [r.key for r in store.lookup(identities=["id-3", "id-9"])] == ["k3"]
+    # names compare case-insensitively (casefold): safe on case-insensitive filesystems
+    assert [r.key for r in store.lookup(names=["paper.PDF", "STRASSE.pdf", "OLD.pdf"])] == ["k1", "k2", "k3"]
+    both = store.lookup(keys=["k1"], identities=["id-1"], names=["paper.pdf"])
+    assert [r.key for r in both] == ["k1"] and both[0].payload["relative_path"] == "Paper.pdf"
+    assert store.lookup() == []
+    many = store.lookup(keys=[f"k{i:05d}" for i in range(0, 2000)])  # more keys than one statement takes
+    assert len(many) == 50
+
+
+def test_count_active_among_keys(store):
+    store.plan(jobs(6))
+    mine = frozenset(["k00000", "k00001", "k00002"])
+    assert store.count_active(mine) == 3
+    finish(store, store.claim_key("k00000", "w", 30))
+    store.claim_key("k00001", "w", 30)  # leased: still active
+    claim = store.claim_key("k00002", "w", 30)
+    store.fail(claim.key, claim.epoch, "http_404", retryable=False, max_attempts=1)
+    assert store.count_active(mine) == 1
+    assert store.count_active(frozenset(["k00000"])) == 0
+    assert store.count_active(frozenset()) == 0
+
+
+def test_a_store_of_the_first_schema_is_migrated_with_its_lookups(tmp_path):
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path)
+    from contentdownload.store.schema import MIGRATIONS, SQLITE, version_table
+    conn.execute(version_table(SQLITE))
+    for statement in MIGRATIONS[0][1](SQLITE):
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (1, 0)")
+    conn.execute("INSERT INTO jobs (key, scheme, payload, created_at, updated_at) VALUES (?, 'test', ?, 0, 0)",
+                 ("k1", json.dumps({"identity": "id-1", "relative_path": "Big.PDF"})))
+    conn.commit()
+    conn.close()
+    store = open_store(f"sqlite:///{path}")
+    try:
+        assert store.schema_version() >= 2
+        assert [r.key for r in store.lookup(identities=["id-1"])] == ["k1"]
+        assert [r.key for r in store.lookup(names=["big.pdf"])] == ["k1"]
     finally:
         store.close()

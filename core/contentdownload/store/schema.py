@@ -145,7 +145,21 @@ def _migration_1(dialect: Dialect) -> list[str]:
     return statements + list(dialect.trigger)
 
 
-MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1)]
+#: Columns of migration 2: a job's content identity and its output name folded for a
+#: case-insensitive comparison (``str.casefold``), copied from the payload so that
+#: planning finds a page of jobs' records through indexes instead of reading them all.
+LOOKUP_COLUMNS: tuple[Column, ...] = (("identity", "text", ""), ("name_fold", "text", ""))
+LOOKUP_INDEXES = (("jobs_identity", "jobs", "identity"), ("jobs_name", "jobs", "name_fold"))
+#: the migration after whose statements the store fills the lookup columns of existing rows
+LOOKUP_VERSION = 2
+
+
+def _migration_2(dialect: Dialect) -> list[str]:
+    statements = [f"ALTER TABLE jobs ADD COLUMN {col} {dialect.types[kind]}" for col, kind, _ in LOOKUP_COLUMNS]
+    return statements + [f"CREATE INDEX {name} ON {table} ({cols})" for name, table, cols in LOOKUP_INDEXES]
+
+
+MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _migration_2)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

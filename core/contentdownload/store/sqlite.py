@@ -190,8 +190,7 @@ class SQLiteStore(SqlJobStore):
             try:
                 conn.execute(version_table(SQLITE))
                 for version, statements in pending(SQLITE, self._version(conn), self.url):
-                    for statement in statements:
-                        conn.execute(statement)
+                    self._apply_migration(conn, version, statements)
                     conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
                 conn.execute("COMMIT")
             except BaseException:
@@ -205,12 +204,13 @@ class SQLiteStore(SqlJobStore):
 
     # -- SQLite specifics -------------------------------------------------------------
 
-    def _insert_planned(self, conn: sqlite3.Connection, rows: list[tuple[str, str, str]]) -> int:
+    def _insert_planned(self, conn: sqlite3.Connection, rows: list[tuple[str, str, str, str | None, str | None]]) -> int:
         before = conn.total_changes
         now = time.time()
         conn.executemany(
-            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, created_at, updated_at) VALUES (?, ?, 'planned', ?, ?, ?)",
-            [(key, scheme, payload, now, now) for key, scheme, payload in rows],
+            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, identity, name_fold, created_at, updated_at) "
+            "VALUES (?, ?, 'planned', ?, ?, ?, ?, ?)",
+            [(*row, now, now) for row in rows],
         )
         return conn.total_changes - before
 
