@@ -7,7 +7,9 @@ the store's API), then ``contentdownload run`` fetches ``--files`` new small fil
 the package's loopback server in its own process, and runs the same list again (every
 job skipped). Prints wall time and the run's peak RSS (from ``manifest.metrics.json``)
 of both, and the ratio of the largest store's figures to the smallest's. Target: the
-100k figures within 1.3x of the 1k figures.
+100k figures within 1.3x of the 1k figures. Then, in a process of its own, it plans a list
+of ``--plan`` new jobs (100k by default) into an empty folder's store and prints the time
+and peak RSS of that (target: under 150 MB).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from contentdownload.store import PlannedJob, open_store  # noqa: E402
 from contentdownload.testing.server import LoopbackServer  # noqa: E402
 
 TARGET = 1.3
+PLAN_TARGET_MB = 150.0
 BATCH = 1000
 
 
@@ -78,12 +81,41 @@ def measure(server: LoopbackServer, work: Path, n: int, files: int, size: int) -
     return {"store": n, "new_s": new_s, "new_rss_mb": new_mb, "rerun_s": rerun_s, "rerun_rss_mb": rerun_mb}
 
 
+def plan_only(n: int) -> None:
+    """Plan ``n`` new jobs (generated, never a list in memory) into an empty folder; print seconds and peak RSS."""
+    import resource
+
+    from contentdownload.jobs.planner import plan_jobs
+    from contentdownload.machinery.runtime import Runtime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace.open(Path(tmp) / "out")
+        store = open_store(ws.default_db)
+        started = time.perf_counter()
+        plan = plan_jobs(Runtime.from_options(environ={}), store, ws, (Job(urls=(f"http://h.invalid/a/{i:07d}.pdf",)) for i in range(n)))
+        elapsed = time.perf_counter() - started
+        store.close()
+    print(json.dumps({"jobs": len(plan.items), "s": elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def measure_plan(n: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--plan-only", str(n)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"planning failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--files", type=int, default=500)
     parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--plan", type=int, default=100_000, help="jobs to plan in the planning measurement (0: skip it)")
+    parser.add_argument("--plan-only", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.plan_only is not None:
+        plan_only(args.plan_only)
+        return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp, LoopbackServer() as server:
@@ -97,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     print("largest/smallest: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     ok = all(v <= TARGET for v in ratios.values())
     print(f"target <= {TARGET}x: {'met' if ok else 'NOT met'}")
+    if args.plan:
+        planned = measure_plan(args.plan)
+        print(f"planning {planned['jobs']} new jobs: {planned['s']:.2f} s, peak RSS {planned['peak_rss_mb']:.1f} MB "
+              f"(target < {PLAN_TARGET_MB:.0f} MB: {'met' if planned['peak_rss_mb'] < PLAN_TARGET_MB else 'NOT met'})")
+        ok = ok and planned["peak_rss_mb"] < PLAN_TARGET_MB
     return 0 if ok else 1
 
 

@@ -108,8 +108,9 @@ class _StoreNames:
                         if Path(owned).parent == ws.out}
         self.given = _Owners(store, ws, {name.casefold(): identity for identity, name in self.resumed.items()})
 
-    def assign(self, page: Page, known: Sequence[Any]) -> list[str]:
-        """A relative path per job of ``page``; ``known``: the store's records of the page's identities and names."""
+    def assign(self, page: Page, known: Sequence[Any], bases: Sequence[str]) -> list[str]:
+        """A relative path per job of ``page``; ``known``: the store's records of the page's identities and
+        of its jobs' ``bases`` (the names they ask for)."""
         if not self.keep_given:
             self.given.forget()  # the names given so far are in the store now
         recorded: dict[str, str] = {}
@@ -120,7 +121,7 @@ class _StoreNames:
         for identity, _ in page:
             if identity in self.resumed:
                 recorded.setdefault(identity, self.resumed[identity])
-        self.given.know(known, [base_name(job, identity) for identity, (job, _) in page])
+        self.given.know(known, bases)
         return plan_names([(job, identity) for identity, (job, _) in page], recorded, owners=self.given)
 
 
@@ -161,9 +162,9 @@ def _key_page(
     """Name and key the jobs of one page: work items, failures, the store's planned rows, and what the store holds of them."""
     from contentdownload.store import PlannedJob  # the store package imports drivers lazily
 
-    known = store.lookup(identities=[identity for identity, _ in page],
-                         names=[base_name(job, identity) for identity, (job, _) in page])
-    relatives = names.assign(page, known)
+    bases = [base_name(job, identity) for identity, (job, _) in page]
+    known = store.lookup(identities=[identity for identity, _ in page], names=bases)
+    relatives = names.assign(page, known, bases)
     answers, settled = _answers(runtime, page, relatives)
     asked = [a.result.key for a in answers if a is not None] + [identity for identity, _ in page]
     history = _History.of([*known, *store.lookup(keys=asked, names=relatives)])

@@ -16,6 +16,7 @@ alone may mean something else to an ordinary server.
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -50,6 +51,7 @@ def _normalise_component(text: str, safe: frozenset[str]) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=4096)  # a job list names few hosts; IDNA encoding costs as much as the rest of a URL
 def _ascii_host(host: str) -> str:
     host = host.rstrip(".").lower()
     if not host or host.startswith("["):
