@@ -41,6 +41,7 @@ RUN_FLAGS = {
     "cookie_jar": "cookie_jar",
     "proxy": "proxy",
     "ca_bundle": "ca_bundle",
+    "signing_param": "signing_params",
 }
 #: run setting -> the flag that sets it (for messages and ``contentdownload config``)
 SETTING_FLAGS = {key: "--" + dest.replace("_", "-") for dest, key in RUN_FLAGS.items()}
@@ -259,6 +260,8 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proxy", metavar="URL", help="proxy for http and https (default: HTTP_PROXY / HTTPS_PROXY / NO_PROXY)")
     g.add_argument("--ca-bundle", metavar="FILE", help="trust the CA certificates in FILE (beats REQUESTS_CA_BUNDLE and SSL_CERT_FILE)")
     g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (one warning is printed)")
+    g.add_argument("--signing-param", action="append", metavar="NAME",
+                   help="a query parameter that signs or expires URLs, besides the known ones: no part of a job's identity, never written (repeatable)")
     g.add_argument("--max-bytes", type=int, metavar="N", help="abort a body larger than N bytes")
     g.add_argument("--retries", type=int, metavar="N", help="retries of a transfer per candidate URL (default 5)")
     g.add_argument("--timeout", type=float, metavar="S", help="read timeout in seconds (default 60)")

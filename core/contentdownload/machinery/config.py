@@ -73,6 +73,7 @@ class RunSettings:
     cookie_jar: str | None = None
     proxy: str | None = None
     ca_bundle: str | None = None
+    signing_params: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
 # key -> (accepted types, check, description of the check)
@@ -82,6 +83,7 @@ _ANY = (lambda v: True, "")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*$")
 _COOKIE = re.compile(r"^[^=;\s]+=[^;\r\n]*(;\s*[^=;\s]+=[^;\r\n]*)*;?$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+")
+_PARAM = re.compile(r"^[^=&#?\s]+$")
 
 
 def _strings(pattern: re.Pattern[str], why: str) -> tuple[Callable[[Any], bool], str]:
@@ -112,6 +114,7 @@ RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
     "cookie_jar": ((str,), _ANY),
     "proxy": ((str,), (lambda v: bool(_URL.match(v)), "must be a URL such as http://proxy.example:3128")),
     "ca_bundle": ((str,), _ANY),
+    "signing_params": ((list, tuple), _strings(_PARAM, "must be a list of query parameter names (no '=', '&', '#', '?' or spaces)")),
 }
 assert set(RUN_SCHEMA) == {f.name for f in attrs.fields(RunSettings)}
 
