@@ -58,6 +58,12 @@ def fill_store(out: Path, n: int) -> None:
         store.close()
 
 
+def fill_in_child(out: Path, n: int) -> None:
+    """:func:`fill_store` in a process of its own: a child's peak RSS starts from its parent's (fork), so
+    the measuring process must stay small whatever the history's size."""
+    subprocess.run([sys.executable, __file__, "--fill-only", str(n), str(out)], check=True)
+
+
 def timed_run(jobs: Path, out: Path) -> tuple[float, float]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "core"), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")]))
     started = time.perf_counter()
@@ -71,7 +77,7 @@ def timed_run(jobs: Path, out: Path) -> tuple[float, float]:
 
 def measure(server: LoopbackServer, work: Path, n: int, files: int, size: int) -> dict:
     out = work / f"store-{n}"
-    fill_store(out, n)
+    fill_in_child(out, n)
     jobs = work / f"jobs-{n}.txt"
     jobs.write_text("".join(server.url(f"/new-{n}/{i:05d}.bin") + "\n" for i in range(files)))
     for i in range(files):
@@ -112,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--plan", type=int, default=100_000, help="jobs to plan in the planning measurement (0: skip it)")
     parser.add_argument("--plan-only", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--fill-only", nargs=2, metavar=("N", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fill_only:
+        fill_store(Path(args.fill_only[1]), int(args.fill_only[0]))
+        return 0
     if args.plan_only is not None:
         plan_only(args.plan_only)
         return 0
