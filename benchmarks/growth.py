@@ -5,7 +5,7 @@
 For each size N, an output folder's job store is filled with N finished jobs (through
 the store's API), then ``contentdownload run`` fetches ``--files`` new small files from
 the package's loopback server in its own process, and runs the same list again (every
-job skipped). Prints wall time and the run's peak RSS (from ``manifest.metrics.json``)
+job skipped). Prints wall time, CPU time and the run's peak RSS (from ``manifest.metrics.json``)
 of both, and the ratio of the largest store's figures to the smallest's. Target: the
 100k figures within 1.3x of the 1k figures. Then, in a process of its own, it plans a list
 of ``--plan`` new jobs (100k by default) into an empty folder's store and prints the time
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -64,15 +65,19 @@ def fill_in_child(out: Path, n: int) -> None:
     subprocess.run([sys.executable, __file__, "--fill-only", str(n), str(out)], check=True)
 
 
-def timed_run(jobs: Path, out: Path) -> tuple[float, float]:
+def timed_run(jobs: Path, out: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system: steadier than wall time on a shared machine) and peak RSS of one run."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "core"), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")]))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "contentdownload", "run", str(jobs), "--out", str(out), "--no-progress"],
                           env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return elapsed, json.loads((out / "manifest.metrics.json").read_text())["peak_rss_mb"]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu, json.loads((out / "manifest.metrics.json").read_text())["peak_rss_mb"]
 
 
 def measure(server: LoopbackServer, work: Path, n: int, files: int, size: int) -> dict:
@@ -82,15 +87,14 @@ def measure(server: LoopbackServer, work: Path, n: int, files: int, size: int) -
     jobs.write_text("".join(server.url(f"/new-{n}/{i:05d}.bin") + "\n" for i in range(files)))
     for i in range(files):
         server.add_file(f"/new-{n}/{i:05d}.bin", os.urandom(size))
-    new_s, new_mb = timed_run(jobs, out)
-    rerun_s, rerun_mb = timed_run(jobs, out)
-    return {"store": n, "new_s": new_s, "new_rss_mb": new_mb, "rerun_s": rerun_s, "rerun_rss_mb": rerun_mb}
+    new_s, new_cpu, new_mb = timed_run(jobs, out)
+    rerun_s, rerun_cpu, rerun_mb = timed_run(jobs, out)
+    return {"store": n, "new_s": new_s, "new_cpu_s": new_cpu, "new_rss_mb": new_mb,
+            "rerun_s": rerun_s, "rerun_cpu_s": rerun_cpu, "rerun_rss_mb": rerun_mb}
 
 
 def plan_only(n: int) -> None:
     """Plan ``n`` new jobs (generated, never a list in memory) into an empty folder; print seconds and peak RSS."""
-    import resource
-
     from contentdownload.jobs.planner import plan_jobs
     from contentdownload.machinery.runtime import Runtime
 
@@ -132,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             rows.append(measure(server, Path(tmp), n, args.files, args.size))
             r = rows[-1]
-            print(f"store {n:>7}: {args.files} new files {r['new_s']:6.2f} s {r['new_rss_mb']:6.1f} MB | "
-                  f"rerun {r['rerun_s']:6.2f} s {r['rerun_rss_mb']:6.1f} MB", flush=True)
+            print(f"store {n:>7}: {args.files} new files {r['new_s']:6.2f} s (cpu {r['new_cpu_s']:5.2f} s) {r['new_rss_mb']:6.1f} MB | "
+                  f"rerun {r['rerun_s']:6.2f} s (cpu {r['rerun_cpu_s']:5.2f} s) {r['rerun_rss_mb']:6.1f} MB", flush=True)
     first, last = rows[0], rows[-1]
-    ratios = {k: last[k] / first[k] for k in ("new_s", "new_rss_mb", "rerun_s", "rerun_rss_mb")}
+    ratios = {k: last[k] / first[k] for k in ("new_s", "new_cpu_s", "new_rss_mb", "rerun_s", "rerun_cpu_s", "rerun_rss_mb")}
     print("largest/smallest: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     ok = all(v <= TARGET for v in ratios.values())
     print(f"target <= {TARGET}x: {'met' if ok else 'NOT met'}")

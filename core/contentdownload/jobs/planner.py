@@ -121,7 +121,7 @@ class _StoreNames:
         for identity, _ in page:
             if identity in self.resumed:
                 recorded.setdefault(identity, self.resumed[identity])
-        self.given.know(known, bases)
+        self.given.start_page(known, bases)
         return plan_names([(job, identity) for identity, (job, _) in page], recorded, owners=self.given)
 
 
@@ -135,10 +135,18 @@ class _Owners(NameOwners):
         self.known: dict[str, str | None] = {}  # casefolded name -> identity on record (None: asked, none)
 
     def forget(self) -> None:
+        """Drop this plan's choices (once they are in the store)."""
         self._owner.clear()
 
+    def start_page(self, records: Sequence[Any], asked: Sequence[str]) -> None:
+        """What the store says of a new page's names (what it said of earlier pages may be stale now)."""
+        self.known = {}
+        self.know(records, asked)
+
     def know(self, records: Sequence[Any], asked: Sequence[str]) -> None:
-        self.known = dict.fromkeys((name.casefold() for name in asked))
+        """Note who holds the names ``asked``, from ``records`` (the store's records of them)."""
+        for name in asked:
+            self.known.setdefault(name.casefold(), None)
         for rec in records:
             identity, path = rec.payload.get("identity"), rec.payload.get("relative_path")
             if identity and path and self.known.get(path.casefold()) is None:
