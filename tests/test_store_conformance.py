@@ -84,7 +84,7 @@ def raw_update(url: str, sql: str, params: tuple) -> None:
         import psycopg
 
         with psycopg.connect(url) as conn:
-            conn.execute(sql.replace("?", "%s"), params)
+            conn.execute(sql.replace("?", "%s") if params else sql, params or None)
 
 
 # -- the transition table ------------------------------------------------------------------
@@ -700,22 +700,19 @@ def test_count_active_among_keys(store):
     assert store.count_active(frozenset()) == 0
 
 
-def test_a_store_of_the_first_schema_is_migrated_with_its_lookups(tmp_path):
-    path = tmp_path / "jobs.db"
-    conn = sqlite3.connect(path)
-    from contentdownload.store.schema import MIGRATIONS, SQLITE, version_table
-    conn.execute(version_table(SQLITE))
-    for statement in MIGRATIONS[0][1](SQLITE):
-        conn.execute(statement)
-    conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (1, 0)")
-    conn.execute("INSERT INTO jobs (key, scheme, payload, created_at, updated_at) VALUES (?, 'test', ?, 0, 0)",
-                 ("k1", json.dumps({"identity": "id-1", "relative_path": "Big.PDF"})))
-    conn.commit()
-    conn.close()
-    store = open_store(f"sqlite:///{path}")
+def test_a_store_of_the_first_schema_is_migrated_with_its_lookups(persistent_url):
+    from contentdownload.store.schema import MIGRATIONS, POSTGRES, SQLITE, version_table
+    dialect = SQLITE if persistent_url.startswith("sqlite:") else POSTGRES
+    for statement in [version_table(dialect), *MIGRATIONS[0][1](dialect)]:  # a store as the first schema left it
+        raw_update(persistent_url, statement, ())
+    raw_update(persistent_url, "INSERT INTO schema_version (version, applied_at) VALUES (1, 0)", ())
+    for i in range(1, 1203):  # more than one page of the fill
+        raw_update(persistent_url, "INSERT INTO jobs (key, scheme, payload, created_at, updated_at) VALUES (?, 'test', ?, 0, 0)",
+                   (f"k{i:05d}", json.dumps({"identity": f"id-{i}", "relative_path": f"Big{i}.PDF"})))
+    store = open_store(persistent_url)
     try:
-        assert store.schema_version() >= 2
-        assert [r.key for r in store.lookup(identities=["id-1"])] == ["k1"]
-        assert [r.key for r in store.lookup(names=["big.pdf"])] == ["k1"]
+        assert store.schema_version() == SCHEMA_VERSION >= 2
+        assert [r.key for r in store.lookup(identities=["id-1", "id-1202"])] == ["k00001", "k01202"]
+        assert [r.key for r in store.lookup(names=["big7.pdf"])] == ["k00007"]
     finally:
         store.close()
