@@ -19,14 +19,15 @@ from contentdownload.testing.conformance import TransferRig
 from contentdownload.transfer.validators import resume_start
 from contentdownload.testing.server import Fault
 from contentdownload.transfer.parts import PartStore
+from helpers import docs_examples
 
-PLUGIN = Path(__file__).parent / "plugins" / "partstream.py"
+PLUGIN = docs_examples()["acme_stream/plugin.py"]
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
 
 
 def test_a_third_party_stream_io_on_the_part_store_resumes_with_range(server, third_party, tmp_path):
-    assert len(PLUGIN.read_text().splitlines()) < 40
-    third_party("acme-partstream", {"partstream": PLUGIN.read_text()})
+    assert len(PLUGIN.splitlines()) < 40
+    third_party("acme-partstream", {"partstream": PLUGIN})
     data = os.urandom(600_000)
     url = server.add_file("/cut.bin", data)
     server.add_fault("/cut.bin", Fault.cut_after(250_000))

@@ -25,8 +25,8 @@ from contentdownload.store import (
     check_transition,
     open_store,
 )
-from contentdownload.store.schema import SCHEMA_VERSION
 from contentdownload.store.sqlite import parse_sqlite_url
+from contentdownload.store.schema import SCHEMA_VERSION
 from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
 
 CORE = Path(__file__).resolve().parents[1] / "core"
@@ -417,7 +417,7 @@ def test_release_gives_the_job_back_without_a_failure(store):
 def test_stats(store):
     assert store.stats() == {
         "by_state": {"planned": 0, "leased": 0, "streaming": 0, "finalized": 0, "failed": 0},
-        "expired_leases": 0, "oldest_in_flight_s": None, "failures_by_reason": {}, "total": 0,
+        "expired_leases": 0, "oldest_in_flight_s": None, "failures_by_reason": {}, "total": 0, "by_location": {},
     }
     store.plan(jobs(8))
     expiring = store.claim_key("k00000", "w", 0.1)
@@ -438,6 +438,21 @@ def test_stats(store):
     assert list(stats["failures_by_reason"]) == ["http_404", "checksum_mismatch"]
     json.dumps(stats)
     assert expiring.epoch == 1
+    assert stats["by_location"] == {}  # no location was given
+
+
+def test_jobs_are_counted_per_location(store):
+    store.location = "host-a:/data/a"
+    store.plan(jobs(3))
+    finish(store, store.claim_key("k00000", "w", 30))
+    store.location = "host-b:/data/b"  # another folder finishes one and fails one
+    finish(store, store.claim_key("k00001", "w", 30))
+    claim = store.claim_key("k00002", "w", 30)
+    store.fail(claim.key, claim.epoch, "http_404", retryable=False, max_attempts=1)
+    assert [r.location for r in store.records()] == ["host-a:/data/a", "host-b:/data/b", "host-b:/data/b"]
+    nothing = {"planned": 0, "leased": 0, "streaming": 0, "finalized": 0, "failed": 0}
+    assert store.stats()["by_location"] == {"host-a:/data/a": {**nothing, "finalized": 1},
+                                            "host-b:/data/b": {**nothing, "finalized": 1, "failed": 1}}
 
 
 def test_records_by_state(store):
@@ -540,7 +555,7 @@ def test_ledger_errors(store):
 def test_schema_version_table(persistent_url):
     store = open_store(persistent_url)
     store.plan(jobs(3))
-    assert store.schema_version() == SCHEMA_VERSION
+    assert store.schema_version() == SCHEMA_VERSION and store.created
     store.close()
     raw_update(persistent_url, "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (99,))
     with pytest.raises(SchemaVersionError, match="schema version 99"):

@@ -95,3 +95,24 @@ def test_sqlite_and_postgresql_stores_have_one_schema(tmp_path, fresh_postgres_d
                                                 ("jobs_name", "jobs", ("name_fold",))}
     assert lite["checks"] == pg["checks"] == {("operations", "status")}
     assert lite["triggers"] == pg["triggers"] == {"jobs_state_transition"}
+
+
+def test_a_version_1_store_is_migrated_keeping_its_jobs(tmp_path):
+    from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, MIGRATIONS, version_table
+
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path)
+    conn.execute(version_table(SQLITE))
+    for statement in dict(MIGRATIONS)[1](SQLITE):
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (1, 0)")
+    conn.execute("INSERT INTO jobs (key, scheme, state, payload, created_at, updated_at) VALUES ('k', 's', 'planned', '{}', 0, 0)")
+    conn.commit()
+    conn.close()
+    store = open_store(f"sqlite:///{path}")
+    try:
+        assert store.schema_version() == SCHEMA_VERSION >= 2 and not store.created
+        rec = store.get("k")
+        assert rec.state.value == "planned" and rec.location is None
+    finally:
+        store.close()

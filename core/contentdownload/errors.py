@@ -7,6 +7,8 @@ catch either ``ContentDownloadError`` or the builtin they already expect.
 
 from __future__ import annotations
 
+import errno
+
 
 class ContentDownloadError(Exception):
     """Base of every error raised on purpose by contentdownload."""
@@ -77,6 +79,11 @@ class StoreError(ContentDownloadError, RuntimeError):
     """The job store is unreachable, has an unknown schema version, or refused an operation."""
 
 
+class DamagedStoreError(StoreError, UsageError):
+    """The job store file is not a database this version can read (not SQLite, or tables missing):
+    a usage error (exit 2) whose message names the file and ``contentdownload jobs rebuild``."""
+
+
 class UnsafePathError(StagingError):
     """A staging or output path is a symlink (or not what it should be): nothing is written through it.
 
@@ -96,6 +103,63 @@ class StoreUnavailableError(ContentDownloadError, ConnectionError):
     """
 
 
+class DiskError(ContentDownloadError, OSError):
+    """The output folder's filesystem refused a write: it is full, read-only or failing.
+
+    An infrastructure failure, like the job store being away: neither a plugin fault (no
+    fallback, the part is kept) nor a transport error to retry; the run stops claiming
+    jobs. ``reason`` is the job reason recorded (``disk_full``, ``read_only``, ``io_error``); ``errno``,
+    ``strerror`` and ``filename`` are the ``OSError``'s.
+    """
+
+    reason = "disk_error"
+    #: what happened, and what to do before running again (the run's last line)
+    what, advice = "the disk refused a write", "fix it"
+    #: the errno values of each kind
+    ERRNOS: frozenset[int] = frozenset()
+
+    def __str__(self) -> str:
+        text = f"{self.reason}: {self.strerror or self.what}"
+        return f"{text}: {self.filename}" if self.filename else text
+
+    @staticmethod
+    def of(exc: BaseException) -> "DiskError | None":
+        """The :class:`DiskError` an ``OSError`` stands for (``exc`` itself when it is one); ``None`` for any other error."""
+        if isinstance(exc, DiskError):
+            return exc
+        if not isinstance(exc, OSError):
+            return None
+        for kind in (DiskFullError, ReadOnlyError, DiskIOError):
+            if exc.errno in kind.ERRNOS:
+                return kind(exc.errno, exc.strerror, exc.filename) if exc.filename else kind(exc.errno, exc.strerror)
+        return None
+
+
+class DiskFullError(DiskError):
+    """No space left on the output folder's filesystem (``ENOSPC``, or the user's quota: ``EDQUOT``)."""
+
+    reason = "disk_full"
+    what, advice = "no space left", "free space"
+    ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class ReadOnlyError(DiskError):
+    """The output folder's filesystem is (or turned) read-only (``EROFS``)."""
+
+    reason = "read_only"
+    what, advice = "the filesystem is read-only", "make it writable"
+    ERRNOS = frozenset({errno.EROFS})
+
+
+class DiskIOError(DiskError):
+    """The output folder's disk reported an I/O error (``EIO``: a write or an fsync failed; after it,
+    ext4 mounted ``errors=remount-ro`` refuses every write)."""
+
+    reason = "io_error"
+    what, advice = "the disk reported an I/O error", "check the disk"
+    ERRNOS = frozenset({errno.EIO})
+
+
 #: Errors that are not a plugin's fault: they stop the job (or the run) and never cause a
-#: fallback to another plugin, which could not do better (the store or the run is the cause).
-NOT_PLUGIN_FAULTS: tuple[type[BaseException], ...] = (JobAbort, StoreError, StoreUnavailableError)
+#: fallback to another plugin, which could not do better (the store, the disk or the run is the cause).
+NOT_PLUGIN_FAULTS: tuple[type[BaseException], ...] = (JobAbort, StoreError, StoreUnavailableError, DiskError)

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from contentdownload.cli import parser as cli
 from contentdownload.cli.parser import EXIT_FAILED, EXIT_OK, _print_json, _table
 from contentdownload.machinery.config import check_option
@@ -146,8 +148,8 @@ def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | P
         except Exception as exc:  # noted in the log file while it is open; the CLI's guard prints one line
             log_traceback("run failed", exc)
             raise
-        if report.error:
-            print(f"contentdownload: {report.error}", file=sys.stderr)
+        for line in (*report.record_errors, *([report.error] if report.error else [])):
+            print(f"contentdownload: {line}", file=sys.stderr)
         m = report.metrics
         log.info("run_finished", exit_code=report.exit_code, jobs=m["jobs"], outcomes=m["outcomes"],
                  failures_by_reason=m["failures_by_reason"], bytes_downloaded=m["bytes_downloaded"],
@@ -391,28 +393,30 @@ def add_compare(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _store_from_args(args: argparse.Namespace) -> Any:
-    from contentdownload.store import open_store
+    from contentdownload.errors import DamagedStoreError
+    from contentdownload.jobs.rebuild import damaged
     from contentdownload.jobs.workspace import Workspace
+    from contentdownload.store import open_store
 
-    if args.db:
-        return open_store(args.db)
-    if not args.out:
-        raise UsageError("give --db URL or --out DIR (the output folder whose store to use)")
-    ws = Workspace.open(args.out, create=False)
-    if not (ws.hidden / "jobs.db").exists():
-        raise UsageError(f"no job store in {ws.out}: run `contentdownload run ... --out {args.out}` first")
-    return open_store(ws.default_db)
+    ws = Workspace.open(args.out, create=False) if args.out else None
+    try:
+        if args.db:
+            return open_store(args.db)
+        if ws is None:
+            raise UsageError("give --db URL or --out DIR (the output folder whose store to use)")
+        if not (ws.hidden / "jobs.db").exists():
+            raise UsageError(f"no job store in {ws.out}: run `contentdownload run ... --out {args.out}` first")
+        return open_store(ws.default_db)
+    except DamagedStoreError as exc:
+        raise damaged(exc, ws.out if ws else Path("DIR"), args.db) from None
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    command = {"requeue": _jobs_requeue, "rebuild": _jobs_rebuild, "verify": _jobs_verify}.get(args.jobs_command)
+    if command is not None:
+        return command(args)
     store = _store_from_args(args)
     try:
-        if args.jobs_command == "requeue":
-            if not args.failed:
-                raise UsageError("jobs requeue needs --failed")
-            n = store.requeue_failed()
-            print(json.dumps({"requeued": n}) if args.json else f"requeued {n} failed jobs")
-            return EXIT_OK
         stats = store.stats()
     finally:
         store.close()
@@ -425,13 +429,89 @@ def cmd_jobs(args: argparse.Namespace) -> int:
           f"oldest in flight {'-' if oldest is None else f'{oldest:.0f} s'}")
     for reason, n in stats["failures_by_reason"].items():
         print(f"  failed: {reason}: {n}")
+    if len(stats["by_location"]) > 1:
+        _print_locations(stats["by_location"])
     return EXIT_OK
 
 
+def _print_locations(by_location: dict) -> None:
+    """Counts per output folder of a store several folders share."""
+    states = list(next(iter(by_location.values())))
+    rows = [[location, *(str(counts[s]) for s in states)] for location, counts in sorted(by_location.items())]
+    print()
+    print(_table(rows, ["LOCATION", *(s.upper() for s in states)]))
+
+
+def _jobs_requeue(args: argparse.Namespace) -> int:
+    if not args.failed:
+        raise UsageError("jobs requeue needs --failed")
+    store = _store_from_args(args)
+    try:
+        n = store.requeue_failed()
+    finally:
+        store.close()
+    print(json.dumps({"requeued": n}) if args.json else f"requeued {n} failed jobs")
+    return EXIT_OK
+
+
+def _jobs_rebuild(args: argparse.Namespace) -> int:
+    """Move a damaged SQLite store aside (renamed, never deleted) and rebuild it from the manifest and the files."""
+    from contentdownload.jobs.rebuild import move_aside, rebuild_from_manifest
+    from contentdownload.jobs.workspace import Workspace
+    from contentdownload.store import open_store
+    from contentdownload.store.sqlite import parse_sqlite_url
+
+    if not args.out:
+        raise UsageError("jobs rebuild needs --out DIR: the folder whose manifest and files are the record")
+    ws = Workspace.open(args.out, create=False)
+    if not ws.manifest.is_file():
+        raise UsageError(f"no manifest in {ws.out}: nothing to rebuild the job store from")
+    url = args.db or ws.default_db
+    sqlite = url.lower().startswith("sqlite:")
+    moved = move_aside(parse_sqlite_url(url)) if sqlite else ()
+    store = open_store(url)
+    store.location = ws.location
+    try:
+        rebuilt = attrs.evolve(rebuild_from_manifest(store, ws), moved_aside=moved)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(rebuilt.as_dict())
+        return EXIT_OK
+    for path in moved:
+        print(f"moved the old store aside: {path}")
+    print(rebuilt.line())
+    return EXIT_OK
+
+
+def _jobs_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when every finished file checked out, 1 when some were re-queued."""
+    from contentdownload.jobs.rebuild import verify_files
+    from contentdownload.jobs.workspace import Workspace
+
+    out = Workspace.open(args.out, create=False).out if args.out else None
+    store = _store_from_args(args)
+    try:
+        report = verify_files(store, out, deep=args.deep)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        for path in report.requeued:
+            print(f"re-queued {path}")
+        print(f"verified {report.verified}, missing {report.missing}, changed {report.changed}; "
+              f"requeued {len(report.requeued)}" + ("" if args.deep else " (sizes only: --deep checks SHA-256)"))
+    return EXIT_FAILED if report.requeued else EXIT_OK
+
+
 def add_jobs(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("jobs", help="job store: counts by state, expired leases, failures; requeue failed jobs")
-    p.add_argument("jobs_command", nargs="?", choices=["requeue"], metavar="requeue", help="requeue jobs (with --failed)")
+    p = sub.add_parser("jobs", help="job store: counts by state, expired leases, failures; requeue, rebuild, verify")
+    p.add_argument("jobs_command", nargs="?", choices=["requeue", "rebuild", "verify"], metavar="requeue|rebuild|verify",
+                   help="requeue: failed jobs (with --failed); rebuild: the store from the manifest and the files; "
+                        "verify: the finished files against their records")
     p.add_argument("--failed", action="store_true", help="with requeue: the failed jobs")
+    p.add_argument("--deep", action="store_true", help="with verify: also compare each file's SHA-256")
     p.add_argument("--db", metavar="URL")
     p.add_argument("--out", metavar="DIR")
     p.add_argument("--json", action="store_true")

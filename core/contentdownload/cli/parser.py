@@ -14,7 +14,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from contentdownload.version import __version__
-from contentdownload.errors import ContentDownloadError, PluginLoadError, UsageError
+from contentdownload.errors import ContentDownloadError, DiskError, PluginLoadError, UsageError
 from contentdownload.machinery.flags import FlagLayer, parse_pin, parse_ratio
 from contentdownload.machinery.runtime import Runtime
 from contentdownload.records.log import log_traceback
@@ -207,10 +207,21 @@ def _guarded(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         raise
-    except Exception as exc:  # the guard of last resort: the traceback goes to the log file only
-        log_traceback("unexpected error", exc)
-        print(f"contentdownload: error: unexpected {type(exc).__name__}: {redact_text(str(exc))[:300]}", file=sys.stderr)
-        return EXIT_USAGE
+    except OSError as exc:
+        disk = DiskError.of(exc)
+        if disk is None:
+            return _unexpected(exc)
+        print(f"contentdownload: {redact_text(str(disk))}", file=sys.stderr)  # a full or read-only disk: the run's failure, not the usage's
+        return EXIT_FAILED
+    except Exception as exc:  # the guard of last resort
+        return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> int:
+    """An error nobody expected: one line on stderr, the traceback to the log file only."""
+    log_traceback("unexpected error", exc)
+    print(f"contentdownload: error: unexpected {type(exc).__name__}: {redact_text(str(exc))[:300]}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _quiet_broken_pipe() -> int:

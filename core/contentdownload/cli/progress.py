@@ -13,12 +13,10 @@ PLAIN_INTERVAL_S = 10.0
 
 
 def human_bytes(n: float) -> str:
-    """A byte count for people: ``512 B``, ``1.5 MB`` (powers of 1000)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
+    """A byte count for people, as tqdm writes it: ``512B``, ``1.50MB`` (powers of 1000)."""
+    from tqdm import tqdm
+
+    return tqdm.format_sizeof(n, "B", 1000)
 
 
 class Progress:

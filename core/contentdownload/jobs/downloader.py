@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import attrs
 
+from contentdownload.errors import DiskError
 from contentdownload.machinery.config import check_option
 from contentdownload.machinery.flags import FlagLayer
 from contentdownload.transfer.urls import canonical_url
@@ -97,7 +98,7 @@ class Downloader:
         while True:
             claim = store.claim_key(item.key.key, self._owner, self.settings.lease_ttl)
             if claim is not None:
-                return worker.process(attrs.evolve(item_for_claim(plan, claim), revalidate=item.revalidate))
+                return self._process(worker, store, attrs.evolve(item_for_claim(plan, claim), revalidate=item.revalidate))
             # Another thread or process holds this job: wait for it, then report what it did.
             record = store.get(item.key.key)
             state = getattr(record.state, "value", record.state) if record else None
@@ -107,6 +108,23 @@ class Downloader:
                 if again.settled:
                     return again.settled[0]
             time.sleep(0.05)
+
+    @staticmethod
+    def _process(worker: JobWorker, store: Any, item: Any) -> JobResult:
+        """Process a claimed job; a full or read-only disk gives the job back (its part kept) and is raised."""
+        try:
+            return worker.process(item)
+        except OSError as exc:
+            disk = DiskError.of(exc)
+            if disk is None:
+                raise
+            try:
+                store.release(item.key.key, item.epoch)
+            except Exception as again:  # the store may share the disk: the lease then expires on its own
+                log.info("could not give a job back", job_key=item.key.key, error=f"{type(again).__name__}: {again}")
+            if disk is exc:
+                raise
+            raise disk from exc
 
     def close(self) -> None:
         """Close the job stores and HTTP sessions."""

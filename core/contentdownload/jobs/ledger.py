@@ -9,7 +9,9 @@ Three kinds of operation, each keyed by :func:`~contentdownload.jobs.keys.operat
 - the **manifest row** of an outcome: a success once per content of the job (a file
   fetched again with other bytes gets its row), a revalidation once per run, a failure
   once per reason; even when a crash came between writing the row
-  and recording it (the manifest on disk is the truth when the ledger lags).
+  and recording it (the manifest on disk is the truth when the ledger lags). A row whose
+  file was found gone or changed is marked failed (:func:`forget_row`): the file fetched
+  again gets its row, though its content is the same.
 """
 
 from __future__ import annotations
@@ -79,6 +81,14 @@ def manifest_op(job_key: str, outcome: str, reason: str, run_id: str, sha256: st
     return operation_key(job_key, kind)
 
 
+def forget_row(store: Any, job_key: str, sha256: str) -> None:
+    """The job's row for content ``sha256`` no longer describes the disk (the file is gone or changed):
+    mark its ledger entry failed, so the next file of that content gets a row of its own."""
+    op = manifest_op(job_key, "downloaded", "", "", sha256)
+    store.op_begin(op, job_key, "manifest", 0)
+    store.op_failed(op, "file gone or changed")
+
+
 def rows_on_disk(path: Path) -> frozenset[str]:
     """Ledger keys of the rows the manifest already holds (the file is the truth when the ledger lags)."""
     if not path.is_file():
@@ -102,9 +112,10 @@ class ManifestLedger:
             self.manifest.write(result_row(result, self.run_id, self.out))
             return
         op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id, result.sha256)
-        if self.store.op_begin(op, result.job_key, "manifest", 0) == "done":
+        status = self.store.op_begin(op, result.job_key, "manifest", 0)
+        if status == "done":
             return
-        if op in self._on_disk:  # written before a crash that came before the ledger update
+        if status != "failed" and op in self._on_disk:  # written before a crash that came before the ledger update
             self.store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome, "reconciled": True})
             return
         self.manifest.write(result_row(result, self.run_id, self.out))

@@ -19,6 +19,7 @@ from contentdownload.records.log import get_logger
 from contentdownload.records.manifest import ManifestRecords
 from contentdownload.hooks.model import Job, JobKey, JobKeyContext, JobResult, PriorRecord
 from contentdownload.jobs.naming import FOREIGN, NameOwners, base_name, plan_names
+from contentdownload.jobs.rebuild import requeue_lost
 from contentdownload.transfer.urls import redact_url
 from contentdownload.transfer.files import file_matches
 from contentdownload.jobs.worker import WorkItem, is_permanent, job_from_payload, job_payload, owner_is_dead_local_process, record_of
@@ -256,14 +257,19 @@ def _settle_from_store(store: Any, ws: Workspace, items: dict[str, WorkItem], re
 
 
 def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: bool) -> WorkItem | JobResult:
-    """A job the store calls finished: skipped, or reopened (file gone or changed, or revalidation asked)."""
+    """A job the store calls finished: skipped, or reopened (file gone or changed, or revalidation asked).
+
+    A file another folder holds is checked too when that folder is on this machine (a file
+    found nowhere is fetched into this folder); a folder of another machine is trusted.
+    """
     key = item.key.key
     path = Path(rec.path) if rec.path else None
     ours = path is not None and (path == ws.out or ws.out in path.parents)
-    if ours and not file_matches(path, rec.size, rec.sha256, rec.mtime_ns):
+    visible = ours or (path is not None and ws.on_this_host(getattr(rec, "location", None)))  # another folder here
+    if visible and not file_matches(path, rec.size, rec.sha256, rec.mtime_ns):
         log.warning("finished file is gone or changed, fetching it again", job_key=key, path=str(path))
         if not dry_run:
-            store.reopen(key)
+            requeue_lost(store, rec)
         return attrs.evolve(item, record=None, adopt_from=None)
     if ours and item.revalidate:
         if not dry_run:

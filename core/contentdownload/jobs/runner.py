@@ -21,17 +21,19 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from contentdownload.errors import Cancelled, LeaseLostError, StoreError, StoreUnavailableError
+from contentdownload.errors import Cancelled, DamagedStoreError, DiskError, DiskIOError, LeaseLostError, StoreError, StoreUnavailableError
 from contentdownload.transfer.http import HttpClient
 from contentdownload.transfer.options import client_options
 from contentdownload.jobs.inputs import BadLine
 from contentdownload.jobs.ledger import ManifestLedger
+from contentdownload.records.guard import write_problem
 from contentdownload.records.log import EVENTS, get_logger
 from contentdownload.records.manifest import ManifestWriter, read_manifest
 from contentdownload.records.metrics import DECISION_EVENT, build_metrics, previous_totals, with_folder_totals, write_metrics
 from contentdownload.hooks.model import Job, JobResult, TransferOptions
 from contentdownload.jobs.pipeline import Pipeline
 from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining, finished_elsewhere
+from contentdownload.jobs.rebuild import damaged, rebuild_from_manifest
 from contentdownload.cli.progress import Progress
 from contentdownload.store import open_store
 from contentdownload.transfer.urls import redact_url
@@ -49,7 +51,9 @@ class RunReport:
 
     ``planned``: jobs of the list (after ``--max``); ``left``: how many of them did not end
     finished, skipped or failed (by this process or another), and ``left_reason`` why;
-    ``error``: the one line naming an infrastructure failure (the job store) that stopped the run.
+    ``error``: the one line naming an infrastructure failure (the job store, a full or
+    read-only disk) that stopped the run; ``record_errors``: one line per record file
+    (manifest, metrics) that could not be written.
     """
 
     results: Sequence[JobResult]
@@ -60,6 +64,7 @@ class RunReport:
     left: int = 0
     left_reason: str | None = None
     error: str | None = None
+    record_errors: Sequence[str] = ()
 
 
 class HostGate:
@@ -98,10 +103,26 @@ def make_http(settings: Any, environ: Mapping[str, str] | None = None) -> HttpCl
 
 
 def open_job_store(runtime: Any, ws: Workspace) -> Any:
-    """The persistent store (``--db`` or SQLite in the output folder), or memory when the schema flag is off."""
+    """The persistent store (``--db`` or SQLite in the output folder), or memory when the schema flag is off.
+
+    A store created now for a folder that has a manifest (its ``jobs.db`` was deleted or
+    emptied) gets the folder's records back from the manifest and the files on disk first.
+    """
     if not runtime.policy.streaming_schema.enabled:
         return open_store("memory:")
-    return open_store(runtime.settings.db or ws.default_db, retry_s=runtime.settings.store_retry_s)
+    try:
+        store = open_store(runtime.settings.db or ws.default_db, retry_s=runtime.settings.store_retry_s)
+    except DamagedStoreError as exc:
+        raise damaged(exc, ws.out, runtime.settings.db) from None
+    store.location = ws.location
+    if store.created and ws.manifest.is_file():
+        try:
+            rebuilt = rebuild_from_manifest(store, ws)
+        except BaseException:
+            store.close()
+            raise
+        log.warning(f"{rebuilt.line()}: the job store {redact_url(store.url)} was new")
+    return store
 
 
 class Run:
@@ -144,6 +165,9 @@ class Run:
         self._lock = threading.Lock()
         self._signal: int | None = None
         self._store_error: str | None = None
+        self._disk_error: DiskError | None = None
+        self._disk_failed: set[str] = set()  # job keys stopped by the disk: left for a rerun
+        self._record_errors: list[str] = []
         self._http: HttpClient | None = None
 
     # -- entry point ----------------------------------------------------------------
@@ -165,18 +189,33 @@ class Run:
             self._on_signal(signal.SIGINT, None)
         except (StoreError, StoreUnavailableError) as exc:  # while planning or recording what planning settled
             self._store_down(store, exc)
+        except OSError as exc:  # the disk, while planning or recording what planning settled
+            disk = DiskError.of(exc)
+            if disk is None:
+                raise
+            self._disk_down(disk)
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-            manifest.close()
+            self._save(self.ws.manifest, manifest.close)
             left = self._left(store, plan, len(jobs))
             metrics = self._metrics(store, started, decisions_before, planned=len(jobs), left=left)
             metrics = with_folder_totals(metrics, previous_totals(self.ws.metrics))
-            write_metrics(self.ws.metrics, metrics)
+            self._save(self.ws.metrics, lambda: write_metrics(self.ws.metrics, metrics))
             store.close()
             http.close()
         return RunReport(results=list(self._results), metrics=metrics, exit_code=self._exit_code(left), workspace=self.ws,
-                         planned=len(jobs), left=left, left_reason=metrics["left_reason"], error=self._store_error)
+                         planned=len(jobs), left=left, left_reason=metrics["left_reason"],
+                         error=self._stop_line(left, len(jobs)), record_errors=tuple(self._record_errors))
+
+    def _save(self, path: Path, write: Callable[[], None]) -> None:
+        """Write one record file; its failure (a full or read-only disk...) is one line of the report, not an exception."""
+        try:
+            write()
+        except OSError as exc:
+            line = f"could not write {path}: {exc.strerror or exc}"
+            self._record_errors.append(line)
+            log.info(line)  # the report carries the line (the CLI prints it)
 
     def _plan(self, store: Any, jobs: Sequence[Job]) -> Plan:
         """Plan the jobs into the store and record what is settled already (and the bad input lines)."""
@@ -223,7 +262,7 @@ class Run:
         """Planned jobs that did not end finished, skipped or failed (by this run or, per the store, another)."""
         if plan is None:
             return planned
-        undone = set(plan.keys) - self._ended
+        undone = (set(plan.keys) - self._ended) | self._disk_failed
         if undone and self.leasing and self._store_error is None:
             try:
                 undone -= finished_elsewhere(store, undone)
@@ -236,9 +275,19 @@ class Run:
             return None
         if self._signal is not None:
             return f"interrupted ({signal.Signals(self._signal).name})"
+        if self._disk_error is not None:
+            return f"{self._disk_error.what} under {self.ws.out}"
         if self._store_error is not None:
             return "the job store is unavailable"
         return "not finished (see the log)"
+
+    def _stop_line(self, left: int, planned: int) -> str | None:
+        """The one line naming the infrastructure failure that stopped the run (``None``: none did)."""
+        disk = self._disk_error
+        if disk is None:
+            return self._store_error
+        return (f"{disk.reason}: {disk.what} under {self.ws.out}: {left} of {planned} planned jobs left; "
+                f"{disk.advice} and run the same command again")
 
     def _metrics(self, store: Any, started: float, decisions_before: int, *, planned: int, left: int) -> dict:
         return build_metrics(
@@ -248,14 +297,14 @@ class Run:
                    "idempotency": self.runtime.policy.idempotency.enabled,
                    "streaming_schema": self.runtime.policy.streaming_schema.enabled,
                    "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
-                   "store_error": self._store_error},
+                   "store_error": self._store_error, "disk_error": self._disk_error.reason if self._disk_error else None},
         )
 
     def _exit_code(self, left: int) -> int:
         if self._signal is not None:
             return 128 + self._signal
         failed = any(r.outcome == "failed" for r in self._results)
-        return EXIT_FAILED if failed or left or self._store_error else EXIT_OK
+        return EXIT_FAILED if failed or left or self._store_error or self._disk_error else EXIT_OK
 
     # -- workers --------------------------------------------------------------------
 
@@ -278,8 +327,12 @@ class Run:
         while not self.cancel.is_set():
             try:
                 item = self._next_item(plan, store)
-            except Exception as exc:  # claiming is the store's work: whatever it raises, the store failed
-                self._store_down(store, exc)
+            except Exception as exc:  # claiming is the store's work: whatever it raises, the store (or its disk) failed
+                disk = DiskError.of(exc)
+                if disk is not None:
+                    self._disk_down(disk)
+                else:
+                    self._store_down(store, exc)
                 return
             if item is None:
                 return
@@ -300,9 +353,14 @@ class Run:
             self._store_down(store, exc)
             self._release(store, item)
             return
-        except Exception as exc:  # a bug must cost one job, not the run
-            log.error("job crashed", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}", exc_info=True)
-            result = JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=f"internal_error: {type(exc).__name__}", url=item.job.url)
+        except Exception as exc:
+            disk = DiskError.of(exc)
+            if disk is None:  # a bug must cost one job, not the run
+                log.error("job crashed", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}", exc_info=True)
+                result = JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=f"internal_error: {type(exc).__name__}", url=item.job.url)
+            else:
+                self._disk_stopped(store, item, disk)
+                return
         try:
             if self.leasing:
                 store.fail(item.key.key, item.epoch, result.reason, retryable=False, max_attempts=1)
@@ -312,6 +370,9 @@ class Run:
             self._store_down(store, exc)
         except Exception as exc:  # the manifest could not take the row: the job is left for a rerun
             log.error("could not record a job's outcome", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
+            disk = DiskError.of(exc)
+            if disk is not None:
+                self._disk_down(disk)
 
     def _release(self, store: Any, item: Any) -> None:
         """Give the job's lease back so a rerun can take it at once (best effort: the store may be away)."""
@@ -319,8 +380,46 @@ class Run:
             return
         try:
             store.release(item.key.key, item.epoch)
-        except Exception as exc:
-            log.warning("could not release a lease; it expires on its own", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # expected once the disk is full or read-only: no warning each time
+            (log.info if self._disk_error else log.warning)(
+                "could not release a lease; it expires on its own", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}")
+
+    def _disk_stopped(self, store: Any, item: Any, disk: DiskError) -> None:
+        """A job the disk stopped: the run stops, the job's part and lease are left for a rerun, its row written if it fits.
+
+        A job whose outcome row is written already (the disk failed the store's record of
+        it) keeps that outcome: a rerun finds its file and finalize intent and recovers it.
+        """
+        disk = self._disk_down(disk)
+        self._release(store, item)
+        result = JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=disk.reason, url=item.job.url)
+        with self._lock:
+            if item.key.key in self._ended:
+                return
+            self._results.append(result)
+            self._disk_failed.add(item.key.key)
+        self._progress.done(result)
+        try:
+            self._ledger.write(result, leasing=self.leasing)
+        except Exception as exc:  # the same disk, most likely: the summary and the stop line still say it
+            log.info("could not write a job's row", job_key=item.key.key, reason=disk.reason, error=f"{type(exc).__name__}: {exc}")
+
+    def _disk_down(self, disk: DiskError) -> DiskError:
+        """The output folder's filesystem is full, read-only or failing: stop claiming, let the other workers stop, keep every part.
+
+        An I/O error is looked at again: when the folder now refuses to create a file for
+        another reason (ext4 turns read-only after an error), that reason is the error. Returns it.
+        """
+        if isinstance(disk, DiskIOError):
+            disk = DiskError.of(write_problem(self.ws.out) or disk) or disk
+        with self._lock:
+            first = self._disk_error is None
+            if first:
+                self._disk_error = disk
+        if first:
+            log.error(f"stopping the run: {disk.what} under {self.ws.out}", reason=disk.reason, error=str(disk))
+        self.cancel.set()
+        return disk
 
     def _store_down(self, store: Any, exc: BaseException) -> None:
         """An infrastructure error: stop claiming, let the other workers stop, keep every part."""

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import attrs
@@ -81,6 +82,16 @@ class Workspace:
                 raise UsageError(f"cannot create output folder {out}: {exc.strerror}") from None
             check_same_filesystem(ws.staging, ws.out)
         return ws
+
+    @property
+    def location(self) -> str:
+        """Where this folder is, for a store several folders share: ``host:/absolute/folder``."""
+        return f"{socket.gethostname()}:{self.out}"
+
+    @staticmethod
+    def on_this_host(location: str | None) -> bool:
+        """Whether a recorded location is a folder of this machine (so its files can be looked at)."""
+        return bool(location) and location.partition(":")[0] == socket.gethostname()
 
     @property
     def default_db(self) -> str:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import re
 import tomllib
+from types import UnionType
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -45,38 +47,7 @@ USER_CONFIG_NAME = "config.toml"
 ENV_PREFIX = "CONTENTDOWNLOAD_"
 
 
-@attrs.frozen
-class RunSettings:
-    """Settings of a run, from defaults, then the config file's ``[run]`` table, then CLI flags."""
-
-    workers: int = 4
-    per_host: int = 4
-    retries: int = 5
-    timeout: float = 60.0
-    connect_timeout: float = 10.0
-    max_bytes: int | None = None
-    max_jobs: int | None = None
-    db: str | None = None
-    revalidate: bool = False
-    accept_any_content: bool = False
-    retry_failed: bool = False
-    chunk_size: int = 64 << 10
-    lease_ttl: float = 60.0
-    store_retry_s: float = 300.0
-    backoff_factor: float = 0.5
-    verify_tls: bool = True
-    log_level: str = "INFO"
-    progress: bool = True
-    headers: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    user_agent: str | None = None
-    cookies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    cookie_jar: str | None = None
-    proxy: str | None = None
-    ca_bundle: str | None = None
-    signing_params: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-
-
-# key -> (accepted types, check, description of the check)
+# A [run] value's check beyond its type: (predicate, what the message says it must be)
 _POSITIVE = (lambda v: v > 0, "must be greater than 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "must be 0 or more")
 _ANY = (lambda v: True, "")
@@ -89,34 +60,61 @@ _PARAM = re.compile(r"^[^=&#?\s]+$")
 def _strings(pattern: re.Pattern[str], why: str) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: all(isinstance(x, str) and pattern.match(x.strip()) for x in v), why)
 
+
+def _setting(default: Any, check: tuple[Callable[[Any], bool], str] = _ANY, **options: Any) -> Any:
+    """A :class:`RunSettings` field whose value, beyond its annotated type, must pass ``check``."""
+    return attrs.field(default=default, metadata={"check": check}, **options)
+
+
+@attrs.frozen
+class RunSettings:
+    """Settings of a run, from defaults, then the config file's ``[run]`` table, then CLI flags.
+
+    The annotations are the accepted types (a ``float`` takes an integer too, a tuple a
+    list) and each field's ``check`` metadata the rest: :data:`RUN_SCHEMA` is read from them.
+    """
+
+    workers: int = _setting(4, _POSITIVE)
+    per_host: int = _setting(4, _POSITIVE)
+    retries: int = _setting(5, _NON_NEGATIVE)
+    timeout: float = _setting(60.0, _POSITIVE)
+    connect_timeout: float = _setting(10.0, _POSITIVE)
+    max_bytes: int | None = _setting(None, _POSITIVE)
+    max_jobs: int | None = _setting(None, _POSITIVE)
+    db: str | None = None
+    revalidate: bool = False
+    accept_any_content: bool = False
+    retry_failed: bool = False
+    chunk_size: int = _setting(64 << 10, (lambda v: v >= 4096, "must be at least 4096"))
+    lease_ttl: float = _setting(60.0, (lambda v: v >= 1, "must be at least 1 (seconds)"))
+    store_retry_s: float = _setting(300.0, _NON_NEGATIVE)
+    backoff_factor: float = _setting(0.5, _NON_NEGATIVE)
+    verify_tls: bool = True
+    log_level: str = _setting("INFO", (lambda v: v.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"},
+                                       "must be DEBUG, INFO, WARNING or ERROR"))
+    progress: bool = True
+    headers: tuple[str, ...] = _setting((), _strings(_HEADER, "must be a list of 'Name: value' strings"), converter=tuple)
+    user_agent: str | None = _setting(None, (lambda v: "\n" not in v and "\r" not in v, "must be one line"))
+    cookies: tuple[str, ...] = _setting((), _strings(_COOKIE, "must be a list of 'name=value' strings"), converter=tuple)
+    cookie_jar: str | None = None
+    proxy: str | None = _setting(None, (lambda v: bool(_URL.match(v)), "must be a URL such as http://proxy.example:3128"))
+    ca_bundle: str | None = None
+    signing_params: tuple[str, ...] = _setting((), _strings(_PARAM, "must be a list of query parameter names (no '=', '&', '#', '?' or spaces)"),
+                                               converter=tuple)
+
+
+def _accepted(annotation: Any) -> tuple[type, ...]:
+    """The value types a setting annotated ``annotation`` takes from a file or a keyword (``None`` is no value)."""
+    union = typing.get_origin(annotation) in (typing.Union, UnionType)
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] if union else [annotation]
+    widened = {float: (int, float), tuple: (list, tuple)}
+    return tuple(t for kind in kinds for t in widened.get(typing.get_origin(kind) or kind, (kind,)))
+
+
+#: ``[run]`` key -> (accepted types, (check, what the check says)), read from :class:`RunSettings`.
 RUN_SCHEMA: dict[str, tuple[tuple[type, ...], tuple[Any, str]]] = {
-    "workers": ((int,), _POSITIVE),
-    "per_host": ((int,), _POSITIVE),
-    "retries": ((int,), _NON_NEGATIVE),
-    "timeout": ((int, float), _POSITIVE),
-    "connect_timeout": ((int, float), _POSITIVE),
-    "max_bytes": ((int,), _POSITIVE),
-    "max_jobs": ((int,), _POSITIVE),
-    "db": ((str,), _ANY),
-    "revalidate": ((bool,), _ANY),
-    "accept_any_content": ((bool,), _ANY),
-    "retry_failed": ((bool,), _ANY),
-    "chunk_size": ((int,), (lambda v: v >= 4096, "must be at least 4096")),
-    "lease_ttl": ((int, float), (lambda v: v >= 1, "must be at least 1 (seconds)")),
-    "store_retry_s": ((int, float), _NON_NEGATIVE),
-    "backoff_factor": ((int, float), _NON_NEGATIVE),
-    "verify_tls": ((bool,), _ANY),
-    "log_level": ((str,), (lambda v: v.upper() in {"DEBUG", "INFO", "WARNING", "ERROR"}, "must be DEBUG, INFO, WARNING or ERROR")),
-    "progress": ((bool,), _ANY),
-    "headers": ((list, tuple), _strings(_HEADER, "must be a list of 'Name: value' strings")),
-    "user_agent": ((str,), (lambda v: "\n" not in v and "\r" not in v, "must be one line")),
-    "cookies": ((list, tuple), _strings(_COOKIE, "must be a list of 'name=value' strings")),
-    "cookie_jar": ((str,), _ANY),
-    "proxy": ((str,), (lambda v: bool(_URL.match(v)), "must be a URL such as http://proxy.example:3128")),
-    "ca_bundle": ((str,), _ANY),
-    "signing_params": ((list, tuple), _strings(_PARAM, "must be a list of query parameter names (no '=', '&', '#', '?' or spaces)")),
+    f.name: (_accepted(f.type), f.metadata.get("check", _ANY)) for f in attrs.fields(attrs.resolve_types(RunSettings))
 }
-assert set(RUN_SCHEMA) == {f.name for f in attrs.fields(RunSettings)}
 
 SELECTION_KEYS: dict[str, tuple[type, ...]] = {
     "streaming_integration": (bool,),

@@ -5,7 +5,9 @@ Each plugin is asked through pluggy's caller for that plugin alone
 ``None`` means declined: the next plugin is asked. An exception is a plugin fault:
 logged with "falling back", counted, and the next plugin is asked where the stage says
 that is safe (:func:`fallback_safe`). :data:`~contentdownload.errors.NOT_PLUGIN_FAULTS`
-(a job abort, the job store failing or away) are not faults and propagate at once.
+(a job abort, the job store failing or away, a full or read-only disk) are not faults and
+propagate at once; an ``OSError`` of a full or read-only disk raised by a plugin is
+raised as the :class:`~contentdownload.errors.DiskError` it stands for.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from contentdownload.errors import NOT_PLUGIN_FAULTS, ContentDownloadError, NoPluginAnsweredError
+from contentdownload.errors import NOT_PLUGIN_FAULTS, ContentDownloadError, DiskError, NoPluginAnsweredError
 from contentdownload.machinery.loader import PluginSet
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import HOOK_RESULT_TYPES
@@ -84,6 +86,9 @@ class Dispatcher:
                 raise
             except Exception as exc:
                 record(hook, name, "error", time.perf_counter_ns() - started)
+                disk = DiskError.of(exc)
+                if disk is not None:  # no other plugin could write to this disk either
+                    raise disk from exc
                 if not fallback_safe(hook, ctx):
                     log.error("hook failed after changing the disk, not falling back", hook=hook, plugin=name, error=repr(exc))
                     raise StageFailed(hook, name, exc, getattr(ctx, "effects", None)) from exc

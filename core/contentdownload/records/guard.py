@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import stat
+import threading
 from pathlib import Path
 
 from contentdownload.errors import UsageError
@@ -38,13 +39,21 @@ def check_records(out: Path, logs: Path, files: tuple[Path, ...]) -> None:
         if kind not in (None, want):
             what = "a folder" if want == "dir" else "a regular file"
             raise UsageError(f"{path} must be {what}: remove or rename it")
-    probe = out / f".write-check-{os.getpid()}"
+    problem = write_problem(out)
+    if problem is not None:
+        reason = "read-only" if problem.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else problem.strerror
+        raise UsageError(f"output folder {out} is not writable ({reason})")
+
+
+def write_problem(folder: Path) -> OSError | None:
+    """Why a file cannot be created in ``folder`` (``None``: it can), found by creating and removing one."""
+    probe = folder / f".write-check-{os.getpid()}-{threading.get_ident()}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600))
         os.unlink(probe)
     except OSError as exc:
-        reason = "read-only" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else exc.strerror
-        raise UsageError(f"output folder {out} is not writable ({reason})") from None
+        return exc
+    return None
 
 
 class RunLock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -70,13 +71,44 @@ def get_logger(name: str = LOGGER_NAME) -> structlog.stdlib.BoundLogger:
 
 
 class _NoFollowFileHandler(logging.FileHandler):
-    """A file handler that refuses to open its file through a symlink."""
+    """A file handler that refuses to open its file through a symlink.
+
+    When the file cannot take a line (a full or read-only disk), stderr gets one line
+    saying so, instead of logging's traceback per record, and later records are dropped.
+    """
+
+    failed = False
 
     def _open(self):  # noqa: ANN202 (logging's hook)
         from contentdownload.records.guard import NOFOLLOW
 
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's hook)
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            self._give_up(error)
+        else:  # a record that cannot be formatted: logging's own report
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()  # flushes what is buffered
+        except OSError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: OSError) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        detail = exc.strerror or f"{type(exc).__name__}: {exc}"
+        sys.stderr.write(f"contentdownload: cannot write the log file {self.baseFilename}: {detail}; later log lines are not written\n")
+        sys.stderr.flush()
 
 
 def configure_logging(level: str = "INFO", log_file: Path | None = None, stderr_level: str = "WARNING") -> None:

@@ -167,11 +167,14 @@ class ManifestWriter:
             self._synced = target
 
     def close(self) -> None:
+        """Flush the rows to disk and close; the file is closed even when the flush fails (which is raised)."""
         with self._sync_lock, self._lock:
             if self._fd >= 0:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = -1
+                fd, self._fd = self._fd, -1
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
 
 def _row_path(row: dict, base: Path) -> str | None:

@@ -83,6 +83,8 @@ class JobRecord:
     mtime_ns: int | None
     last_error: str | None
     updated_at: float
+    #: the output folder of the job's file (finished) or of the run that planned or failed it: ``host:/folder``
+    location: str | None = None
 
 
 @attrs.frozen
@@ -96,9 +98,17 @@ class Claim:
 
 
 class JobStore(abc.ABC):
-    """Where jobs, leases and the operation ledger live. Thread-safe: share one per process."""
+    """Where jobs, leases and the operation ledger live. Thread-safe: share one per process.
+
+    ``created``: opening the store created its schema (it held nothing before).
+    ``location``: the output folder (``host:/folder``) this process works for, recorded with the
+    jobs it plans, finishes or fails (``None``: nothing recorded), so a store shared by several
+    folders can tell them apart.
+    """
 
     url: str
+    created: bool = False
+    location: str | None = None
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -209,7 +219,13 @@ HELD_STATES = tuple(s.value for s in transitions.HELD)
 
 def empty_stats() -> dict:
     return {"by_state": {s.value: 0 for s in JobState}, "expired_leases": 0, "oldest_in_flight_s": None,
-            "failures_by_reason": {}, "total": 0}
+            "failures_by_reason": {}, "total": 0, "by_location": {}}
+
+
+def count_location(stats: dict, location: str | None, state: str, n: int) -> None:
+    """Add ``n`` jobs in ``state`` at ``location`` to ``stats["by_location"]`` (jobs without a location are not listed)."""
+    if location:
+        stats["by_location"].setdefault(location, {s.value: 0 for s in JobState})[state] += n
 
 
 def dumps(obj: Any) -> str | None:
@@ -256,7 +272,7 @@ def fail_target(attempts_after: int, retryable: bool, max_attempts: int) -> JobS
 RECORD_COLUMNS = (
     "key", "scheme", "state", "payload", "attempts", "claims", "epoch", "lease_owner", "lease_expires_at",
     "etag", "last_modified", "size", "sha256", "path", "final_url", "content_type", "mtime_ns", "last_error",
-    "updated_at",
+    "updated_at", "location",
 )
 COLS = ", ".join(RECORD_COLUMNS)
 HELD_SQL = "('leased', 'streaming')"
@@ -587,11 +603,12 @@ class SqlJobStore(JobStore):
                last_modified: str | None = None, final_url: str | None = None, content_type: str | None = None,
                mtime_ns: int | None = None) -> None:
         params = (str(path), None if size is None else int(size), sha256, etag, last_modified, final_url, content_type,
-                  None if mtime_ns is None else int(mtime_ns), key, int(epoch))
+                  None if mtime_ns is None else int(mtime_ns), self.location, key, int(epoch))
         self._run(lambda conn: self._fenced(
             conn,
             "UPDATE jobs SET state = 'finalized', path = ?, size = ?, sha256 = ?, etag = ?, last_modified = ?, "
-            "final_url = ?, content_type = ?, mtime_ns = ?, lease_owner = NULL, lease_expires_at = NULL, "
+            "final_url = ?, content_type = ?, mtime_ns = ?, location = coalesce(?, location), "
+            "lease_owner = NULL, lease_expires_at = NULL, "
             f"updated_at = cd_now() WHERE key = ? AND epoch = ? AND state IN {HELD_SQL} RETURNING key",
             params, key, epoch, JobState.FINALIZED), write=True)
 
@@ -600,9 +617,9 @@ class SqlJobStore(JobStore):
             rows = self._fetchall(conn, self.q(
                 "UPDATE jobs SET attempts = attempts + 1, last_error = ?, "
                 "state = CASE WHEN ? = 1 AND attempts + 1 < ? THEN 'planned' ELSE 'failed' END, "
-                "lease_owner = NULL, lease_expires_at = NULL, updated_at = cd_now() "
+                "location = coalesce(?, location), lease_owner = NULL, lease_expires_at = NULL, updated_at = cd_now() "
                 f"WHERE key = ? AND epoch = ? AND state IN {HELD_SQL} RETURNING state"),
-                (str(error), 1 if retryable else 0, int(max_attempts), key, int(epoch)))
+                (str(error), 1 if retryable else 0, int(max_attempts), self.location, key, int(epoch)))
             if rows:
                 return JobState(rows[0][0])
             now = self._fetchall(conn, self.q("SELECT state, epoch, attempts FROM jobs WHERE key = ?"), (key,))
@@ -633,8 +650,9 @@ class SqlJobStore(JobStore):
     def stats(self) -> dict:
         def read(conn: Any) -> dict:
             out = empty_stats()
-            for state, n in self._fetchall(conn, "SELECT state, count(*) FROM jobs GROUP BY state"):
-                out["by_state"][state] = int(n)
+            for location, state, n in self._fetchall(conn, "SELECT location, state, count(*) FROM jobs GROUP BY location, state"):
+                out["by_state"][state] += int(n)
+                count_location(out, location, state, int(n))
             out["total"] = sum(out["by_state"].values())
             expired, oldest = self._fetchall(conn, (
                 "SELECT count(*) FILTER (WHERE lease_expires_at < cd_now()), cd_now() - min(leased_at) "

@@ -22,6 +22,7 @@ from contentdownload.store.base import (
     UnknownJobError,
     UnknownOperationError,
     dumps,
+    count_location,
     empty_stats,
     fail_target,
     fenced_refusal,
@@ -74,7 +75,7 @@ class MemoryStore(JobStore):
             lease_expires_at=row["lease_expires_at"], etag=row["etag"], last_modified=row["last_modified"],
             size=row["size"], sha256=row["sha256"], path=row["path"], final_url=row["final_url"],
             content_type=row["content_type"], mtime_ns=row["mtime_ns"], last_error=row["last_error"],
-            updated_at=row["updated_at"],
+            updated_at=row["updated_at"], location=row["location"],
         )
 
     def _take(self, row: dict[str, Any], owner: str, ttl: float, now: float) -> Claim:
@@ -108,7 +109,7 @@ class MemoryStore(JobStore):
                     "attempts": 0, "claims": 0, "epoch": 0, "lease_owner": None, "lease_expires_at": None,
                     "leased_at": None, "etag": None, "last_modified": None, "size": None, "sha256": None,
                     "path": None, "final_url": None, "content_type": None, "mtime_ns": None, "last_error": None,
-                    "updated_at": now,
+                    "updated_at": now, "location": self.location,
                 }
                 self._planned[job.key] = None
                 identity, name_fold = lookup_columns(job.payload)
@@ -172,7 +173,7 @@ class MemoryStore(JobStore):
             row.update(path=str(path), size=None if size is None else int(size), sha256=sha256, etag=etag,
                        last_modified=last_modified, final_url=final_url, content_type=content_type,
                        mtime_ns=None if mtime_ns is None else int(mtime_ns), lease_owner=None,
-                       lease_expires_at=None, updated_at=time.time())
+                       lease_expires_at=None, updated_at=time.time(), location=self.location or row["location"])
 
     def fail(self, key: str, epoch: int, error: str, *, retryable: bool, max_attempts: int) -> JobState:
         with self._lock:
@@ -181,7 +182,7 @@ class MemoryStore(JobStore):
             row = self._held_row(key, epoch, target)
             self._set_state(row, target)
             row.update(attempts=row["attempts"] + 1, last_error=str(error), lease_owner=None,
-                       lease_expires_at=None, updated_at=time.time())
+                       lease_expires_at=None, updated_at=time.time(), location=self.location or row["location"])
             return target
 
     def release(self, key: str, epoch: int) -> None:
@@ -225,6 +226,7 @@ class MemoryStore(JobStore):
             reasons: dict[str, int] = {}
             for row in self._jobs.values():
                 out["by_state"][row["state"].value] += 1
+                count_location(out, row["location"], row["state"].value, 1)
                 if row["state"] in transitions.HELD:
                     if self._expired(row, now):
                         out["expired_leases"] += 1

@@ -161,6 +161,7 @@ class PostgresStore(SqlJobStore):
         try:
             if self._version(conn) != SCHEMA_VERSION:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))  # one process migrates at a time
+                self.created = self._version(conn) == 0
                 conn.execute(version_table(POSTGRES))
                 for version, statements in pending(POSTGRES, self._version(conn), self.url):
                     self._apply_migration(conn, version, statements)
@@ -182,11 +183,11 @@ class PostgresStore(SqlJobStore):
         for start in range(0, len(rows), 10_000):
             chunk = rows[start:start + 10_000]
             cur = conn.execute(
-                "INSERT INTO jobs (key, scheme, state, payload, identity, name_fold, created_at, updated_at) "
-                "SELECT k, s, 'planned', p::jsonb, i, f, cd_now(), cd_now() "
+                "INSERT INTO jobs (key, scheme, state, payload, identity, name_fold, location, created_at, updated_at) "
+                "SELECT k, s, 'planned', p::jsonb, i, f, %s, cd_now(), cd_now() "
                 "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t (k, s, p, i, f, n) "
                 "ORDER BY n ON CONFLICT (key) DO NOTHING",
-                tuple([r[i] for r in chunk] for i in range(5)),
+                (self.location, *([r[i] for r in chunk] for i in range(5))),
             )
             inserted += cur.rowcount
         return inserted

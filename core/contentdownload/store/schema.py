@@ -86,6 +86,14 @@ TABLES: dict[str, tuple[Column, ...]] = {
         ("updated_at", "real", "NOT NULL"),
     ),
 }
+#: columns later migrations add: version -> (table, column). ``TABLES`` stays the shape of version 1.
+ADDED_COLUMNS: dict[int, tuple[tuple[str, Column], ...]] = {
+    # the output folder a job's file is in (or is going to), as ``host:/absolute/folder``
+    2: (("jobs", ("location", "text", "")),),
+    # a job's content identity and its output name folded for a case-insensitive comparison
+    # (``str.casefold``), copied from the payload (indexed: see LOOKUP_INDEXES)
+    3: (("jobs", ("identity", "text", "")), ("jobs", ("name_fold", "text", ""))),
+}
 #: table constraints after the columns
 TABLE_CONSTRAINTS = {"job_transitions": ("PRIMARY KEY (from_state, to_state)",)}
 INDEXES = (("jobs_claim", "jobs", "state, lease_expires_at"), ("operations_job", "operations", "job_key"))
@@ -145,21 +153,32 @@ def _migration_1(dialect: Dialect) -> list[str]:
     return statements + list(dialect.trigger)
 
 
-#: Columns of migration 2: a job's content identity and its output name folded for a
-#: case-insensitive comparison (``str.casefold``), copied from the payload so that
-#: planning finds a page of jobs' records through indexes instead of reading them all.
-LOOKUP_COLUMNS: tuple[Column, ...] = (("identity", "text", ""), ("name_fold", "text", ""))
+def columns(table: str) -> tuple[Column, ...]:
+    """Every column of ``table`` at the current schema version."""
+    added = tuple(col for version in sorted(ADDED_COLUMNS) for name, col in ADDED_COLUMNS[version] if name == table)
+    return TABLES[table] + added
+
+
+def _added(version: int) -> Callable[[Dialect], list[str]]:
+    def render(dialect: Dialect) -> list[str]:
+        return [" ".join(p for p in (f"ALTER TABLE {table} ADD COLUMN {col}", dialect.types[kind], extra) if p)
+                for table, (col, kind, extra) in ADDED_COLUMNS[version]]
+
+    return render
+
+
+#: Indexes of migration 3 on its lookup columns: planning finds a page of jobs' records
+#: through them instead of reading every record.
 LOOKUP_INDEXES = (("jobs_identity", "jobs", "identity"), ("jobs_name", "jobs", "name_fold"))
 #: the migration after whose statements the store fills the lookup columns of existing rows
-LOOKUP_VERSION = 2
+LOOKUP_VERSION = 3
 
 
-def _migration_2(dialect: Dialect) -> list[str]:
-    statements = [f"ALTER TABLE jobs ADD COLUMN {col} {dialect.types[kind]}" for col, kind, _ in LOOKUP_COLUMNS]
-    return statements + [f"CREATE INDEX {name} ON {table} ({cols})" for name, table, cols in LOOKUP_INDEXES]
+def _migration_3(dialect: Dialect) -> list[str]:
+    return _added(3)(dialect) + [f"CREATE INDEX {name} ON {table} ({cols})" for name, table, cols in LOOKUP_INDEXES]
 
 
-MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _migration_2)]
+MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _added(2)), (3, _migration_3)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -10,6 +10,7 @@ transaction never has to be retried halfway. Times are this machine's clock.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -18,16 +19,40 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from contentdownload.errors import IllegalTransition, StoreError
+from contentdownload.errors import DamagedStoreError, DiskError, DiskFullError, DiskIOError, IllegalTransition, ReadOnlyError, StoreError
 from contentdownload.store.base import SqlJobStore, UnknownJobError, translated
-from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TRANSITION_ERROR, check_transition_table, pending, version_table
+from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TABLES, TRANSITION_ERROR, columns, check_transition_table, pending, version_table
 
 BUSY_TIMEOUT_S = 30.0
 
 
-def translate(exc: BaseException) -> BaseException | None:
+def disk_error(exc: sqlite3.Error, folder: Path) -> DiskError | None:
+    """The full or read-only disk behind a SQLite error in ``folder`` (SQLite names no errno: the filesystem is asked)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name == "SQLITE_FULL":
+        return DiskFullError(errno.ENOSPC, f"no space left for the job store ({exc})", str(folder))
+    if not name.startswith(("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")):
+        return None
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return ReadOnlyError(errno.EROFS, f"the job store's filesystem is read-only ({exc})", str(folder))
+    if fs.f_bavail == 0:
+        return DiskFullError(errno.ENOSPC, f"no space left for the job store ({exc})", str(folder))
+    if name.startswith("SQLITE_IOERR"):
+        return DiskIOError(errno.EIO, f"the job store's disk reported an I/O error ({exc})", str(folder))
+    return None
+
+
+def translate(exc: BaseException, folder: Path | None = None) -> BaseException | None:
+    """The store error (or, for a full or read-only ``folder``, the disk error) a SQLite error stands for."""
     if not isinstance(exc, sqlite3.Error):
         return None
+    disk = disk_error(exc, folder) if folder is not None else None
+    if disk is not None:
+        return disk
     text = str(exc)
     if isinstance(exc, sqlite3.IntegrityError):
         if TRANSITION_ERROR in text:
@@ -82,8 +107,30 @@ class SQLiteStore(SqlJobStore):
             raise StoreError("an in-memory SQLite database cannot be shared between threads; use 'memory:'")
         if not self.path.parent.is_dir():
             raise StoreError(f"cannot open the job store {self.url}: folder {self.path.parent} does not exist")
-        with translated(translate):
-            self._migrate()
+        self._set_aside_stale_journal()
+        try:
+            with translated(self._translate):
+                self._migrate()
+        except StoreError as exc:
+            if isinstance(exc.__cause__, sqlite3.DatabaseError) and not isinstance(exc.__cause__, sqlite3.OperationalError):
+                self.close()
+                raise DamagedStoreError(f"the job store {self.path} is damaged ({exc.__cause__})") from None
+            raise
+
+    def _set_aside_stale_journal(self) -> None:
+        """A write-ahead log left beside a deleted or emptied database belongs to the old one, and SQLite would
+        reset it when the new file is opened: it is kept, renamed (``-wal.stale-<time>``), with its ``-shm``."""
+        try:
+            empty = self.path.stat().st_size == 0
+        except FileNotFoundError:
+            empty = True
+        wal = self.path.with_name(self.path.name + "-wal")
+        if empty and wal.is_file() and wal.stat().st_size > 0:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            for suffix in ("-wal", "-shm"):
+                old = self.path.with_name(self.path.name + suffix)
+                if old.exists():
+                    os.replace(old, old.with_name(f"{old.name}.stale-{stamp}"))
 
     # -- connections ------------------------------------------------------------------
 
@@ -158,7 +205,7 @@ class SQLiteStore(SqlJobStore):
                 pass
 
     def _translate(self, exc: BaseException) -> BaseException | None:
-        return translate(exc)
+        return translate(exc, self.path.parent)
 
     def _transient(self, exc: BaseException) -> bool:
         """Another process holds the write lock past the busy timeout: wait longer (other errors are permanent)."""
@@ -188,6 +235,7 @@ class SQLiteStore(SqlJobStore):
         if self._version(conn) != SCHEMA_VERSION:  # the usual case skips the write lock
             conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
             try:
+                self.created = self._version(conn) == 0
                 conn.execute(version_table(SQLITE))
                 for version, statements in pending(SQLITE, self._version(conn), self.url):
                     self._apply_migration(conn, version, statements)
@@ -196,8 +244,19 @@ class SQLiteStore(SqlJobStore):
             except BaseException:
                 self._rollback(conn)
                 raise
+        self._check_tables(conn)
         found = {(a, b) for a, b in conn.execute("SELECT from_state, to_state FROM job_transitions")}
         check_transition_table(found, self.url)
+
+    def _check_tables(self, conn: sqlite3.Connection) -> None:
+        """Every table and column of the schema is there (a store with its version but not its tables is damaged)."""
+        for table in TABLES:
+            found = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            missing = [name for name, _, _ in columns(table) if name not in found]
+            if missing:
+                self.close()
+                what = f"table {table} is missing" if not found else f"table {table} lacks {', '.join(missing)}"
+                raise DamagedStoreError(f"the job store {self.path} is damaged ({what})")
 
     def schema_version(self) -> int:
         return self._run(self._version, write=False)
@@ -208,9 +267,9 @@ class SQLiteStore(SqlJobStore):
         before = conn.total_changes
         now = time.time()
         conn.executemany(
-            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, identity, name_fold, created_at, updated_at) "
-            "VALUES (?, ?, 'planned', ?, ?, ?, ?, ?)",
-            [(*row, now, now) for row in rows],
+            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, identity, name_fold, location, created_at, updated_at) "
+            "VALUES (?, ?, 'planned', ?, ?, ?, ?, ?, ?)",
+            [(*row, self.location, now, now) for row in rows],
         )
         return conn.total_changes - before
 

@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -606,6 +606,12 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         rec = owner._begin(self.command, self.path, self.headers)
         try:
+            self._answer(owner, rec, head)
+        finally:
+            owner._request_ended()
+
+    def _answer(self, owner: LoopbackServer, rec: _Rec, head: bool) -> None:
+        try:
             owner._respond(self, rec, head)
             self.wfile.flush()
         except _DISCONNECTS:
@@ -810,6 +816,7 @@ class LoopbackServer:
         self._conns: set[socket.socket] = set()
         self._generation = itertools.count(1)
         self._stopping = threading.Event()
+        self._ended = threading.Condition()  # notified whenever a request's exchange ends
         self._httpd_holder: list[_HTTPServer] = []
         self._thread: threading.Thread | None = None
         self._thread_holder: list[threading.Thread] = []
@@ -1243,6 +1250,18 @@ class LoopbackServer:
             ranges=[r.range for r in recs],
             conditional=sum(1 for r in recs if "If-None-Match" in r.headers or "If-Modified-Since" in r.headers),
         )
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` holds, checking it each time a request ends; ``False`` after ``timeout`` seconds.
+
+        An event to act on instead of a sleep: ``server.wait_until(lambda: server.stats(p).full_bodies >= 1, 60)``.
+        """
+        with self._ended:
+            return self._ended.wait_for(predicate, timeout)
+
+    def _request_ended(self) -> None:
+        with self._ended:
+            self._ended.notify_all()
 
     def reset_stats(self) -> None:
         """Forget the recorded requests (and so every counter)."""

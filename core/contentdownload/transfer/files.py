@@ -8,16 +8,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-BLOCK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
     """The SHA-256 (lowercase hex) of the file at ``path``."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def file_matches(path: Path, size: int | None, sha256: str | None, mtime_ns: int | None = None) -> bool:

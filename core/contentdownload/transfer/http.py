@@ -80,23 +80,21 @@ def default_user_agent() -> str:
 # -- RFC 9110 helpers -----------------------------------------------------------------
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+_RETRY_AFTER = Retry(0)  # parse_retry_after uses no state of the instance
+
+
+def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date); ``None`` if absent or malformed.
 
-    A date in the past gives ``0.0``.
+    urllib3's :meth:`Retry.parse_retry_after <urllib3.util.retry.Retry.parse_retry_after>`:
+    a date in the past gives ``0.0``.
     """
     if value is None:
         return None
-    text = value.strip()
-    if re.fullmatch(r"[0-9]+", text):
-        return float(int(text))
     try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+        return float(_RETRY_AFTER.parse_retry_after(value))
+    except InvalidHeader:
         return None
-    if when is None or when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @attrs.frozen

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 import attrs
 from filelock import FileLock, Timeout
 
-from contentdownload.errors import Cancelled, LeaseLostError, StagingError, UnsafePathError, UsageError
+from contentdownload.errors import Cancelled, DiskError, LeaseLostError, StagingError, UnsafePathError, UsageError
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
 from contentdownload.records.log import get_logger
 from contentdownload.transfer import content
@@ -476,8 +476,11 @@ class Part:
         try:
             self.checkpoint()
         except OSError:
+            pass  # the count recorded by the last checkpoint stays: what a resume trusts
+        try:
+            self.fh.close()
+        except OSError:  # a full or read-only disk refuses the buffered tail too; the fd is closed anyway
             pass
-        self.fh.close()
 
     def discard(self) -> None:
         """Close and delete the part and its sidecar."""
@@ -892,6 +895,9 @@ class PartStore:
         except FileNotFoundError:
             return self._part_gone(promotion)
         except OSError as exc:
+            disk = DiskError.of(exc)
+            if disk is not None:  # the run stops; the part stays for the rerun
+                raise disk from exc
             log.error("cannot move the part into place", final=str(paths.final), error=str(exc))
             promotion.reason = "rename_failed"
             return False

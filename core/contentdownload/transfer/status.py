@@ -19,7 +19,7 @@ import attrs
 import requests
 import urllib3
 
-from contentdownload.errors import JobAbort
+from contentdownload.errors import NOT_PLUGIN_FAULTS
 from contentdownload.hooks.model import StagePaths, StreamContext, StreamResult
 from contentdownload.transfer.digests import content_digests, representation_digests, server_digests
 from contentdownload.transfer.http import RETRY_STATUSES, content_encoding, content_length, failure_detail, parse_retry_after, request_failure
@@ -96,7 +96,7 @@ class Attempt:
         ctx = self.ctx
         try:
             response = ctx.http.get(ctx.url, self.headers, timeout=ctx.options.timeout)
-        except JobAbort:
+        except NOT_PLUGIN_FAULTS:  # a lease lost or the store or the disk failing while waiting: no transport error
             raise
         except (*TRANSPORT_ERRORS, ValueError) as exc:
             status, reason = request_failure(exc)
