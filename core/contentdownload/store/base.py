@@ -715,7 +715,7 @@ class SqlJobStore(JobStore):
             self._fill_lookup_columns(conn)
 
     def _fill_lookup_columns(self, conn: Any) -> None:
-        """Copy identity and folded name out of the payload of every existing job (migration 2)."""
+        """Copy identity and folded name out of the payload of every existing job (migration 3)."""
         after = ""
         while True:
             rows = self._fetchall(conn, self.q(f"SELECT key, payload FROM jobs WHERE key > ? ORDER BY key LIMIT {PAGE}"), (after,))
