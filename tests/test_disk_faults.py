@@ -340,3 +340,12 @@ def test_the_library_raises_the_disk_error_and_gives_the_job_back(server, tmp_pa
         result = dl.download(url, tmp_path / "out")
     assert result.outcome == "downloaded" and (tmp_path / "out" / "a.pdf").read_bytes() == data
     assert plugin.calls == 2
+
+
+def test_closing_the_logs_gives_the_logger_back_to_the_host(tmp_path, caplog):
+    """A run (or a ``Downloader``) configures the package's logger; once closed, the host's handlers see its records again."""
+    configure_logging("INFO", tmp_path / "download.log", stderr_level="CRITICAL")
+    close_logging()
+    caplog.set_level("WARNING", logger="contentdownload.store")
+    get_logger("contentdownload.store").warning("store unavailable")
+    assert any("store unavailable" in r.getMessage() for r in caplog.records)

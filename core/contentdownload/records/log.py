@@ -160,9 +160,12 @@ def log_traceback(message: str, exc: BaseException) -> None:
 
 
 def close_logging() -> None:
-    """Flush and detach the handlers :func:`configure_logging` added."""
+    """Flush and detach the handlers :func:`configure_logging` added, and give the package's logger back
+    to the host's logging (its level unset, its records propagated again)."""
     root = logging.getLogger(LOGGER_NAME)
     for handler in _handlers:
         root.removeHandler(handler)
         handler.close()
     _handlers.clear()
+    root.setLevel(logging.NOTSET)
+    root.propagate = True
