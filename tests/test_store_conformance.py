@@ -110,7 +110,7 @@ def raw_update(url: str, sql: str, params: tuple) -> None:
         import psycopg
 
         with psycopg.connect(url) as conn:
-            conn.execute(sql.replace("?", "%s"), params)
+            conn.execute(sql.replace("?", "%s") if params else sql, params or None)
 
 
 # -- the transition table ------------------------------------------------------------------
@@ -583,7 +583,7 @@ def test_ledger_errors(store):
 def test_schema_version_table(persistent_url):
     store = open_store(persistent_url)
     store.plan(jobs(3))
-    assert store.schema_version() == SCHEMA_VERSION == 3 and store.created
+    assert store.schema_version() == SCHEMA_VERSION == 4 and store.created
     store.close()
     raw_update(persistent_url, "INSERT INTO schema_version (version, applied_at) VALUES (?, 0)", (99,))
     with pytest.raises(SchemaVersionError, match="schema version 99"):
@@ -845,5 +845,57 @@ def test_a_store_of_the_first_schema_opens_and_keeps_its_leases(persistent_url):
         assert store.claim("new", 60, keys=keys) is None  # the old lease still running is left alone
         finish(store, taken)
         assert store.get("k00002").state is F
+    finally:
+        store.close()
+
+
+def named(key: str, identity: str | None, name: str) -> PlannedJob:
+    payload = {"urls": [f"https://example.org/{name}"], "relative_path": name}
+    if identity is not None:
+        payload["identity"] = identity
+    return PlannedJob(key=key, scheme="test", payload=payload)
+
+
+def test_lookup_by_key_identity_and_name(store):
+    store.plan([named("k1", "id-1", "Paper.pdf"), named("k2", None, "old.pdf"), named("k3", "id-3", "Straße.pdf"),
+                *jobs(50)])
+    assert [r.key for r in store.lookup(keys=["k1", "nope", "k00007"])] == ["k00007", "k1"]
+    assert [r.key for r in store.lookup(identities=["id-3", "id-9"])] == ["k3"]
+    # names compare case-insensitively (casefold): safe on case-insensitive filesystems
+    assert [r.key for r in store.lookup(names=["paper.PDF", "STRASSE.pdf", "OLD.pdf"])] == ["k1", "k2", "k3"]
+    both = store.lookup(keys=["k1"], identities=["id-1"], names=["paper.pdf"])
+    assert [r.key for r in both] == ["k1"] and both[0].payload["relative_path"] == "Paper.pdf"
+    assert store.lookup() == []
+    many = store.lookup(keys=[f"k{i:05d}" for i in range(0, 2000)])  # more keys than one statement takes
+    assert len(many) == 50
+
+
+def test_count_active_among_keys(store):
+    store.plan(jobs(6))
+    mine = frozenset(["k00000", "k00001", "k00002"])
+    assert store.count_active(mine) == 3
+    finish(store, store.claim_key("k00000", "w", 30))
+    store.claim_key("k00001", "w", 30)  # leased: still active
+    claim = store.claim_key("k00002", "w", 30)
+    store.fail(claim.key, claim.epoch, "http_404", retryable=False, max_attempts=1)
+    assert store.count_active(mine) == 1
+    assert store.count_active(frozenset(["k00000"])) == 0
+    assert store.count_active(frozenset()) == 0
+
+
+def test_a_store_of_the_first_schema_is_migrated_with_its_lookups(persistent_url):
+    from contentdownload.store.schema import MIGRATIONS, POSTGRES, SQLITE, version_table
+    dialect = SQLITE if persistent_url.startswith("sqlite:") else POSTGRES
+    for statement in [version_table(dialect), *MIGRATIONS[0][1](dialect)]:  # a store as the first schema left it
+        raw_update(persistent_url, statement, ())
+    raw_update(persistent_url, "INSERT INTO schema_version (version, applied_at) VALUES (1, 0)", ())
+    for i in range(1, 1203):  # more than one page of the fill
+        raw_update(persistent_url, "INSERT INTO jobs (key, scheme, payload, created_at, updated_at) VALUES (?, 'test', ?, 0, 0)",
+                   (f"k{i:05d}", json.dumps({"identity": f"id-{i}", "relative_path": f"Big{i}.PDF"})))
+    store = open_store(persistent_url)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION >= 2
+        assert [r.key for r in store.lookup(identities=["id-1", "id-1202"])] == ["k00001", "k01202"]
+        assert [r.key for r in store.lookup(names=["big7.pdf"])] == ["k00007"]
     finally:
         store.close()

@@ -90,7 +90,9 @@ def test_sqlite_and_postgresql_stores_have_one_schema(tmp_path, fresh_postgres_d
     assert lite["columns"][("jobs", "state")] == ("text", True, False, "planned")
     assert lite["foreign_keys"] == pg["foreign_keys"] and len(lite["foreign_keys"]) == 4
     assert lite["indexes"] == pg["indexes"] == {("jobs_claim", "jobs", ("state", "lease_expires_at")),
-                                                ("operations_job", "operations", ("job_key",))}
+                                                ("operations_job", "operations", ("job_key",)),
+                                                ("jobs_identity", "jobs", ("identity",)),
+                                                ("jobs_name", "jobs", ("name_fold",))}
     assert lite["checks"] == pg["checks"] == {("operations", "status")}
     assert lite["triggers"] == pg["triggers"] == {"jobs_state_transition"}
 

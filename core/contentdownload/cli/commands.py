@@ -50,6 +50,7 @@ RUN_FLAGS = {
     "ca_bundle": "ca_bundle",
     "host_rate": "host_rate",
     "limit_rate": "limit_rate",
+    "signing_param": "signing_params",
 }
 #: run setting -> the flag that sets it (for messages and ``contentdownload config``)
 SETTING_FLAGS = {key: "--" + dest.replace("_", "-") for dest, key in RUN_FLAGS.items()}
@@ -273,6 +274,8 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (one warning is printed)")
     g.add_argument("--limit-rate", metavar="RATE", help="body bytes per second for the whole run, such as 500k or 2M (as wget and curl)")
     g.add_argument("--host-rate", type=float, metavar="R", help="requests per second per host, spaced evenly (no bursts)")
+    g.add_argument("--signing-param", action="append", metavar="NAME",
+                   help="a query parameter that signs or expires URLs, besides the known ones: no part of a job's identity, never written (repeatable)")
     g.add_argument("--max-bytes", type=int, metavar="N", help="abort a body larger than N bytes")
     g.add_argument("--retries", type=int, metavar="N", help="retries of a transfer per candidate URL (default 5)")
     g.add_argument("--timeout", type=float, metavar="S", help="read timeout in seconds (default 60)")

@@ -12,7 +12,7 @@ from contentdownload.transfer.urls import identity_url
 IDENTITY_VERSION = 1
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 12)  # a page of planning (the planner, then the job_key plugin); not a whole list
 def identity_key(job: Job) -> tuple[str, str]:
     """The content identity of a job: ``(hex SHA-256, canonical URL)``.
 

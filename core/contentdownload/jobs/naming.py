@@ -86,36 +86,52 @@ def with_suffix(name: str, identity: str) -> str:
 FOREIGN = "(a file no job recorded)"
 
 
+class NameOwners:
+    """Which identity holds each output name, compared case-insensitively (safe on case-insensitive
+    filesystems). Built from recorded names and the names of foreign files; a subclass may look
+    further (the job store, the folder) for names it was not given."""
+
+    def __init__(self, recorded: Mapping[str, str] | None = None, taken: Iterable[str] = ()):
+        self._owner: dict[str, str] = {}  # casefolded name -> identity
+        for identity, name in (recorded or {}).items():
+            self._owner.setdefault(name.casefold(), identity)
+        for name in taken:
+            self._owner.setdefault(name.casefold(), FOREIGN)
+
+    def owner(self, name: str) -> str | None:
+        """The identity holding ``name`` (:data:`FOREIGN` for a file no job recorded), or ``None``."""
+        return self._owner.get(name.casefold())
+
+    def take(self, name: str, identity: str) -> None:
+        self._owner[name.casefold()] = identity
+
+
 def plan_names(jobs: Sequence[tuple[Job, str]], recorded: Mapping[str, str] | None = None,
-               taken: Iterable[str] = ()) -> list[str]:
+               taken: Iterable[str] = (), owners: NameOwners | None = None) -> list[str]:
     """One output name per ``(job, identity)``, unique across different identities.
 
     ``recorded`` maps identities to names an earlier run gave them; those are kept.
     ``taken`` are names of files already in the folder that no identity recorded: no
-    job gets them. The same identity always gets the same name. Comparison is
-    case-insensitive so the plan is safe on case-insensitive filesystems.
+    job gets them. ``owners`` (default: built from ``recorded`` and ``taken``) says who
+    holds a name. The same identity always gets the same name.
     """
     recorded = recorded or {}
-    owner: dict[str, str] = {}  # casefolded name -> identity
+    owners = owners if owners is not None else NameOwners(recorded, taken)
     by_identity: dict[str, str] = {}
-    for identity, name in recorded.items():
-        owner.setdefault(name.casefold(), identity)
-    for name in taken:
-        owner.setdefault(name.casefold(), FOREIGN)
     out: list[str] = []
     for job, identity in jobs:
         if identity in by_identity:
             out.append(by_identity[identity])
             continue
         name = recorded.get(identity) or base_name(job, identity)
-        holder = owner.get(name.casefold())
+        holder = owners.owner(name)
         if holder is not None and holder != identity:
             name = with_suffix(name, identity)
             n = 1
-            while owner.get(name.casefold(), identity) != identity:
+            while (owners.owner(name) or identity) != identity:
                 name = with_suffix(base_name(job, identity), f"{identity[: 8 - len(str(n))]}{n}")
                 n += 1
-        owner[name.casefold()] = identity
+        owners.take(name, identity)
         by_identity[identity] = name
         out.append(name)
     return out

@@ -7,9 +7,9 @@ job key once in the store.
 
 from __future__ import annotations
 
-import sys
+import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -18,7 +18,7 @@ from contentdownload.jobs.keys import identity_key
 from contentdownload.records.log import get_logger
 from contentdownload.records.manifest import ManifestRecords
 from contentdownload.hooks.model import Job, JobKey, JobKeyContext, JobResult, PriorRecord
-from contentdownload.jobs.naming import plan_names
+from contentdownload.jobs.naming import FOREIGN, NameOwners, base_name, plan_names
 from contentdownload.jobs.rebuild import requeue_lost
 from contentdownload.transfer.urls import redact_url
 from contentdownload.transfer.files import file_matches
@@ -26,9 +26,6 @@ from contentdownload.jobs.worker import WorkItem, is_permanent, job_from_payload
 from contentdownload.jobs.workspace import Workspace
 
 log = get_logger(__name__)
-
-ACTIVE_STATES = ("planned", "leased", "streaming")
-
 
 @attrs.frozen
 class Plan:
@@ -45,11 +42,15 @@ def _state(record: Any) -> str:
     return state.value if hasattr(state, "value") else str(state)
 
 
+#: jobs planned per round trip to the store: memory follows the page, not the list
+PLAN_PAGE = 1000
+
+
 def plan_jobs(
     runtime: Any,
     store: Any,
     ws: Workspace,
-    jobs: Sequence[Job],
+    jobs: Iterable[Job],
     *,
     revalidate: bool = False,
     retry_failed: bool = False,
@@ -58,54 +59,130 @@ def plan_jobs(
 ) -> Plan:
     """Key and name every job, record them in ``store``, and sort out what needs doing.
 
-    ``dry_run``: change nothing in the store, only classify.
+    The list is read in pages of :data:`PLAN_PAGE` jobs; each page costs a few indexed
+    lookups in the store (records by key, content identity and output name), never a read
+    of the whole store or a listing of the output folder. ``dry_run``: change nothing in
+    the store, only classify.
     """
-    # Content identity of each job (canonical URL, work and artifact ids); duplicates collapse.
-    identified: dict[str, tuple[Job, str]] = {}
-    for job in jobs:
-        identity, url = identity_key(job)
-        identified.setdefault(identity, (job, url))
-    ordered = list(identified.items())
-    history = _History.read(store)
-    names = _names(history, ws, ordered, resume_from)
-    items, settled, planned = _key_jobs(runtime, ordered, names, resume_from, revalidate, history)
-    if not dry_run:
-        store.plan(planned)
-    settled += _settle_from_manifest(store, ws, items, revalidate, dry_run)
-    settled += _settle_from_store(store, ws, items, retry_failed, dry_run)
-    return Plan(items=items, settled=settled, keys=frozenset(items), order=[k for k in items])
-
-
-def _names(history: "_History", ws: Workspace, ordered: Sequence[tuple[str, tuple[Job, str]]], resume_from: ManifestRecords | None) -> list[str]:
-    """A relative path per job: the name on record (store, earlier manifest) or a new one no other file has."""
-    recorded_names = history.names
-    for identity, owned in (resume_from.names.items() if resume_from else ()):
-        if Path(owned).parent == ws.out:
-            recorded_names.setdefault(identity, Path(owned).name)
-    mine = {name.casefold() for name in recorded_names.values()}
-    foreign = [p.name for p in ws.out.iterdir() if p.is_file() and p.name.casefold() not in mine] if ws.out.is_dir() else []
-    return plan_names([(job, identity) for identity, (job, _) in ordered], recorded_names, taken=foreign)
-
-
-def _key_jobs(
-    runtime: Any, ordered: Sequence[tuple[str, tuple[Job, str]]], names: Sequence[str],
-    resume_from: ManifestRecords | None, revalidate: bool, history: "_History",
-) -> tuple[dict[str, WorkItem], list[JobResult], list[Any]]:
-    """The job key of each job (through the ``job_key`` chain): work items, failures, and the store's planned rows."""
-    from contentdownload.store import PlannedJob  # the store package imports drivers lazily
-
     items: dict[str, WorkItem] = {}
     settled: list[JobResult] = []
+    names = _StoreNames(store, ws, resume_from, keep_given=dry_run)
+    for page in _pages(jobs):
+        page_items, page_settled, planned, history = _key_page(runtime, store, page, names, resume_from, revalidate)
+        page_items = {key: item for key, item in page_items.items() if key not in items}
+        if not dry_run:
+            store.plan(planned)
+        page_settled += _settle_from_manifest(store, ws, page_items, revalidate, dry_run)
+        page_settled += _settle_from_store(store, ws, page_items, history.records, retry_failed, dry_run)
+        items.update(page_items)
+        settled += page_settled
+    return Plan(items=items, settled=settled, keys=frozenset(items), order=list(items))
+
+
+Page = Sequence[tuple[str, tuple[Job, str]]]  # (identity, (job, canonical URL)) in list order
+
+
+def _pages(jobs: Iterable[Job]) -> Iterator[Page]:
+    """The jobs with their content identity (canonical URL, work and artifact ids), duplicates dropped, in pages."""
+    seen: set[str] = set()
+    page: list[tuple[str, tuple[Job, str]]] = []
+    for job in jobs:
+        identity, url = identity_key(job)
+        if identity in seen:
+            continue
+        seen.add(identity)
+        page.append((identity, (job, url)))
+        if len(page) >= PLAN_PAGE:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+class _StoreNames:
+    """The names of one plan: a name on record (store, earlier manifest) stays with its job; a new
+    one is held by no other identity in the store, by no file in the folder, by no other job of the plan."""
+
+    def __init__(self, store: Any, ws: Workspace, resume_from: ManifestRecords | None, keep_given: bool):
+        self.store, self.ws, self.keep_given = store, ws, keep_given
+        self.resumed = {identity: Path(owned).name for identity, owned in (resume_from.names.items() if resume_from else ())
+                        if Path(owned).parent == ws.out}
+        self.given = _Owners(store, ws, {name.casefold(): identity for identity, name in self.resumed.items()})
+
+    def assign(self, page: Page, known: Sequence[Any], bases: Sequence[str]) -> list[str]:
+        """A relative path per job of ``page``; ``known``: the store's records of the page's identities and
+        of its jobs' ``bases`` (the names they ask for)."""
+        if not self.keep_given:
+            self.given.forget()  # the names given so far are in the store now
+        recorded: dict[str, str] = {}
+        for rec in known:
+            identity, path = rec.payload.get("identity"), rec.payload.get("relative_path")
+            if identity and path:
+                recorded.setdefault(identity, path)
+        for identity, _ in page:
+            if identity in self.resumed:
+                recorded.setdefault(identity, self.resumed[identity])
+        self.given.start_page(known, bases)
+        return plan_names([(job, identity) for identity, (job, _) in page], recorded, owners=self.given)
+
+
+class _Owners(NameOwners):
+    """Who holds a name: this plan's choices, the store's records (the page's prefetched, others
+    asked one by one), and, for a name no job recorded, a file of that name in the folder."""
+
+    def __init__(self, store: Any, ws: Workspace, resumed: dict[str, str]):
+        super().__init__()
+        self.store, self.ws, self.resumed = store, ws, resumed
+        self.known: dict[str, str | None] = {}  # casefolded name -> identity on record (None: asked, none)
+
+    def forget(self) -> None:
+        """Drop this plan's choices (once they are in the store)."""
+        self._owner.clear()
+
+    def start_page(self, records: Sequence[Any], asked: Sequence[str]) -> None:
+        """What the store says of a new page's names (what it said of earlier pages may be stale now)."""
+        self.known = {}
+        self.know(records, asked)
+
+    def know(self, records: Sequence[Any], asked: Sequence[str]) -> None:
+        """Note who holds the names ``asked``, from ``records`` (the store's records of them)."""
+        for name in asked:
+            self.known.setdefault(name.casefold(), None)
+        for rec in records:
+            identity, path = rec.payload.get("identity"), rec.payload.get("relative_path")
+            if identity and path and self.known.get(path.casefold()) is None:
+                self.known[path.casefold()] = identity
+
+    def owner(self, name: str) -> str | None:
+        folded = name.casefold()
+        holder = self._owner.get(folded) or self.resumed.get(folded)
+        if holder is None:
+            if folded not in self.known:
+                self.know([*self.store.lookup(names=[name])], [name])
+            holder = self.known[folded]
+        if holder is None and os.path.lexists(self.ws.out / name):
+            return FOREIGN
+        return holder
+
+
+def _key_page(
+    runtime: Any, store: Any, page: Page, names: _StoreNames, resume_from: ManifestRecords | None, revalidate: bool,
+) -> tuple[dict[str, WorkItem], list[JobResult], list[Any], "_History"]:
+    """Name and key the jobs of one page: work items, failures, the store's planned rows, and what the store holds of them."""
+    from contentdownload.store import PlannedJob  # the store package imports drivers lazily
+
+    bases = [base_name(job, identity) for identity, (job, _) in page]
+    known = store.lookup(identities=[identity for identity, _ in page], names=bases)
+    relatives = names.assign(page, known, bases)
+    answers, settled = _answers(runtime, page, relatives)
+    asked = [a.result.key for a in answers if a is not None] + [identity for identity, _ in page]
+    history = _History.of([*known, *store.lookup(keys=asked, names=relatives)])
+    items: dict[str, WorkItem] = {}
     planned = []
     by_key = resume_from.by_key if resume_from else {}
     by_url = resume_from.by_url if resume_from else {}
-    for (identity, (job, canonical)), relative in zip(ordered, names):
-        selection = runtime.policy.plan(identity)["job_key"]
-        try:
-            answer = runtime.dispatcher.call(selection, JobKeyContext(job=job, relative_path=relative))
-        except NoPluginAnsweredError as exc:
-            settled.append(JobResult(outcome="failed", job=job, reason="no_plugin", url=job.url))
-            log.error("no plugin keyed the job", url=redact_url(job.url), error=str(exc))
+    for (identity, (job, canonical)), relative, answer in zip(page, relatives, answers):
+        if answer is None:
             continue
         key: JobKey = history.key_of(answer.result, identity, relative)
         if key.key in items:
@@ -117,7 +194,22 @@ def _key_jobs(
             adopt_from=prior.path if prior is not None and prior.path else None,
         )
         planned.append(PlannedJob(key=key.key, scheme=key.scheme, payload=job_payload(job, relative, identity)))
-    return items, settled, planned
+    return items, settled, planned, history
+
+
+def _answers(runtime: Any, page: Page, relatives: Sequence[str]) -> tuple[list[Any], list[JobResult]]:
+    """The ``job_key`` chain's answer per job (``None`` where no plugin keyed it, with its failure)."""
+    answers: list[Any] = []
+    settled: list[JobResult] = []
+    for (identity, (job, _)), relative in zip(page, relatives):
+        selection = runtime.policy.plan(identity)["job_key"]
+        try:
+            answers.append(runtime.dispatcher.call(selection, JobKeyContext(job=job, relative_path=relative)))
+        except NoPluginAnsweredError as exc:
+            answers.append(None)
+            settled.append(JobResult(outcome="failed", job=job, reason="no_plugin", url=job.url))
+            log.error("no plugin keyed the job", url=redact_url(job.url), error=str(exc))
+    return answers, settled
 
 
 def _settle_from_manifest(store: Any, ws: Workspace, items: dict[str, WorkItem], revalidate: bool, dry_run: bool) -> list[JobResult]:
@@ -136,10 +228,11 @@ def _settle_from_manifest(store: Any, ws: Workspace, items: dict[str, WorkItem],
     return settled
 
 
-def _settle_from_store(store: Any, ws: Workspace, items: dict[str, WorkItem], retry_failed: bool, dry_run: bool) -> list[JobResult]:
+def _settle_from_store(store: Any, ws: Workspace, items: dict[str, WorkItem], records: Mapping[str, Any],
+                       retry_failed: bool, dry_run: bool) -> list[JobResult]:
     """What earlier runs left: finished files, failures, leases of dead processes (settled ones leave ``items``)."""
     settled = []
-    existing = {key: rec for key in items if (rec := store.get(key)) is not None}
+    existing = {key: rec for key in items if (rec := records.get(key)) is not None}
     for key, rec in existing.items():
         item = items[key]
         state = _state(rec)
@@ -187,26 +280,22 @@ def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: boo
 
 @attrs.frozen
 class _History:
-    """What the store already holds, reduced to what planning needs: keys, names, keys by identity."""
+    """What the store holds of one page of jobs, reduced to what planning needs: records by key, keys by identity."""
 
-    keys: Mapping[str, str]  # key -> scheme
-    names: dict[str, str]  # identity -> relative path
+    records: Mapping[str, Any]  # key -> record
     keys_by_ref: Mapping[str, JobKey]  # identity (or "path:" + relative path) -> first recorded key
 
     @classmethod
-    def read(cls, store: Any) -> "_History":
-        keys: dict[str, str] = {}
-        names: dict[str, str] = {}
+    def of(cls, records: Iterable[Any]) -> "_History":
+        by_key = {rec.key: rec for rec in records}
         refs: dict[str, JobKey] = {}
-        for rec in store.records():
-            keys[rec.key] = sys.intern(rec.scheme)
+        for key in sorted(by_key):
+            rec = by_key[key]
             identity, path = rec.payload.get("identity"), rec.payload.get("relative_path")
-            if identity and path:
-                names.setdefault(identity, path)
             ref = identity or (f"path:{path}" if path else None)  # a path only for records without identity
             if ref and ref != rec.key:  # a record keyed by its identity is found by its key
                 refs.setdefault(ref, JobKey(key=rec.key, scheme=rec.scheme))
-        return cls(keys, names, refs)
+        return cls(by_key, refs)
 
     def key_of(self, answered: JobKey, identity: str, relative: str) -> JobKey:
         """The key of a job: the one its record already has, whichever plugin keys it now.
@@ -215,10 +304,10 @@ class _History:
         else by its output path), so switching the ``job_key`` winner (a canary ramp, a
         rollback) finds the finished file instead of planning a new job.
         """
-        if answered.key in self.keys:
+        if answered.key in self.records:
             return answered
-        if identity in self.keys:
-            return JobKey(key=identity, scheme=self.keys[identity], canonical_url=answered.canonical_url)
+        if identity in self.records:
+            return JobKey(key=identity, scheme=self.records[identity].scheme, canonical_url=answered.canonical_url)
         found = self.keys_by_ref.get(identity) or self.keys_by_ref.get(f"path:{relative}")
         return attrs.evolve(found, canonical_url=answered.canonical_url) if found else answered
 
@@ -243,16 +332,14 @@ def _record_finished(store: Any, key: str, final: Path, prior: PriorRecord) -> N
                  content_type=prior.content_type, mtime_ns=st.st_mtime_ns)
 
 
-def remaining(store: Any, keys: Iterable[str]) -> set[str]:
-    """Keys among ``keys`` that are not finished or failed yet (someone may still hold them)."""
-    wanted = set(keys)  # only active records are read: the cost follows the run, not the store's history
-    return {rec.key for state in ACTIVE_STATES for rec in store.records(state) if rec.key in wanted}
+def remaining(store: Any, keys: frozenset[str]) -> int:
+    """How many of ``keys`` are not finished or failed yet (someone may still hold them): one count in the store."""
+    return store.count_active(keys)
 
 
 def finished_elsewhere(store: Any, keys: Iterable[str]) -> set[str]:
     """Keys among ``keys`` the store calls finished (another process may have done them)."""
-    wanted = set(keys)
-    return {rec.key for rec in store.records() if rec.key in wanted and _state(rec) == "finalized"}
+    return {rec.key for rec in store.lookup(keys=keys) if _state(rec) == "finalized"}
 
 
 def item_for_claim(plan: Plan, claim: Any) -> WorkItem:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 from contentdownload.version import __version__
 import attrs
 
+from contentdownload.transfer.urls import add_signing_params
 from contentdownload.machinery.config import ConfigFile, RunSettings, load_config, redact_setting, resolve_settings, user_config_path
 from contentdownload.machinery.dispatch import Dispatcher
 from contentdownload.machinery.flags import ENV_VARS, FlagLayer, env_layer
@@ -51,6 +52,7 @@ class Runtime:
         labels = {} if override_label is None else {"override_label": override_label}
         resolved = resolve_settings(self.config, self.environ, run_overrides, **labels)
         self.settings: RunSettings = resolved[0]
+        add_signing_params(self.settings.signing_params)
         #: ``[run]`` key -> where its value came from (default, a file, a variable, a flag)
         self.settings_origin: dict[str, str] = resolved[1]
 

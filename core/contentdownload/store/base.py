@@ -26,13 +26,14 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Collection, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import attrs
 
 from contentdownload.clock import SYSTEM_CLOCK, Clock
 from contentdownload.errors import IllegalTransition, LeaseLostError, StoreError, StoreUnavailableError
 from contentdownload.store import transitions
+from contentdownload.store.schema import LOOKUP_VERSION
 from contentdownload.store.schema import SchemaVersionError  # noqa: F401  (re-exported)
 from contentdownload.store.transitions import JobState
 
@@ -173,6 +174,17 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def records(self, state: JobState | str | None = None) -> Iterator[JobRecord]: ...
 
+    @abc.abstractmethod
+    def lookup(self, *, keys: Iterable[str] = (), identities: Iterable[str] = (),
+               names: Iterable[str] = ()) -> list[JobRecord]:
+        """The records with one of ``keys``, one of the content ``identities`` (payload ``identity``)
+        or one of the output ``names`` (payload ``relative_path``, compared case-insensitively), in
+        key order. Indexed: the cost follows the number of values asked, not the store's size."""
+
+    @abc.abstractmethod
+    def count_active(self, keys: frozenset[str]) -> int:
+        """How many of ``keys`` are planned, leased or streaming (pass the run's key set, as to :meth:`claim`)."""
+
     # -- the operation ledger ---------------------------------------------------------
 
     @abc.abstractmethod
@@ -246,6 +258,13 @@ def fenced_refusal(key: str, epoch: int, row: tuple | None, target: JobState | N
     return LeaseLostError(f"job {key} is {state.value}: no lease of epoch {epoch} to act for")
 
 
+def lookup_columns(payload: dict | None) -> tuple[str | None, str | None]:
+    """The indexed copies of a payload's fields: its content identity and its output name, casefolded."""
+    payload = payload or {}
+    name = payload.get("relative_path")
+    return payload.get("identity") or None, name.casefold() if isinstance(name, str) and name else None
+
+
 def fail_target(attempts_after: int, retryable: bool, max_attempts: int) -> JobState:
     return JobState.PLANNED if retryable and attempts_after < max_attempts else JobState.FAILED
 
@@ -260,7 +279,10 @@ RECORD_COLUMNS = (
 COLS = ", ".join(RECORD_COLUMNS)
 HELD_SQL = "('leased', 'streaming')"
 PLANNED_SQL = "state = 'planned'"
+ACTIVE_SQL = "('planned', 'leased', 'streaming')"
 PAGE = 1000
+#: values per ``IN (...)`` of a lookup (under SQLite's default limit of 999 parameters)
+LOOKUP_CHUNK = 500
 KEYSETS_PER_CONNECTION = 8
 #: how long store calls keep retrying while the store is unreachable (``--store-retry-s``)
 STORE_RETRY_S = 300.0
@@ -354,7 +376,8 @@ class SqlJobStore(JobStore):
         return False
 
     @abc.abstractmethod
-    def _insert_planned(self, conn: Any, rows: list[tuple[str, str, str]]) -> int: ...
+    def _insert_planned(self, conn: Any, rows: list[tuple[str, str, str, str | None, str | None]]) -> int:
+        """Insert ``(key, scheme, payload, identity, name_fold)`` rows whose key is new; how many were."""
 
     @abc.abstractmethod
     def _keyset_cache(self, conn: Any) -> dict:
@@ -465,10 +488,10 @@ class SqlJobStore(JobStore):
     # -- jobs -------------------------------------------------------------------------
 
     def plan(self, jobs: Sequence[PlannedJob]) -> int:
-        unique: dict[str, tuple[str, str, str]] = {}
+        unique: dict[str, tuple[str, str, str, str | None, str | None]] = {}
         for job in jobs:
             if job.key not in unique:
-                unique[job.key] = (job.key, job.scheme, dumps(job.payload or {}) or "{}")
+                unique[job.key] = (job.key, job.scheme, dumps(job.payload or {}) or "{}", *lookup_columns(job.payload))
         if not unique:
             self._check_open()
             return 0
@@ -673,6 +696,49 @@ class SqlJobStore(JobStore):
             rows = self._run(lambda conn: self._fetchall(conn, self.q(sql), params), write=False)
             for row in rows:
                 yield row_to_record(row)
+            if len(rows) < PAGE:
+                return
+            after = rows[-1][0]
+
+    def lookup(self, *, keys: Iterable[str] = (), identities: Iterable[str] = (),
+               names: Iterable[str] = ()) -> list[JobRecord]:
+        found: dict[str, JobRecord] = {}
+        for column, values in (("key", set(keys)), ("identity", set(identities)), ("name_fold", {n.casefold() for n in names})):
+            ordered = sorted(values)
+            for start in range(0, len(ordered), LOOKUP_CHUNK):
+                chunk = ordered[start:start + LOOKUP_CHUNK]
+                sql = self.q(f"SELECT {COLS} FROM jobs WHERE {column} IN ({', '.join('?' * len(chunk))})")
+                for row in self._run(lambda conn: self._fetchall(conn, sql, chunk), write=False):
+                    if row[0] not in found:
+                        found[row[0]] = row_to_record(row)
+        return [found[key] for key in sorted(found)]
+
+    def count_active(self, keys: frozenset[str]) -> int:
+        if not keys:
+            self._check_open()
+            return 0
+        # Driven by the jobs_claim index on state: the cost follows the store's active jobs, not the run's keys.
+        sql = self.q(f"SELECT count(*) FROM jobs WHERE state IN {ACTIVE_SQL} AND EXISTS "
+                     "(SELECT 1 FROM claim_keys c WHERE c.set_id = ? AND c.key = jobs.key)")
+        return int(self._run(lambda conn, keyset: self._fetchall(conn, sql, (keyset.set_id,))[0][0], write=False, keys=keys))
+
+    # -- schema -----------------------------------------------------------------------
+
+    def _apply_migration(self, conn: Any, version: int, statements: Sequence[str]) -> None:
+        """Run one migration's statements in the open transaction, then fill what they added."""
+        for statement in statements:
+            conn.execute(statement)
+        if version == LOOKUP_VERSION:
+            self._fill_lookup_columns(conn)
+
+    def _fill_lookup_columns(self, conn: Any) -> None:
+        """Copy identity and folded name out of the payload of every existing job (migration 4)."""
+        after = ""
+        while True:
+            rows = self._fetchall(conn, self.q(f"SELECT key, payload FROM jobs WHERE key > ? ORDER BY key LIMIT {PAGE}"), (after,))
+            updates = [(*lookup_columns(loads(payload)), key) for key, payload in rows]
+            if updates:
+                conn.cursor().executemany(self.q("UPDATE jobs SET identity = ?, name_fold = ? WHERE key = ?"), updates)
             if len(rows) < PAGE:
                 return
             after = rows[-1][0]

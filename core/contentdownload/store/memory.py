@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any, Collection, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 from contentdownload.clock import SYSTEM_CLOCK, Clock
 from contentdownload.errors import StoreError
@@ -28,6 +28,7 @@ from contentdownload.store.base import (
     fail_target,
     fenced_refusal,
     loads,
+    lookup_columns,
 )
 
 P, L, S, F, X = JobState.PLANNED, JobState.LEASED, JobState.STREAMING, JobState.FINALIZED, JobState.FAILED
@@ -43,6 +44,7 @@ class MemoryStore(JobStore):
         self._jobs: dict[str, dict[str, Any]] = {}
         self._planned: dict[str, None] = {}  # planned keys in planning order (a claim takes the first)
         self._held: dict[str, None] = {}  # leased or streaming keys
+        self._by_ref: dict[tuple[str, str], set[str]] = {}  # ("identity" | "name", value) -> keys
         self._ops: dict[str, dict[str, Any]] = {}
         self._closed = False
 
@@ -116,6 +118,10 @@ class MemoryStore(JobStore):
                     "updated_at": now, "location": self.location,
                 }
                 self._planned[job.key] = None
+                identity, name_fold = lookup_columns(job.payload)
+                for ref in (("identity", identity), ("name", name_fold)):
+                    if ref[1] is not None:
+                        self._by_ref.setdefault(ref, set()).add(job.key)
                 added += 1
             return added
 
@@ -243,6 +249,20 @@ class MemoryStore(JobStore):
             snapshot = [self._record(row) for key, row in sorted(self._jobs.items())
                         if wanted is None or row["state"] is wanted]
         return iter(snapshot)
+
+    def lookup(self, *, keys: Iterable[str] = (), identities: Iterable[str] = (),
+               names: Iterable[str] = ()) -> list[JobRecord]:
+        with self._lock:
+            self._check_open()
+            found = {key for key in keys if key in self._jobs}
+            for ref in [*(("identity", i) for i in identities), *(("name", n.casefold()) for n in names)]:
+                found |= self._by_ref.get(ref, set())
+            return [self._record(self._jobs[key]) for key in sorted(found)]
+
+    def count_active(self, keys: frozenset[str]) -> int:
+        with self._lock:
+            self._check_open()
+            return sum(1 for active in (self._planned, self._held) for key in active if key in keys)
 
     # -- the operation ledger ---------------------------------------------------------
 

@@ -181,8 +181,7 @@ class PostgresStore(SqlJobStore):
                 self.created = self._version(conn) == 0
                 conn.execute(version_table(POSTGRES))
                 for version, statements in pending(POSTGRES, self._version(conn), self.url):
-                    for statement in statements:
-                        conn.execute(statement)
+                    self._apply_migration(conn, version, statements)
                     conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (%s, cd_now())", (version,))
             found = {(a, b) for a, b in conn.execute("SELECT from_state, to_state FROM job_transitions")}
             conn.commit()
@@ -196,16 +195,16 @@ class PostgresStore(SqlJobStore):
 
     # -- PostgreSQL specifics ---------------------------------------------------------
 
-    def _insert_planned(self, conn: Any, rows: list[tuple[str, str, str]]) -> int:
+    def _insert_planned(self, conn: Any, rows: list[tuple[str, str, str, str | None, str | None]]) -> int:
         inserted = 0
         for start in range(0, len(rows), 10_000):
             chunk = rows[start:start + 10_000]
             cur = conn.execute(
-                "INSERT INTO jobs (key, scheme, state, payload, location, created_at, updated_at) "
-                "SELECT k, s, 'planned', p::jsonb, %s, cd_now(), cd_now() "
-                "FROM unnest(%s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t (k, s, p, n) ORDER BY n "
-                "ON CONFLICT (key) DO NOTHING",
-                (self.location, [r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk]),
+                "INSERT INTO jobs (key, scheme, state, payload, identity, name_fold, location, created_at, updated_at) "
+                "SELECT k, s, 'planned', p::jsonb, i, f, %s, cd_now(), cd_now() "
+                "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS t (k, s, p, i, f, n) "
+                "ORDER BY n ON CONFLICT (key) DO NOTHING",
+                (self.location, *([r[i] for r in chunk] for i in range(5))),
             )
             inserted += cur.rowcount
         return inserted

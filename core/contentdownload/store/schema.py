@@ -94,6 +94,9 @@ ADDED_COLUMNS: dict[int, tuple[tuple[str, Column], ...]] = {
     # reading at which the lease ends. SQLite measures leases with them; PostgreSQL leaves them NULL
     # (its own clock, ``cd_now()``, is the authority for every machine).
     3: (("jobs", ("lease_boot_id", "text", "")), ("jobs", ("lease_boot_deadline", "real", ""))),
+    # a job's content identity and its output name folded for a case-insensitive comparison
+    # (``str.casefold``), copied from the payload (indexed: see LOOKUP_INDEXES)
+    4: (("jobs", ("identity", "text", "")), ("jobs", ("name_fold", "text", ""))),
 }
 #: table constraints after the columns
 TABLE_CONSTRAINTS = {"job_transitions": ("PRIMARY KEY (from_state, to_state)",)}
@@ -168,7 +171,18 @@ def _added(version: int) -> Callable[[Dialect], list[str]]:
     return render
 
 
-MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _added(2)), (3, _added(3))]
+#: Indexes of migration 4 on its lookup columns: planning finds a page of jobs' records
+#: through them instead of reading every record.
+LOOKUP_INDEXES = (("jobs_identity", "jobs", "identity"), ("jobs_name", "jobs", "name_fold"))
+#: the migration after whose statements the store fills the lookup columns of existing rows
+LOOKUP_VERSION = 4
+
+
+def _migration_4(dialect: Dialect) -> list[str]:
+    return _added(4)(dialect) + [f"CREATE INDEX {name} ON {table} ({cols})" for name, table, cols in LOOKUP_INDEXES]
+
+
+MIGRATIONS: list[tuple[int, Callable[[Dialect], list[str]]]] = [(1, _migration_1), (2, _added(2)), (3, _added(3)), (4, _migration_4)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

@@ -254,8 +254,7 @@ class SQLiteStore(SqlJobStore):
                 self.created = self._version(conn) == 0
                 conn.execute(version_table(SQLITE))
                 for version, statements in pending(SQLITE, self._version(conn), self.url):
-                    for statement in statements:
-                        conn.execute(statement)
+                    self._apply_migration(conn, version, statements)
                     conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, time.time()))
                 conn.execute("COMMIT")
             except BaseException:
@@ -280,13 +279,13 @@ class SQLiteStore(SqlJobStore):
 
     # -- SQLite specifics -------------------------------------------------------------
 
-    def _insert_planned(self, conn: sqlite3.Connection, rows: list[tuple[str, str, str]]) -> int:
+    def _insert_planned(self, conn: sqlite3.Connection, rows: list[tuple[str, str, str, str | None, str | None]]) -> int:
         before = conn.total_changes
         now = self.clock.wall()
         conn.executemany(
-            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, location, created_at, updated_at) "
-            "VALUES (?, ?, 'planned', ?, ?, ?, ?)",
-            [(key, scheme, payload, self.location, now, now) for key, scheme, payload in rows],
+            "INSERT OR IGNORE INTO jobs (key, scheme, state, payload, identity, name_fold, location, created_at, updated_at) "
+            "VALUES (?, ?, 'planned', ?, ?, ?, ?, ?, ?)",
+            [(*row, self.location, now, now) for row in rows],
         )
         return conn.total_changes - before
 

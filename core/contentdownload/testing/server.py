@@ -37,6 +37,7 @@ import email.utils
 import errno
 import gzip as _gzip
 import hashlib
+import hmac
 import itertools
 import os
 import random
@@ -168,6 +169,11 @@ class PathStats:
     statuses: list[int] = field(default_factory=list)
     ranges: list[str | None] = field(default_factory=list)
     conditional: int = 0
+
+
+def _signature(secret: bytes, path: str, expires: str) -> str:
+    """The signature of a presigned URL of the loopback server: HMAC-SHA256 of the method, path and expiry."""
+    return base64.b64encode(hmac.new(secret, f"GET\n{path}\n{expires}".encode(), hashlib.sha256).digest()).decode()
 
 
 @dataclass(frozen=True)
@@ -816,6 +822,7 @@ class LoopbackServer:
         self._files: dict[str, _Entry] = {}
         self._redirects: dict[str, _Redirect] = {}
         self._statuses: dict[str, _Status] = {}
+        self._signed: dict[str, bytes] = {}  # path -> the secret its presigned URLs are signed with
         self._mounts: list[tuple[str, Path]] = []
         self._faults: dict[str, collections.deque[list[Any]]] = {}
         self._records: list[_Rec] = []
@@ -1151,6 +1158,30 @@ class LoopbackServer:
             self._statuses.pop(key, None)
         return self.url(key)
 
+    def require_signature(self, path: str, secret: bytes) -> None:
+        """Answer ``path`` only to requests presigned with ``secret`` (:meth:`signed_url`) and not
+        expired: 403 otherwise, as an object store does. ``path`` must be served already."""
+        with self._lock:
+            self._signed[_path_key(path)] = secret
+
+    def signed_url(self, path: str, secret: bytes, expires_in: float = 300.0, *, access_key: str = "AKIDLOOPBACK") -> str:
+        """A presigned URL of ``path`` in the AWS v2 query style (``AWSAccessKeyId``, ``Expires``,
+        ``Signature``); signing again later gives a new ``Expires`` and ``Signature``."""
+        path = _path_key(path)
+        expires = str(int(time.time() + expires_in))
+        query = f"AWSAccessKeyId={access_key}&Expires={expires}&Signature={quote(_signature(secret, path, expires), safe='')}"
+        return self.url(path) + "?" + query
+
+    def _signature_refused(self, rec: _Rec) -> bool:
+        with self._lock:
+            secret = self._signed.get(rec.path)
+        if secret is None:
+            return False
+        query = dict(pair.partition("=")[::2] for pair in urlsplit(rec.target).query.split("&") if pair)
+        expires, given = query.get("Expires", ""), unquote(query.get("Signature", ""))
+        valid = hmac.compare_digest(given, _signature(secret, rec.path, expires))
+        return not (valid and expires.isdigit() and int(expires) >= time.time())
+
     def add_status(self, path: str, status: int, body: bytes = b"<html>error page</html>",
                    headers: Mapping[str, str] | None = None) -> str:
         """Always answer requests for ``path`` with ``status``, ``body`` and extra ``headers``; returns the URL."""
@@ -1347,6 +1378,9 @@ class LoopbackServer:
 
     def _respond(self, h: _Handler, rec: _Rec, head: bool) -> None:
         raw_key = rec.raw_path
+        if self._signature_refused(rec):
+            h._simple(rec, 403, b"<Error><Code>SignatureDoesNotMatch</Code></Error>", head)
+            return
         fault = self._take_fault(rec, raw_key)
         if fault is not None:
             if fault.kind == "close_before_headers":

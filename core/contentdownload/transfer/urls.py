@@ -16,7 +16,9 @@ alone may mean something else to an ordinary server.
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import idna
@@ -50,6 +52,7 @@ def _normalise_component(text: str, safe: frozenset[str]) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=4096)  # a job list names few hosts; IDNA encoding costs as much as the rest of a URL
 def _ascii_host(host: str) -> str:
     host = host.rstrip(".").lower()
     if not host or host.startswith("["):
@@ -110,10 +113,22 @@ _SIGNING_SCHEMES: tuple[tuple[str, frozenset[str] | str], ...] = (
 )
 
 
+#: Parameters the configuration names as signing ones (``signing_params``), lower case: dropped
+#: from identities whatever else the URL holds, and redacted. One set per process: every
+#: configuration read in it adds to it (redacting too much costs nothing).
+_configured: frozenset[str] = frozenset()
+
+
+def add_signing_params(names: Iterable[str]) -> None:
+    """Treat the query parameters ``names`` (any case) as signing parameters from now on, in this process."""
+    global _configured
+    _configured = _configured.union(name.lower() for name in names)
+
+
 def signing_params(names: list[str]) -> frozenset[str]:
     """Which of the query parameter ``names`` sign or expire a presigned URL (compared in lower case)."""
     lower = {name.lower() for name in names}
-    dropped: set[str] = set()
+    dropped: set[str] = set(lower & _configured)
     for trigger, members in _SIGNING_SCHEMES:
         if trigger in lower:
             dropped |= {n for n in lower if n.startswith(members)} if isinstance(members, str) else lower & members
@@ -149,7 +164,7 @@ def _redact_query(query: str) -> str:
     pairs = []
     for pair in query.split("&"):
         name, eq, _ = pair.partition("=")
-        if eq and unquote(name).lower() in SIGNED_QUERY_PARAMS:
+        if eq and (unquote(name).lower() in SIGNED_QUERY_PARAMS or unquote(name).lower() in _configured):
             pair = f"{name}={REDACTED}"
         pairs.append(pair)
     return "&".join(pairs)
