@@ -170,7 +170,8 @@ def _sidecar_tmp(sidecar: Path) -> Path:
     return sidecar.with_name(sidecar.name + ".tmp")
 
 
-def _write_sidecar(path: Path, sidecar: Sidecar, durable: bool) -> None:
+def _write_sidecar(path: Path, sidecar: Sidecar, durable: bool, level: durability.Durability | None = None) -> None:
+    """Write ``sidecar`` at ``path`` atomically; ``durable``: fsync it at ``level`` (this thread's when ``None``)."""
     data = json.dumps(attrs.evolve(sidecar, updated=time.time()).to_json(), sort_keys=True).encode("utf-8")
     tmp = _sidecar_tmp(path)
     fd = _open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -178,7 +179,7 @@ def _write_sidecar(path: Path, sidecar: Sidecar, durable: bool) -> None:
         fh.write(data)
         if durable:
             fh.flush()
-            durability.current().sync(fh.fileno())
+            (level or durability.current()).sync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -454,7 +455,7 @@ class Part:
                 assert self.fd is not None
                 self.durability.sync(self.fd)
             assert self.meta is not None
-            _write_sidecar(self.paths.sidecar, attrs.evolve(self.meta, committed=position), durable)
+            _write_sidecar(self.paths.sidecar, attrs.evolve(self.meta, committed=position), durable, self.durability)
             self.sidecar_on_disk = True
         except BaseException as exc:  # reported by _raise_checkpoint_error
             self._checkpoint_error = exc
