@@ -318,6 +318,7 @@ class Run:
             self._send_results()
             channel.send(("done", os.getpid(), {"telemetry": (self.runtime.telemetry.state(), telemetry_before),
                                    "decisions": EVENTS.get(DECISION_EVENT) - decisions_before, "store_error": self._store_error,
+                                   "disk_error": self._disk_error, "disk_failed": sorted(self._disk_failed),
                                    "batches": durability.commit_batches()}))
 
     def _send_results(self) -> None:
@@ -345,8 +346,11 @@ class Run:
                 self._child_decisions += body["decisions"]
                 self._batches.extend(body["batches"])
                 self._store_error = self._store_error or body["store_error"]
+                self._disk_failed.update(body["disk_failed"])
             if body["store_error"]:
                 self.cancel.set()
+            if body["disk_error"] is not None:  # the same output folder: the run stops as if this process had met it
+                self._disk_down(body["disk_error"])
         else:
             log.error("a worker process failed; its jobs are left for a rerun", pid=pid, error=body)
 
