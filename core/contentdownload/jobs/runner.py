@@ -184,6 +184,7 @@ class Run:
         self._child_decisions = 0  # decision lines the worker processes logged
         self._by_process: dict[int, int] = {}  # pid -> jobs it ended after planning
         self._batches: list[int] = []  # sizes of the commit batches of the worker processes
+        self._child_throttled: list[dict] = []  # each worker process's hosts that asked for a pause
 
     # -- entry point ----------------------------------------------------------------
 
@@ -319,6 +320,7 @@ class Run:
             channel.send(("done", os.getpid(), {"telemetry": (self.runtime.telemetry.state(), telemetry_before),
                                    "decisions": EVENTS.get(DECISION_EVENT) - decisions_before, "store_error": self._store_error,
                                    "disk_error": self._disk_error, "disk_failed": sorted(self._disk_failed),
+                                   "throttled": http.pacer.throttled(),
                                    "batches": durability.commit_batches()}))
 
     def _send_results(self) -> None:
@@ -347,6 +349,7 @@ class Run:
                 self._batches.extend(body["batches"])
                 self._store_error = self._store_error or body["store_error"]
                 self._disk_failed.update(body["disk_failed"])
+                self._child_throttled.append(body["throttled"])
             if body["store_error"]:
                 self.cancel.set()
             if body["disk_error"] is not None:  # the same output folder: the run stops as if this process had met it
@@ -405,8 +408,19 @@ class Run:
                    "processes": max(1, len(self._by_process)), "jobs_per_process": sorted(self._by_process.values(), reverse=True),
                    "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
                    "store_error": self._store_error, "disk_error": self._disk_error.reason if self._disk_error else None,
-                   "throttled_hosts": self._http.pacer.throttled() if self._http is not None else {}},
+                   "throttled_hosts": self._throttled_hosts()},
         )
+
+    def _throttled_hosts(self) -> dict[str, dict[str, float]]:
+        """The hosts that asked this run's processes for a pause: responses and seconds asked, summed over the processes."""
+        every = [self._http.pacer.throttled() if self._http is not None else {}, *self._child_throttled]
+        total: dict[str, dict[str, float]] = {}
+        for throttled in every:
+            for host, seen in throttled.items():
+                into = total.setdefault(host, {"responses": 0, "paused_s": 0.0})
+                into["responses"] += seen["responses"]
+                into["paused_s"] = round(into["paused_s"] + seen["paused_s"], 3)
+        return total
 
     def _commit_batches(self) -> dict:
         """How many commit batches promoted files at durability ``batch``, and how large they were."""
