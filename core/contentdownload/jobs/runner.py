@@ -298,7 +298,7 @@ class Run:
     def _child(self, channel: Channel, plan: Plan) -> None:
         """A forked worker process: its own store connection, client, manifest writer and lease owner; reports to the parent."""
         self._channel, self._children = channel, None
-        self._results, self._ended, self._sent = [], set(), 0
+        self._results, self._ended, self._sent, self._record_errors = [], set(), 0, []
         self.owner = make_owner()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_child_signal)
@@ -313,14 +313,14 @@ class Run:
         try:
             self._drive_threads(plan, store, http)
         finally:
-            manifest.close()
+            self._save(self.ws.manifest, manifest.close)
             store.close()
             http.close()
             self._send_results()
             channel.send(("done", os.getpid(), {"telemetry": (self.runtime.telemetry.state(), telemetry_before),
                                    "decisions": EVENTS.get(DECISION_EVENT) - decisions_before, "store_error": self._store_error,
                                    "disk_error": self._disk_error, "disk_failed": sorted(self._disk_failed),
-                                   "throttled": http.pacer.throttled(),
+                                   "throttled": http.pacer.throttled(), "record_errors": self._record_errors,
                                    "batches": durability.commit_batches()}))
 
     def _send_results(self) -> None:
@@ -350,6 +350,7 @@ class Run:
                 self._store_error = self._store_error or body["store_error"]
                 self._disk_failed.update(body["disk_failed"])
                 self._child_throttled.append(body["throttled"])
+                self._record_errors.extend(body["record_errors"])
             if body["store_error"]:
                 self.cancel.set()
             if body["disk_error"] is not None:  # the same output folder: the run stops as if this process had met it
