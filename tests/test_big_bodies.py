@@ -45,6 +45,18 @@ def test_a_durable_part_starts_its_writeback_while_it_is_received(server, tmp_pa
     assert all(length >= parts.WRITEBACK_EVERY for _, length in calls)
 
 
+def test_a_durable_part_at_level_none_never_asks_for_writeback(server, tmp_path, monkeypatch):
+    """Early writeback only prepares the final fsync, which level ``none`` skips."""
+    from contentdownload.transfer import durability
+
+    server.add_file("/big.bin", os.urandom(20 << 20))
+    calls: list[int] = []
+    monkeypatch.setattr(parts, "start_writeback", lambda *args: calls.append(1) or True)
+    with TransferRig("streaming", tmp_path / "rig", options=OPTIONS) as rig, durability.using("none"):
+        assert rig.run(Job(urls=(server.url("/big.bin"),)), "big.bin").outcome == "downloaded"
+    assert calls == []
+
+
 def test_a_plain_part_never_asks_for_writeback(server, tmp_path, monkeypatch):
     server.add_file("/big.bin", os.urandom(20 << 20))
     calls: list[int] = []

@@ -88,3 +88,25 @@ def test_the_level_is_per_thread_and_restored():
     assert seen == ["batch"] and durability.current().level == "batch"
     with pytest.raises(ValueError):
         durability.Durability("sometimes")
+
+
+def test_level_none_fsyncs_no_sidecar_in_a_background_checkpoint(tmp_path):
+    """The checkpoint's thread writes the sidecar at the part's level, not at the default ``batch``."""
+    from contentdownload.transfer.parts import Effects, PartStore, Sidecar, StagePaths
+
+    synced: list[int] = []
+    previous = durability.set_fsync(synced.append)
+    body = os.urandom(3 << 20)
+    blocks = iter([body[i:i + (256 << 10)] for i in range(0, len(body), 256 << 10)] + [b""])
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    paths = StagePaths.for_key(tmp_path / "out.bin", staging, "k", root=tmp_path)
+    try:
+        with durability.using("none"):
+            part = PartStore(staging).open(paths, meta=Sidecar(url="http://h/x", committed=0), expected_size=len(body))
+            outcome = part.receive(lambda: next(blocks), effects=Effects(), checkpoint_every=1 << 20)
+            part.close()
+    finally:
+        durability.set_fsync(previous)
+    assert outcome.error is None and json.loads(paths.sidecar.read_text())["committed"] == len(body)
+    assert synced == []

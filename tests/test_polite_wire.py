@@ -89,3 +89,30 @@ def test_the_summary_names_each_throttled_host(server, tmp_path):
     proc = run_cli("run", url, "-P", str(tmp_path / "out"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert f"throttled: {server.host} asked to wait 1 time (1.0 s in all)" in proc.stdout
+
+
+def test_host_rate_counts_for_all_worker_processes_together(server, tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(server.add_file(f"/q{i:02}.pdf", PDF + bytes([i])) + "\n" for i in range(16)))
+    proc = run_cli("run", str(jobs), "--out", str(tmp_path / "out"), "--processes", "2", "--workers", "4",
+                   "--host-rate", "4", "--json", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["processes"] == 2 and min(summary["jobs_per_process"]) > 0
+    times = [r.time for r in server.requests]
+    assert len(times) == 16
+    assert _most_in_one_second(times) <= 6  # R + 1 per process in any one second, each process holding R / 2
+
+
+def test_the_summary_counts_the_throttling_every_worker_process_met(server, tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(server.add_file(f"/t{i:02}.pdf", PDF + bytes([i])) + "\n" for i in range(12)))
+    for i in range(12):
+        server.add_fault(f"/t{i:02}.pdf", Fault.status(503, retry_after=0))
+    proc = run_cli("run", str(jobs), "--out", str(tmp_path / "out"), "--processes", "2", "--workers", "2",
+                   "--json", "-q", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["processes"] == 2 and min(summary["jobs_per_process"]) > 0
+    assert sum(1 for r in server.requests if r.status == 503) == 12
+    assert summary["throttled_hosts"] == {server.host: {"responses": 12, "paused_s": 0.0}}

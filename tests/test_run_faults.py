@@ -154,3 +154,49 @@ def test_a_signal_stops_a_read_blocked_on_a_stalled_server(server, tmp_path, sig
     assert (out / "manifest.jsonl").exists()
     assert "1 of 1 planned jobs left" in out_text
     assert list((out / ".contentdownload" / "staging").glob("*.part")), "the part is kept"
+
+
+def test_a_full_disk_met_by_a_worker_process_stops_the_whole_run(server, tmp_path):
+    import errno
+
+    jobs, _ = _jobs(server, tmp_path, n=12)
+    for i in range(12):
+        server.add_fault(f"/f/f{i}.bin", Fault.delay(0.05))
+    parent = os.getpid()
+
+    def factory(runtime, ws):
+        store = open_job_store(runtime, ws)
+        if os.getpid() == parent:
+            return store
+        return FaultyStore(store, "claim", 1, OSError(errno.ENOSPC, "No space left on device"))
+
+    runtime = Runtime.from_options(config_path=None, cli=FlagLayer(source="cli"), environ={},
+                                   run_overrides={"workers": 1, "processes": 2, "progress": False, "lease_ttl": 30.0})
+    report = Run(runtime, tmp_path / "out", read_jobs(str(jobs)), store_factory=factory).execute()
+    assert report.metrics["processes"] == 2
+    assert report.error is not None and report.error.startswith("disk_full: no space left under "), report.error
+    assert report.metrics["disk_error"] == "disk_full" and report.exit_code == 1
+
+
+def test_a_worker_process_whose_manifest_cannot_be_flushed_still_reports_its_jobs(server, tmp_path, monkeypatch):
+    import errno
+
+    from contentdownload.records.manifest import ManifestWriter
+
+    jobs, _ = _jobs(server, tmp_path, n=12)
+    for i in range(12):
+        server.add_fault(f"/f/f{i}.bin", Fault.delay(0.05))
+    parent, close = os.getpid(), ManifestWriter.close
+
+    def failing_close(self):
+        close(self)
+        if os.getpid() != parent:  # the worker process's disk refuses the final fsync
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ManifestWriter, "close", failing_close)
+    runtime = Runtime.from_options(config_path=None, cli=FlagLayer(source="cli"), environ={},
+                                   run_overrides={"workers": 1, "processes": 2, "progress": False, "lease_ttl": 30.0})
+    report = Run(runtime, tmp_path / "out", read_jobs(str(jobs)), store_factory=open_job_store).execute()
+    assert report.metrics["processes"] == 2 and min(report.metrics["jobs_per_process"]) > 0
+    assert len(report.results) == 12 and report.left == 0
+    assert any("manifest.jsonl" in line and "Input/output error" in line for line in report.record_errors), report.record_errors

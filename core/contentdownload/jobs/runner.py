@@ -180,9 +180,11 @@ class Run:
         self._channel: Channel | None = None  # in a forked worker process: the pipe to the parent
         self._sent = 0  # results already sent to the parent
         self._per_host = self.settings.per_host  # this process's share of --per-host
+        self._processes = 1  # worker processes of the run, this one included
         self._child_decisions = 0  # decision lines the worker processes logged
         self._by_process: dict[int, int] = {}  # pid -> jobs it ended after planning
         self._batches: list[int] = []  # sizes of the commit batches of the worker processes
+        self._child_throttled: list[dict] = []  # each worker process's hosts that asked for a pause
 
     # -- entry point ----------------------------------------------------------------
 
@@ -251,7 +253,9 @@ class Run:
     def _drive(self, plan: Plan, store: Any, http: HttpClient) -> None:
         """Fork the worker processes (see :mod:`~contentdownload.jobs.processes`), work, and wait for them."""
         count = process_count(self.settings.processes, len(plan.items), shared_store=self.leasing and not isinstance(store, MemoryStore))
-        self._per_host = max(1, self.settings.per_host // count)  # --per-host counts for all processes together
+        self._per_host = max(1, self.settings.per_host // count)  # --per-host, --host-rate, --limit-rate count for all processes together
+        self._processes = count
+        http.share_rates(count)
         if count > 1:
             self._children = Children()
             self._children.fork(count - 1, lambda channel: self._child(channel, plan), self._on_child_message)
@@ -294,7 +298,7 @@ class Run:
     def _child(self, channel: Channel, plan: Plan) -> None:
         """A forked worker process: its own store connection, client, manifest writer and lease owner; reports to the parent."""
         self._channel, self._children = channel, None
-        self._results, self._ended, self._sent = [], set(), 0
+        self._results, self._ended, self._sent, self._record_errors = [], set(), 0, []
         self.owner = make_owner()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_child_signal)
@@ -304,16 +308,19 @@ class Run:
         manifest = ManifestWriter(self.ws.manifest)
         self._ledger = ManifestLedger(store, manifest, self.run_id, self.ws.out)
         self._http = http = make_http(self.settings)
+        http.share_rates(self._processes)
         self._progress = Progress(total=0, enabled=False)
         try:
             self._drive_threads(plan, store, http)
         finally:
-            manifest.close()
+            self._save(self.ws.manifest, manifest.close)
             store.close()
             http.close()
             self._send_results()
             channel.send(("done", os.getpid(), {"telemetry": (self.runtime.telemetry.state(), telemetry_before),
                                    "decisions": EVENTS.get(DECISION_EVENT) - decisions_before, "store_error": self._store_error,
+                                   "disk_error": self._disk_error, "disk_failed": sorted(self._disk_failed),
+                                   "throttled": http.pacer.throttled(), "record_errors": self._record_errors,
                                    "batches": durability.commit_batches()}))
 
     def _send_results(self) -> None:
@@ -341,8 +348,13 @@ class Run:
                 self._child_decisions += body["decisions"]
                 self._batches.extend(body["batches"])
                 self._store_error = self._store_error or body["store_error"]
+                self._disk_failed.update(body["disk_failed"])
+                self._child_throttled.append(body["throttled"])
+                self._record_errors.extend(body["record_errors"])
             if body["store_error"]:
                 self.cancel.set()
+            if body["disk_error"] is not None:  # the same output folder: the run stops as if this process had met it
+                self._disk_down(body["disk_error"])
         else:
             log.error("a worker process failed; its jobs are left for a rerun", pid=pid, error=body)
 
@@ -397,8 +409,19 @@ class Run:
                    "processes": max(1, len(self._by_process)), "jobs_per_process": sorted(self._by_process.values(), reverse=True),
                    "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
                    "store_error": self._store_error, "disk_error": self._disk_error.reason if self._disk_error else None,
-                   "throttled_hosts": self._http.pacer.throttled() if self._http is not None else {}},
+                   "throttled_hosts": self._throttled_hosts()},
         )
+
+    def _throttled_hosts(self) -> dict[str, dict[str, float]]:
+        """The hosts that asked this run's processes for a pause: responses and seconds asked, summed over the processes."""
+        every = [self._http.pacer.throttled() if self._http is not None else {}, *self._child_throttled]
+        total: dict[str, dict[str, float]] = {}
+        for throttled in every:
+            for host, seen in throttled.items():
+                into = total.setdefault(host, {"responses": 0, "paused_s": 0.0})
+                into["responses"] += seen["responses"]
+                into["paused_s"] = round(into["paused_s"] + seen["paused_s"], 3)
+        return total
 
     def _commit_batches(self) -> dict:
         """How many commit batches promoted files at durability ``batch``, and how large they were."""

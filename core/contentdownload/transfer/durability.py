@@ -11,7 +11,8 @@ What each survives:
   folder once for the whole batch instead of once per file (group commit: a batch is
   whatever waits while the previous one is written, up to :data:`MAX_BATCH`). The
   parts themselves are fsynced by the workers, in parallel.
-- ``none``: nothing is fsynced (parts, sidecars, folders). Survives a crash of the
+- ``none``: nothing is fsynced (parts, sidecars, folders), and no early writeback is
+  asked for (it only prepares the final fsync). Survives a crash of the
   process (the kernel still writes what it was given), not of the machine: after a
   power cut a file recorded finished may be empty, short or missing; the next run's
   check of every finished file (size and mtime, else SHA-256) then fetches it again.

@@ -458,6 +458,12 @@ class HttpClient:
         self.pacer = HostPacer(host_rate, sleep=self._wait)
         self.byte_rate = ByteRate(limit_rate, sleep=self._wait) if limit_rate else None
 
+    def share_rates(self, processes: int) -> None:
+        """This client is one of ``processes`` worker processes of a run: keep its share of ``host_rate`` and ``limit_rate``."""
+        self.pacer.interval *= processes
+        if self.byte_rate is not None:
+            self.byte_rate.rate /= processes
+
     def received(self, n: int) -> None:
         """``n`` body bytes arrived in this thread: wait as ``limit_rate`` says (no-op without one)."""
         if self.byte_rate is not None:

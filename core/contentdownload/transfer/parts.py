@@ -63,11 +63,12 @@ FENCED_SUFFIX = ".fenced"
 _HASH_BLOCK = 1 << 20
 #: Bodies at least this large (or of unknown length) are hashed in a second thread.
 THREADED_HASH_MIN = 8 << 20
-#: Durable parts: the kernel is asked to start writing every so many bytes received (see ``blocks.start_writeback``).
+#: Durable parts (at a level that fsyncs): the kernel is asked to start writing every so many bytes received
+#: (see ``blocks.start_writeback``).
 WRITEBACK_EVERY = 8 << 20
 #: Size of the buffers :meth:`Part.receive` reads a ``readinto`` source into.
 DEFAULT_BLOCK = 256 << 10
-#: A fresh body no longer than this (one read block) gets its sidecar only when it is interrupted:
+#: A fresh body no longer than this gets its sidecar only when it is interrupted:
 #: complete, it is promoted at once; killed before that, it is fetched again.
 LAZY_SIDECAR_MAX = 64 << 10
 
@@ -170,7 +171,8 @@ def _sidecar_tmp(sidecar: Path) -> Path:
     return sidecar.with_name(sidecar.name + ".tmp")
 
 
-def _write_sidecar(path: Path, sidecar: Sidecar, durable: bool) -> None:
+def _write_sidecar(path: Path, sidecar: Sidecar, durable: bool, level: durability.Durability | None = None) -> None:
+    """Write ``sidecar`` at ``path`` atomically; ``durable``: fsync it at ``level`` (this thread's when ``None``)."""
     data = json.dumps(attrs.evolve(sidecar, updated=time.time()).to_json(), sort_keys=True).encode("utf-8")
     tmp = _sidecar_tmp(path)
     fd = _open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -178,7 +180,7 @@ def _write_sidecar(path: Path, sidecar: Sidecar, durable: bool) -> None:
         fh.write(data)
         if durable:
             fh.flush()
-            durability.current().sync(fh.fileno())
+            (level or durability.current()).sync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -341,11 +343,11 @@ class Part:
             self._put(data, done)
 
     def _put(self, data: bytes | memoryview, done: Callable[[], None] | None) -> None:
-        """Write ``data`` at the end of the file, hand it to the hasher, start its writeback in durable mode."""
+        """Write ``data`` at the end of the file, hand it to the hasher, start its writeback in durable mode (unless level ``none``)."""
         assert self.fd is not None
         write_all(self.fd, data)
         self._written += len(data)
-        if self.store.durable and self._written - self._written_back >= WRITEBACK_EVERY:
+        if self.store.durable and self.durability.syncs and self._written - self._written_back >= WRITEBACK_EVERY:
             start_writeback(self.fd, self._written_back, self._written - self._written_back)
             self._written_back = self._written
         self.hasher.feed(data, done)  # last: ``done`` is handed on only once nothing here can fail
@@ -454,7 +456,7 @@ class Part:
                 assert self.fd is not None
                 self.durability.sync(self.fd)
             assert self.meta is not None
-            _write_sidecar(self.paths.sidecar, attrs.evolve(self.meta, committed=position), durable)
+            _write_sidecar(self.paths.sidecar, attrs.evolve(self.meta, committed=position), durable, self.durability)
             self.sidecar_on_disk = True
         except BaseException as exc:  # reported by _raise_checkpoint_error
             self._checkpoint_error = exc
