@@ -77,9 +77,18 @@ def test_byte_rate_keeps_the_total_at_the_limit():
     for _ in range(10):
         limit.consumed(500)
     assert clock.now == 5.0  # 5000 bytes at 1000 B/s
-    clock.now = 100.0  # idle time earns a quarter of a second at most: no burst after a pause
+    clock.now = 100.0  # idle time earns one second at most: no more than a second's bytes burst after a pause
     limit.consumed(2000)
-    assert clock.now == 101.75
+    assert clock.now == 101.0
+
+
+def test_a_run_starts_without_credit():
+    """Credit is earned by idling after bytes, never before the first: a run's start is no burst."""
+    clock = FakeClock()
+    clock.now = 1000.0
+    limit = ByteRate(1000.0, clock=clock.monotonic, sleep=clock.sleep)
+    limit.consumed(1000)
+    assert clock.now == 1001.0
 
 
 def test_rates_are_settings_of_the_config_env_and_library():

@@ -67,7 +67,7 @@ class HostPacer:
 
 #: Idle time a byte rate may make up for, in seconds: a worker delayed by the scheduler catches up,
 #: a paused run does not burst.
-CATCH_UP_S = 0.25
+CATCH_UP_S = 1.0
 
 
 class ByteRate:
@@ -78,13 +78,14 @@ class ByteRate:
         self.rate = float(rate)
         self.clock, self.sleep = clock, sleep
         self._lock = threading.Lock()
-        self._due = 0.0  # when the bytes received so far are due at the rate
+        self._due: float | None = None  # when the bytes received so far are due at the rate
 
     def consumed(self, n: int) -> None:
         """``n`` body bytes arrived: wait until they fit the rate."""
         with self._lock:
             now = self.clock()
-            self._due = max(self._due, now - CATCH_UP_S) + n / self.rate
+            earliest = now if self._due is None else max(self._due, now - CATCH_UP_S)  # no credit before the first bytes
+            self._due = earliest + n / self.rate
             wait = self._due - now
         if wait > 0:
             self.sleep(wait)
