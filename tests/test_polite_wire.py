@@ -89,3 +89,29 @@ def test_the_summary_names_each_throttled_host(server, tmp_path):
     proc = run_cli("run", url, "-P", str(tmp_path / "out"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert f"throttled: {server.host} asked to wait 1 time (1.0 s in all)" in proc.stdout
+
+
+def test_host_rate_counts_for_all_worker_processes_together(server, tmp_path):
+    urls = [server.add_file(f"/q{i:02}.pdf", PDF + bytes([i])) for i in range(16)]
+    for i in range(16):
+        server.add_fault(f"/q{i:02}.pdf", Fault.delay(0.05))  # each transfer takes a while, so both processes get some
+    proc = run_cli("run", *urls, "-P", str(tmp_path / "out"), "--workers", "2", "--processes", "2",
+                   "--host-rate", "2", "--no-progress", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert min(json.loads(proc.stdout)["jobs_per_process"]) > 0
+    times = [r.time for r in server.requests]
+    assert len(times) == 16
+    assert _most_in_one_second(times) <= 4  # 2 a second for the run, not 2 a second for each process
+
+
+def test_limit_rate_counts_for_all_worker_processes_together(server, tmp_path):
+    size = 4 << 20  # four files of 4 MiB at 4 MiB/s in all: about 4 s whatever the processes
+    urls = [server.add_large_file(f"/w{i}.bin", size, seed=i)[0] for i in range(4)]
+    proc = run_cli("run", *urls, "-P", str(tmp_path / "out"), "--workers", "2", "--processes", "2",
+                   "--limit-rate", "4M", "--accept-any-content", "--no-progress", "--json")
+    ended = time.time()
+    assert proc.returncode == 0, proc.stderr
+    assert min(json.loads(proc.stdout)["jobs_per_process"]) > 0
+    # The client has read every byte by the time it exits: that lower bound on the time is an upper bound on the rate.
+    rate = 4 * size / (ended - min(r.time for r in server.requests))
+    assert rate <= 1.1 * (4 << 20), f"{rate / (1 << 20):.2f} MiB/s in all for a limit of 4 MiB/s"

@@ -180,6 +180,7 @@ class Run:
         self._channel: Channel | None = None  # in a forked worker process: the pipe to the parent
         self._sent = 0  # results already sent to the parent
         self._per_host = self.settings.per_host  # this process's share of --per-host
+        self._processes = 1  # the processes working this run (each takes its share of the rates)
         self._child_decisions = 0  # decision lines the worker processes logged
         self._by_process: dict[int, int] = {}  # pid -> jobs it ended after planning
         self._batches: list[int] = []  # sizes of the commit batches of the worker processes
@@ -252,6 +253,8 @@ class Run:
         """Fork the worker processes (see :mod:`~contentdownload.jobs.processes`), work, and wait for them."""
         count = process_count(self.settings.processes, len(plan.items), shared_store=self.leasing and not isinstance(store, MemoryStore))
         self._per_host = max(1, self.settings.per_host // count)  # --per-host counts for all processes together
+        self._processes = count
+        http.share(count)  # so do --host-rate and --limit-rate
         if count > 1:
             self._children = Children()
             self._children.fork(count - 1, lambda channel: self._child(channel, plan), self._on_child_message)
@@ -304,6 +307,7 @@ class Run:
         manifest = ManifestWriter(self.ws.manifest)
         self._ledger = ManifestLedger(store, manifest, self.run_id, self.ws.out)
         self._http = http = make_http(self.settings)
+        http.share(self._processes)
         self._progress = Progress(total=0, enabled=False)
         try:
             self._drive_threads(plan, store, http)

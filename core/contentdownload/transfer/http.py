@@ -458,6 +458,13 @@ class HttpClient:
         self.pacer = HostPacer(host_rate, sleep=self._wait)
         self.byte_rate = ByteRate(limit_rate, sleep=self._wait) if limit_rate else None
 
+    def share(self, count: int) -> None:
+        """This client is one of ``count`` processes of a run: keep ``1 / count`` of ``host_rate`` and ``limit_rate``."""
+        if count > 1:
+            self.pacer.interval *= count
+            if self.byte_rate is not None:
+                self.byte_rate.rate /= count
+
     def received(self, n: int) -> None:
         """``n`` body bytes arrived in this thread: wait as ``limit_rate`` says (no-op without one)."""
         if self.byte_rate is not None:
