@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,16 @@ def test_per_host_limit_bounds_concurrent_requests(server, tmp_path):
     assert len(starts) == 8
     # Each request is held 0.4 s by the server: with two slots, no three starts fit in 0.3 s.
     assert all(b - a >= 0.3 for a, b in zip(starts, starts[2:])), [round(b - a, 3) for a, b in zip(starts, starts[2:])]
+
+
+def test_an_idle_worker_ends_with_the_last_job_not_a_poll_later(server, tmp_path):
+    """A worker with nothing to claim waits for the others' jobs; it wakes when one ends, not at its next poll."""
+    urls = [server.add_file(f"/w{i}.pdf", b"%PDF-1.4 " + bytes([i]) * 2000) for i in range(2)]
+    server.add_fault("/w1.pdf", Fault.delay(0.1))
+    out = tmp_path / "out"
+    proc = run_cli("run", *urls, "--out", str(out), "--workers", "2", "-q", "--log-level", "DEBUG")
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in (out / "logs" / "download.log").read_text().splitlines()]
+    stamps = {e["event"]: e["timestamp"] for e in events if e["event"] in ("job_outcome", "run_finished")}  # the last of each
+    gap = (datetime.fromisoformat(stamps["run_finished"].rstrip("Z")) - datetime.fromisoformat(stamps["job_outcome"].rstrip("Z"))).total_seconds()
+    assert gap < 0.5, f"the run ended {gap:.2f} s after its last job"  # the idle worker's poll is 1 s

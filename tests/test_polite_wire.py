@@ -116,3 +116,16 @@ def test_the_summary_counts_the_throttling_every_worker_process_met(server, tmp_
     assert summary["processes"] == 2 and min(summary["jobs_per_process"]) > 0
     assert sum(1 for r in server.requests if r.status == 503) == 12
     assert summary["throttled_hosts"] == {server.host: {"responses": 12, "paused_s": 0.0}}
+
+
+def test_limit_rate_counts_for_all_worker_processes_together(server, tmp_path):
+    size = 4 << 20  # four files of 4 MiB at 4 MiB/s in all: about 4 s whatever the processes
+    urls = [server.add_large_file(f"/w{i}.bin", size, seed=i)[0] for i in range(4)]
+    proc = run_cli("run", *urls, "-P", str(tmp_path / "out"), "--workers", "2", "--processes", "2",
+                   "--limit-rate", "4M", "--accept-any-content", "--no-progress", "--json")
+    ended = time.time()
+    assert proc.returncode == 0, proc.stderr
+    assert min(json.loads(proc.stdout)["jobs_per_process"]) > 0
+    # The client has read every byte by the time it exits: that lower bound on the time is an upper bound on the rate.
+    rate = 4 * size / (ended - min(r.time for r in server.requests))
+    assert rate <= 1.1 * (4 << 20), f"{rate / (1 << 20):.2f} MiB/s in all for a limit of 4 MiB/s"

@@ -15,7 +15,7 @@ from contentdownload.testing.server import Fault
 
 def test_plain_lines_follow_the_bytes_and_end_on_the_summarys_count(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(progress_module, "PLAIN_INTERVAL_S", 0.5)
-    server.throttle(4 << 20)
+    server.throttle(2 << 20)  # files stream for over a second: several lines while the bytes move
     urls = [server.add_large_file(f"/f{i}.bin", 3 << 20, seed=i)[0] for i in range(2)]
     server.add_fault("/f0.bin", Fault.cut_after(1 << 20))  # the bytes of a cut attempt count in both
     runtime = Runtime.from_options(config_path=None, cli=FlagLayer(source="cli"), environ={},

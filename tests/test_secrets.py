@@ -62,3 +62,11 @@ def test_no_secret_in_any_output(tmp_path, server):
         assert SECRET.encode() not in path.read_bytes(), path
     metrics = json.loads((out / "manifest.metrics.json").read_text())
     assert metrics["failures_by_reason"]
+
+
+def test_get_names_a_failed_url_without_its_password(tmp_path, server):
+    url = server.url("/missing.pdf").replace("http://", "http://dave:pw4SECRET@")
+    proc = run_cli("get", url + "?X-Amz-Signature=SIGSECRET", "-o", str(tmp_path / "x.pdf"), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "missing.pdf" in proc.stderr
+    assert "SECRET" not in proc.stderr + proc.stdout

@@ -50,3 +50,10 @@ def test_a_configured_signing_parameter_is_no_part_of_the_identity_and_is_writte
 def test_a_signing_parameter_name_must_be_a_plain_name(tmp_path):
     proc = run_cli("run", "http://127.0.0.1:9/x.pdf", "--out", str(tmp_path / "o"), "--signing-param", "a=b")
     assert proc.returncode == 2 and "signing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_comma_separated_variable_is_refused_not_taken_as_one_name(tmp_path):
+    proc = run_cli("run", "http://127.0.0.1:9/x.pdf", "--out", str(tmp_path / "o"),
+                   env={"CONTENTDOWNLOAD_SIGNING_PARAMS": "token,sig2"}, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "one name a line" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

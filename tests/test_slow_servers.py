@@ -240,3 +240,34 @@ def test_max_time_also_bounds_the_wait_for_the_headers(server, tmp_path):
     with Downloader(max_time=0.5, retries=0) as downloader:
         result = downloader.download(server.url("/late.bin"), tmp_path / "out")
     assert result.outcome == "failed" and result.reason == "max_time"
+
+
+def test_body_bytes_that_came_with_the_headers_are_handed_over_before_a_stall():
+    """nginx under ``limit_rate`` sends the headers and the first body bytes in one segment, then waits."""
+    import socket
+    import threading
+
+    body = os.urandom(4096)
+    release = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + body)  # one write: one segment
+            release.wait(30)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    guard = SpeedGuard(low_speed_limit=100_000, low_speed_time=0.5)
+    sizes: list[int] = []
+    try:
+        with requests.get(f"http://127.0.0.1:{listener.getsockname()[1]}/x", stream=True, timeout=(5, 30)) as response:
+            with pytest.raises(TooSlowError):
+                _read_all(BodyReader(response, guard=guard, read_timeout=30), sizes)
+    finally:
+        release.set()
+        thread.join()
+        listener.close()
+    assert sum(sizes) == 4096  # the bytes buffered with the headers reach the part, not lost with the error

@@ -226,7 +226,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         if result.ok and not args.quiet:
             print(f"{result.outcome}: {result.path}")
         elif not result.ok:
-            print(f"failed: {result.reason}: {args.url}", file=sys.stderr)
+            print(f"failed: {result.reason}: {redact_url(args.url)}", file=sys.stderr)
     return report.exit_code
 
 

@@ -181,6 +181,8 @@ class Run:
         self._sent = 0  # results already sent to the parent
         self._per_host = self.settings.per_host  # this process's share of --per-host
         self._processes = 1  # worker processes of the run, this one included
+        self._job_ended = threading.Condition()  # notified when a job of this process (or of a worker process) ends
+        self._ended_count = 0
         self._child_decisions = 0  # decision lines the worker processes logged
         self._by_process: dict[int, int] = {}  # pid -> jobs it ended after planning
         self._batches: list[int] = []  # sizes of the commit batches of the worker processes
@@ -299,6 +301,7 @@ class Run:
         """A forked worker process: its own store connection, client, manifest writer and lease owner; reports to the parent."""
         self._channel, self._children = channel, None
         self._results, self._ended, self._sent, self._record_errors = [], set(), 0, []
+        self._job_ended = threading.Condition()  # a fresh one: a thread of the parent may have held the old one's lock
         self.owner = make_owner()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_child_signal)
@@ -342,6 +345,7 @@ class Run:
                 self._ended.update(r.job_key for r in body if r.job_key)
             self._progress.done_many(body)
             self._progress.add_other_bytes(sum(r.bytes_downloaded for r in body))
+            self._notify_job_end()
         elif kind == "done":
             self.runtime.telemetry.merge(*body["telemetry"])
             with self._lock:
@@ -442,13 +446,29 @@ class Run:
             with self._lock:
                 return plan.items[self._queue.popleft()] if self._queue else None
         while not self.cancel.is_set():
+            seen = self._ended_count
             claim = store.claim(self.owner, self.settings.lease_ttl, keys=plan.keys)
             if claim is not None:
                 return item_for_claim(plan, claim)
             if not remaining(store, plan.keys):
                 return None
-            self.cancel.wait(min(1.0, self.settings.lease_ttl / 4))  # another worker holds the rest
+            self._await_job_end(seen, min(1.0, self.settings.lease_ttl / 4))  # another worker holds the rest
         return None
+
+    def _await_job_end(self, seen: int, timeout: float) -> None:
+        """Wait until a job ends after the ``seen``-th (then the rest may be done), the run is cancelled, or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._job_ended:
+            while self._ended_count == seen and not self.cancel.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._job_ended.wait(min(left, 0.1))  # a signal sets cancel without notifying: look at it often
+
+    def _notify_job_end(self) -> None:
+        with self._job_ended:
+            self._ended_count += 1
+            self._job_ended.notify_all()
 
     def _work(self, worker: JobWorker, plan: Plan, store: Any) -> None:
         """A worker thread: claim and process jobs until none is left; never raises."""
@@ -465,6 +485,7 @@ class Run:
             if item is None:
                 return
             self._process(worker, item, store)
+            self._notify_job_end()
 
     def _process(self, worker: JobWorker, item: Any, store: Any) -> None:
         """One job to its record (the worker emits the row before recording); never raises."""

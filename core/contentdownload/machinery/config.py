@@ -70,7 +70,7 @@ _ANY = (lambda v: True, "")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*$")
 _COOKIE = re.compile(r"^[^=;\s]+=[^;\r\n]*(;\s*[^=;\s]+=[^;\r\n]*)*;?$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+")
-_PARAM = re.compile(r"^[^=&#?\s]+$")
+_PARAM = re.compile(r"^[^=&#?,\s]+$")
 
 
 def _strings(pattern: re.Pattern[str], why: str) -> tuple[Callable[[Any], bool], str]:
@@ -124,7 +124,7 @@ class RunSettings:
     #: bytes per second, from ``1234`` or a size such as ``"500k"`` / ``"2M"``
     limit_rate: int | str | None = _setting(None, (lambda v: (parse_size(v) or 0) > 0, "must be bytes per second such as 500k or 2M"),
                                             converter=lambda v: None if v is None else parse_size(v))
-    signing_params: tuple[str, ...] = _setting((), _strings(_PARAM, "must be a list of query parameter names (no '=', '&', '#', '?' or spaces)"),
+    signing_params: tuple[str, ...] = _setting((), _strings(_PARAM, "must be a list of query parameter names (no '=', '&', '#', '?', ',' or spaces; in a variable one name a line)"),
                                                converter=tuple)
 
 

@@ -21,6 +21,7 @@ urllib3's ``read1`` (chunked framing, content decoding).
 from __future__ import annotations
 
 import http.client
+import io
 import socket
 import time
 from typing import Any, Callable
@@ -35,6 +36,9 @@ Clock = Callable[[], float]
 #: A block being filled is handed over once this many seconds passed since its first read,
 #: full or not, so that a slow body still reaches the part (and the progress) steadily.
 FILL_WINDOW_S = 0.25
+#: The buffer of the connection's reader (``socket.makefile`` buffers this much). A ``readinto1`` larger than it
+#: reads the socket even when the buffer holds bytes, and a timeout there loses them; see ``BodyReader._read_direct``.
+_READER_BUFFER = io.DEFAULT_BUFFER_SIZE
 _TIMEOUTS = (TimeoutError, socket.timeout, urllib3.exceptions.ReadTimeoutError, requests.exceptions.Timeout)
 
 
@@ -117,6 +121,7 @@ class BodyReader:
         self.raw, self.guard, self.read_timeout, self.decode = response.raw, guard, read_timeout, decode
         self.direct = _plain_reader(self.raw, decode)
         self._timeout: float | None = -1.0
+        self._buffered = True  # the connection's reader may hold body bytes (read with the headers, or by a small read)
         self._pending: BaseException | None = None
         guard.start_body()
 
@@ -172,7 +177,11 @@ class BodyReader:
         fp, raw = self.raw._fp, self.raw
         left = fp.length
         if left:
-            n = self.direct.readinto1(view[:left])
+            size = min(left, len(view))
+            if self._buffered:  # a read no larger than the buffer returns what it holds without reading the socket
+                size = min(size, _READER_BUFFER)
+            self._buffered = size < _READER_BUFFER  # a smaller read may leave some bytes in it
+            n = self.direct.readinto1(view[:size])
             if not n:
                 raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead",
                                                        urllib3.exceptions.IncompleteRead(raw._fp_bytes_read, left))
