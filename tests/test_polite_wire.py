@@ -46,7 +46,7 @@ class ByteSampler(threading.Thread):
 
 
 def test_limit_rate_holds_the_total_of_all_workers_within_ten_percent(server, tmp_path):
-    size, limit = 12 << 20, 6 << 20  # two files of 12 MiB at 6 MiB/s in all: about 4 s
+    size, limit = 24 << 20, 6 << 20  # two files of 24 MiB at 6 MiB/s in all: about 8 s, so the socket buffers (some MiB) are a small share
     paths = ["/big1.bin", "/big2.bin"]
     urls = [server.add_large_file(p, size, seed=i)[0] for i, p in enumerate(paths)]
     server.throttle(1 << 30)  # far above the limit: only so the server counts its bytes in blocks of 64 KiB
