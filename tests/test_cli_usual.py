@@ -103,3 +103,14 @@ def test_run_takes_options_between_url_arguments(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "first.pdf").read_bytes() == PDF
     assert (tmp_path / "out" / "second.pdf").read_bytes() == PDF[:700]
+
+
+def test_a_rate_limit_under_the_low_speed_limit_of_each_transfer_is_noticed(server, tmp_path):
+    urls = [server.add_file(f"/r{i}.pdf", PDF[: 100 + i]) for i in range(4)]
+    slow = run_cli("run", *urls, "-P", str(tmp_path / "slow"), "--workers", "4", "--limit-rate", "2k", "--no-progress")
+    assert slow.returncode == 0, slow.stderr
+    assert "--limit-rate 2048 B/s over 4 transfers at once is under --low-speed-limit 1000 B/s" in slow.stderr
+    events = [json.loads(line)["event"] for line in (tmp_path / "slow" / "logs" / "download.log").read_text().splitlines()]
+    assert "limit_rate_below_low_speed_limit" in events
+    fine = run_cli("run", *urls, "-P", str(tmp_path / "fine"), "--workers", "4", "--limit-rate", "1M", "--no-progress")
+    assert fine.returncode == 0 and "notice" not in fine.stderr, fine.stderr

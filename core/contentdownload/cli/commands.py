@@ -126,6 +126,18 @@ def _single_host_notice(runtime: Any, entries: list) -> str | None:
     return None
 
 
+def _slow_rate_notice(runtime: Any, entries: list) -> str | None:
+    """A notice when ``--limit-rate`` shared by the transfers running at once is below ``--low-speed-limit``:
+    each transfer would then be cut as ``too_slow`` (as curl does with ``--limit-rate`` under ``--speed-limit``)."""
+    settings = runtime.settings
+    at_once = max(1, min(settings.workers, len(entries)))
+    if settings.limit_rate and settings.low_speed_limit and settings.limit_rate / at_once < settings.low_speed_limit:
+        return (f"contentdownload: notice: --limit-rate {settings.limit_rate} B/s over {at_once} transfers at once is "
+                f"under --low-speed-limit {settings.low_speed_limit} B/s each: transfers may end as too_slow "
+                "(lower --low-speed-limit, or use fewer --workers)")
+    return None
+
+
 def _log_run_start(runtime: Any, entries: list) -> None:
     from contentdownload.version import __version__
     from contentdownload.hooks.model import HOOKS
@@ -148,7 +160,7 @@ def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | P
         stderr_level = level if args.verbose else "ERROR" if args.quiet else "WARNING"
         configure_logging(level, ws.logs / "download.log", stderr_level=stderr_level)
         stack.callback(close_logging)
-        _notice_single_host(runtime, args, entries)
+        _notices(runtime, args, entries)
         _log_run_start(runtime, entries)
         try:
             report = Run(runtime, ws.out, entries, resume_from=resume_from, install_signal_handlers=True).execute()
@@ -164,12 +176,17 @@ def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | P
         return report
 
 
-def _notice_single_host(runtime: Any, args: argparse.Namespace, entries: list) -> None:
-    notice = _single_host_notice(runtime, entries)
-    if notice:
-        log.info("workers_above_per_host", workers=runtime.settings.workers, per_host=runtime.settings.per_host)
-        if not args.quiet:
-            print(notice, file=sys.stderr)
+def _notices(runtime: Any, args: argparse.Namespace, entries: list) -> None:
+    """Settings that cannot do what they say for this job list: a log line each, and one line on stderr unless ``-q``."""
+    settings = runtime.settings
+    found = ((_single_host_notice(runtime, entries), "workers_above_per_host", {"workers": settings.workers, "per_host": settings.per_host}),
+             (_slow_rate_notice(runtime, entries), "limit_rate_below_low_speed_limit",
+              {"limit_rate": settings.limit_rate, "low_speed_limit": settings.low_speed_limit}))
+    for notice, event, fields in found:
+        if notice:
+            log.info(event, **fields)
+            if not args.quiet:
+                print(notice, file=sys.stderr)
 
 
 def print_summary(report: Any, stream=None) -> None:
