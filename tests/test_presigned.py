@@ -22,6 +22,7 @@ from urllib.parse import unquote
 import pytest
 
 from contentdownload.testing.server import Fault
+from helpers import cli_env
 
 BIG = 24 << 20
 HOLD_AT = 18 << 20  # the body is held here (past the first checkpoint, at 16 MiB) until the run is killed
@@ -29,11 +30,8 @@ SMALL = ("a.pdf", "b.pdf")
 
 
 def _start_run(jobs: Path, out: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCSTOKG_", "CONTENTDOWNLOAD_"))}
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p)
     return subprocess.Popen([sys.executable, "-m", "contentdownload", "run", str(jobs), "--out", str(out), "--no-progress",
-                             "--retries", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--retries", "0"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _committed(staging: Path) -> int:
