@@ -15,11 +15,14 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import attrs
 
 from contentdownload.hooks.model import JobResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from contentdownload.records.tally import Tally
 
 PLAIN_INTERVAL_S = 10.0
 REDRAW_S = 0.5
@@ -100,10 +103,13 @@ class Progress:
             self.nbytes += n
             active.got += n
 
-    def add_other_bytes(self, n: int) -> None:
-        """Bytes a worker process streamed, counted when its results reach the parent."""
+    def done_tally(self, tally: Tally) -> None:
+        """Jobs a worker process ended (and the bytes it streamed), counted when its tally reaches the parent."""
         with self._lock:
-            self.nbytes += n
+            self.files += tally.jobs
+            self.failed += tally.failed
+            self.done_bytes += tally.sizes
+            self.nbytes += tally.bytes_downloaded
 
     def expect(self, active: _Active, size: int | None, start: int) -> None:
         with self._lock:

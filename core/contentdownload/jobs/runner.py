@@ -31,6 +31,7 @@ from contentdownload.jobs.ledger import ManifestLedger
 from contentdownload.records.guard import write_problem
 from contentdownload.records.log import EVENTS, get_logger
 from contentdownload.records.manifest import ManifestWriter, read_manifest
+from contentdownload.records.tally import Tally
 from contentdownload.records.metrics import DECISION_EVENT, build_metrics, previous_totals, with_folder_totals, write_metrics
 from contentdownload.hooks.model import Job, JobResult, TransferOptions
 from contentdownload.jobs.pipeline import Pipeline
@@ -51,9 +52,11 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 @attrs.frozen
 class RunReport:
-    """What a run did: results in completion order, the metrics written, the exit code.
+    """What a run did: the results kept, the metrics written, the exit code.
 
-    ``planned``: jobs of the list (after ``--max``); ``left``: how many of them did not end
+    ``results``: the results kept whole (:class:`~contentdownload.records.tally.Tally`: the
+    first failures, then the first results of other outcomes, each in completion order);
+    ``dropped``: the results of the run not kept (the metrics count every one). ``planned``: jobs of the list (after ``--max``); ``left``: how many of them did not end
     finished, skipped or failed (by this process or another), and ``left_reason`` why;
     ``error``: the one line naming an infrastructure failure (the job store, a full or
     read-only disk) that stopped the run; ``record_errors``: one line per record file
@@ -69,6 +72,7 @@ class RunReport:
     left_reason: str | None = None
     error: str | None = None
     record_errors: Sequence[str] = ()
+    dropped: int = 0
 
 
 class HostGate:
@@ -167,7 +171,7 @@ class Run:
         self.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self.cancel = threading.Event()
         self.owner = make_owner()
-        self._results: list[JobResult] = []
+        self._tally = Tally()  # every outcome of this run counted; whole results only the first few
         self._ended: set[str] = set()  # job keys with an outcome recorded by this run
         self._lock = threading.Lock()
         self._signal: int | None = None
@@ -178,7 +182,7 @@ class Run:
         self._http: HttpClient | None = None
         self._children: Children | None = None  # the worker processes this one forked
         self._channel: Channel | None = None  # in a forked worker process: the pipe to the parent
-        self._sent = 0  # results already sent to the parent
+        self._unsent: list[str] = []  # in a forked worker process: keys of the jobs ended since the last report
         self._per_host = self.settings.per_host  # this process's share of --per-host
         self._processes = 1  # worker processes of the run, this one included
         self._job_ended = threading.Condition()  # notified when a job of this process (or of a worker process) ends
@@ -223,7 +227,7 @@ class Run:
             self._save(self.ws.metrics, lambda: write_metrics(self.ws.metrics, metrics))
             store.close()
             http.close()
-        return RunReport(results=list(self._results), metrics=metrics, exit_code=self._exit_code(left), workspace=self.ws,
+        return RunReport(results=self._tally.results, dropped=self._tally.dropped, metrics=metrics, exit_code=self._exit_code(left), workspace=self.ws,
                          planned=len(jobs), left=left, left_reason=metrics["left_reason"],
                          error=self._stop_line(left, len(jobs)), record_errors=tuple(self._record_errors))
 
@@ -263,12 +267,12 @@ class Run:
             self._children.fork(count - 1, lambda channel: self._child(channel, plan), self._on_child_message)
             log.info("worker_processes_started", processes=count, pids=[os.getpid(), *self._children.pids])
         self._by_process = {os.getpid(): 0, **dict.fromkeys(self._children.pids if self._children else (), 0)}
-        before = len(self._results)
+        before = self._tally.jobs
         self._drive_threads(plan, store, http)
         if self._children is not None:
             self._children.wait()
         with self._lock:
-            self._by_process[os.getpid()] = len(self._results) - before - sum(self._by_process.values())
+            self._by_process[os.getpid()] = self._tally.jobs - before - sum(self._by_process.values())
         self._progress.close()
 
     def _drive_threads(self, plan: Plan, store: Any, http: HttpClient) -> None:
@@ -300,7 +304,7 @@ class Run:
     def _child(self, channel: Channel, plan: Plan) -> None:
         """A forked worker process: its own store connection, client, manifest writer and lease owner; reports to the parent."""
         self._channel, self._children = channel, None
-        self._results, self._ended, self._sent, self._record_errors = [], set(), 0, []
+        self._tally, self._ended, self._unsent, self._record_errors = Tally(), set(), [], []
         self._job_ended = threading.Condition()  # a fresh one: a thread of the parent may have held the old one's lock
         self.owner = make_owner()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -327,24 +331,24 @@ class Run:
                                    "batches": durability.commit_batches()}))
 
     def _send_results(self) -> None:
-        """In a worker process: send the results not sent yet to the parent."""
+        """In a worker process: send the tally of the results not sent yet, and their job keys, to the parent."""
         if self._channel is None:
             return
         with self._lock:
-            batch, self._sent = self._results[self._sent:], len(self._results)
-        if batch:
-            self._channel.send(("results", os.getpid(), batch))
+            tally, ended, self._unsent = self._tally.take(), self._unsent, []
+        if tally.jobs:
+            self._channel.send(("results", os.getpid(), {"tally": tally, "ended": ended}))
 
     def _on_child_message(self, message: tuple[str, int, Any]) -> None:
         """In the parent: count a worker process's results, hook counters and store error as this run's."""
         kind, pid, body = message
         if kind == "results":
+            tally = body["tally"]
             with self._lock:
-                self._results.extend(body)
-                self._by_process[pid] = self._by_process.get(pid, 0) + len(body)
-                self._ended.update(r.job_key for r in body if r.job_key)
-            self._progress.done_many(body)
-            self._progress.add_other_bytes(sum(r.bytes_downloaded for r in body))
+                self._tally.merge(tally)
+                self._by_process[pid] = self._by_process.get(pid, 0) + tally.jobs
+                self._ended.update(body["ended"])
+            self._progress.done_tally(tally)
             self._notify_job_end()
         elif kind == "done":
             self.runtime.telemetry.merge(*body["telemetry"])
@@ -404,7 +408,7 @@ class Run:
 
     def _metrics(self, store: Any, started: float, decisions_before: int, *, planned: int, left: int) -> dict:
         return build_metrics(
-            self._results, self.runtime.telemetry, run_id=self.run_id, elapsed_s=time.monotonic() - started,
+            self._tally, self.runtime.telemetry, run_id=self.run_id, elapsed_s=time.monotonic() - started,
             decisions_logged=EVENTS.get(DECISION_EVENT) - decisions_before + self._child_decisions,
             extra={"interrupted": self._signal is not None, "store": redact_url(store.url) if hasattr(store, "url") else None,
                    "idempotency": self.runtime.policy.idempotency.enabled,
@@ -435,8 +439,7 @@ class Run:
     def _exit_code(self, left: int) -> int:
         if self._signal is not None:
             return 128 + self._signal
-        failed = any(r.outcome == "failed" for r in self._results)
-        return EXIT_FAILED if failed or left or self._store_error or self._disk_error else EXIT_OK
+        return EXIT_FAILED if self._tally.failed or left or self._store_error or self._disk_error else EXIT_OK
 
     # -- workers --------------------------------------------------------------------
 
@@ -546,7 +549,7 @@ class Run:
         with self._lock:
             if item.key.key in self._ended:
                 return
-            self._results.append(result)
+            self._tally.add(result)
             self._disk_failed.add(item.key.key)
         self._progress.done(result)
         try:
@@ -592,9 +595,11 @@ class Run:
         """Record one outcome: a manifest row written once per job (the ledger's manifest op), counted in metrics."""
         self._ledger.write(result, leasing=leasing)
         with self._lock:
-            self._results.append(result)
+            self._tally.add(result)
             if result.job_key:
                 self._ended.add(result.job_key)
+                if self._channel is not None:
+                    self._unsent.append(result.job_key)
 
     # -- signals --------------------------------------------------------------------
 

@@ -12,15 +12,13 @@ import os
 import resource
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
-from typing import Iterable
 
-from contentdownload.hooks.model import OUTCOMES, JobResult
+from contentdownload.hooks.model import OUTCOMES
 from contentdownload.machinery.telemetry import Telemetry
+from contentdownload.records.tally import Tally
 
 DECISION_EVENT = "streaming_resume_decision"
-CONDITIONAL_MODES = frozenset({"resume", "revalidate"})
 LAST_RUN, FOLDER = "last run", "all runs in this folder"
 #: Counts of a run that add up over the runs of a folder.
 _SUMMED = ("jobs", "bytes_downloaded", "elapsed_s", "revalidations", "conditional_requests",
@@ -33,16 +31,8 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return round(ordered[index], 3)
-
-
 def build_metrics(
-    results: Iterable[JobResult],
+    tally: Tally,
     telemetry: Telemetry,
     *,
     run_id: str,
@@ -50,47 +40,33 @@ def build_metrics(
     decisions_logged: int,
     extra: dict | None = None,
 ) -> dict:
-    """Everything ``manifest.metrics.json`` holds, from the run's results and hook telemetry."""
-    results = list(results)
-    outcomes = Counter(r.outcome for r in results)
-    reasons = Counter(r.reason for r in results if r.outcome == "failed")
-    bytes_downloaded = sum(r.bytes_downloaded for r in results)
-    decisions = [d for r in results for d in r.decisions]
-    conditional = sum(1 for d in decisions if d in CONDITIONAL_MODES)
-    revalidations = [r for r in results if "revalidate" in r.decisions]
-    answered_304 = sum(1 for r in revalidations if r.outcome == "not_modified")
-    latencies = [r.elapsed_ms for r in results if r.outcome != "skipped"]
-    sha_mismatches = reasons.get("sha256_mismatch", 0)
+    """Everything ``manifest.metrics.json`` holds, from the run's tally of results and hook telemetry."""
+    jobs, failures = tally.jobs, tally.failures
+    decisions = tally.decisions
     metrics = {
         "schema_version": 1,
         "scope": LAST_RUN,
         "run_id": run_id,
-        "jobs": len(results),
-        "outcomes": {o: outcomes.get(o, 0) for o in OUTCOMES},
-        "failures_by_reason": dict(sorted(reasons.items())),
-        "bytes_downloaded": bytes_downloaded,
+        "jobs": jobs,
+        "outcomes": {o: tally.outcomes.get(o, 0) for o in OUTCOMES},
+        "failures_by_reason": dict(sorted(failures.items())),
+        "bytes_downloaded": tally.bytes_downloaded,
         "elapsed_s": round(elapsed_s, 3),
-        "throughput_bytes_per_s": round(bytes_downloaded / elapsed_s, 1) if elapsed_s > 0 else 0.0,
-        "files_per_s": round(len(results) / elapsed_s, 3) if elapsed_s > 0 else 0.0,
-        "cache_hit_rate": round(answered_304 / len(revalidations), 4) if revalidations else None,
-        "revalidations": len(revalidations),
-        "not_modified_as_errors": sum(1 for r in results if r.outcome == "failed" and r.http_status == 304),
-        "sha256_mismatches": sha_mismatches,
-        "conditional_requests": conditional,
+        "throughput_bytes_per_s": round(tally.bytes_downloaded / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+        "files_per_s": round(jobs / elapsed_s, 3) if elapsed_s > 0 else 0.0,
+        "cache_hit_rate": round(tally.answered_304 / tally.revalidations, 4) if tally.revalidations else None,
+        "revalidations": tally.revalidations,
+        "not_modified_as_errors": tally.not_modified_as_errors,
+        "sha256_mismatches": failures.get("sha256_mismatch", 0),
+        "conditional_requests": tally.conditional,
         "resume_decisions_logged": decisions_logged,
-        "decision_log_share": round(min(decisions_logged, len(decisions)) / len(decisions), 4) if decisions else None,
-        "latency_ms": {
-            "p50": _percentile(latencies, 0.50),
-            "p90": _percentile(latencies, 0.90),
-            "p99": _percentile(latencies, 0.99),
-            "max": _percentile(latencies, 1.0),
-        },
+        "decision_log_share": round(min(decisions_logged, decisions) / decisions, 4) if decisions else None,
+        "latency_ms": {"p50": tally.latency_ms(0.50), "p90": tally.latency_ms(0.90), "p99": tally.latency_ms(0.99),
+                       "max": tally.latency_ms(1.0)},
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "hooks": telemetry.snapshot(),
-        "failed_fallbacks": sum(
-            1 for r in results if r.outcome == "failed" and r.reason in ("no_plugin", "stage_failed")
-        ),
-        "plugins_answered": dict(sorted(Counter(f"{h}={p}" for r in results for h, p in r.plugins.items() if p).items())),
+        "failed_fallbacks": failures.get("no_plugin", 0) + failures.get("stage_failed", 0),
+        "plugins_answered": dict(sorted(tally.plugins.items())),
     }
     metrics.update(telemetry.seed_metrics())
     if extra:
