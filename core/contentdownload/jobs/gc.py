@@ -6,22 +6,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from contentdownload.jobs.workspace import Workspace, staging_owner
+from contentdownload.transfer.locks import PartLock
 
 LIVE_STATES = ("planned", "leased", "streaming")
 
 
 def _lock_held(path: Path) -> bool:
     """Whether a worker holds this lock file (a live job's part)."""
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
+    return PartLock(path).held_elsewhere()
 
 
 def collect(store: Any, ws: Workspace, dry_run: bool = False) -> dict:

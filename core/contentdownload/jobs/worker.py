@@ -199,10 +199,16 @@ class JobWorker:
     # -- crash recovery -------------------------------------------------------------
 
     def recover_finalized(self, item: WorkItem) -> JobResult | None:
-        """A crash after the rename, before the store update: the file on disk finishes the job."""
-        final = self.ws.final_path(item.relative_path)
-        if not self.leasing or item.revalidate or not final.is_file():
+        """A crash after the rename, before the store update: the file on disk finishes the job.
+
+        Only a job claimed before can have one: at the first claim (epoch 1) no worker has
+        recorded a finalize intent for it, so the final path is not looked at.
+        """
+        if not self.leasing or item.revalidate or (item.epoch or 0) <= 1:
             return None  # a reopened job (revalidation) was finished on record: nothing to recover
+        final = self.ws.final_path(item.relative_path)
+        if not final.is_file():
+            return None
         sha = sha256_file(final)
         intent = ledger.finalize_intent(self.store, item.key.key, sha)
         if intent is None:

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import attrs
-from filelock import FileLock, Timeout
 
 from contentdownload.clock import boot_id
 from contentdownload.errors import Cancelled, DiskError, LeaseLostError, StagingError, UnsafePathError, UsageError
@@ -49,6 +48,7 @@ from contentdownload.records.log import get_logger
 from contentdownload.transfer import content, durability
 from contentdownload.transfer.blocks import BufferPool, Hasher, Stage, start_writeback, write_all
 from contentdownload.transfer.digests import BodyHasher, ServerDigest
+from contentdownload.transfer.locks import PartLock
 from contentdownload.transfer.urls import identity_url, redact_url
 from contentdownload.transfer.validators import Overlap, OverlapMismatch, resume_start
 
@@ -189,6 +189,15 @@ def _remove_sidecar(path: Path) -> None:
     _sidecar_tmp(path).unlink(missing_ok=True)
 
 
+def _drop_sidecar(path: Path) -> None:
+    """Remove a promoted part's sidecar, if it had one (a short body never had: one ``lstat``, no failing ``unlink``).
+
+    A ``.tmp`` left without its sidecar (a crash during the first write) is gc's.
+    """
+    if os.path.lexists(path):
+        _remove_sidecar(path)
+
+
 # -- files and folders ------------------------------------------------------------------
 
 
@@ -237,11 +246,15 @@ def _check_final(final: Path) -> None:
 
 
 def _make_parents(folder: Path, root: Path | None, durable: bool, level: durability.Durability) -> None:
-    """Create ``folder`` below ``root`` one level at a time, refusing any symlink on the way."""
+    """Create ``folder`` below ``root`` one level at a time, refusing any symlink on the way.
+
+    ``root`` itself (the output folder, resolved and checked when the run opened it) and
+    the folders above it are not looked at.
+    """
     if root is None or (folder != root and root not in folder.parents):
         chain = [folder]
     else:
-        chain = [folder, *folder.parents[: len(folder.parents) - len(root.parents) - 1]][::-1]
+        chain = [folder, *folder.parents][: len(folder.parents) - len(root.parents)][::-1]
     for current in chain:
         kind = _kind(current)
         if kind == "missing":
@@ -608,19 +621,17 @@ def _sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
-def _wait_for(lock: FileLock, key: str, cancel: threading.Event | None) -> None:
+def _wait_for(lock: PartLock, key: str, cancel: threading.Event | None) -> None:
     """Acquire ``lock``, waiting while another process holds it (and giving up on ``cancel``)."""
     waited = False
     while True:
-        try:
-            lock.acquire(timeout=0 if not waited else 0.2)
+        if lock.acquire(0.0 if not waited else 0.2):
             return
-        except Timeout:
-            if not waited:
-                log.info("another process is writing this job's part; waiting for it", job_key=key)
-                waited = True
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the run was interrupted while waiting for another process's part") from None
+        if not waited:
+            log.info("another process is writing this job's part; waiting for it", job_key=key)
+            waited = True
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the run was interrupted while waiting for another process's part")
 
 
 # -- the store --------------------------------------------------------------------------
@@ -754,8 +765,10 @@ class PartStore:
         return self.staging / f"{key}.{epoch}.lock"
 
     def older_parts(self, key: str, epoch: int) -> list[tuple[int, Path]]:
-        """Parts of earlier epochs of ``key``, newest first."""
-        found = []
+        """Parts of earlier epochs of ``key``, newest first (none before the first claim's epoch 1: the folder is not listed)."""
+        found: list[tuple[int, Path]] = []
+        if epoch <= 1:
+            return found
         for path in self.staging.glob(f"{key}.*.part"):
             tag = path.name[len(key) + 1: -len(".part")]
             if tag.isdigit() and int(tag) < epoch:
@@ -773,14 +786,13 @@ class PartStore:
         promote it. The epoch's lock is held by someone else only when another process
         counts epochs apart from this one (each with a store of its own): then this waits.
         """
-        lock = FileLock(str(self.lock_path(key, epoch)))
+        lock = PartLock(self.lock_path(key, epoch))
         _wait_for(lock, key, cancel)
         try:
             self._fence_older(key, epoch)
             yield
         finally:
-            lock.release()
-            self.lock_path(key, epoch).unlink(missing_ok=True)
+            lock.release(remove=True)
 
     @contextlib.contextmanager
     def exclusive(self, key: str, cancel: threading.Event | None = None) -> Iterator[None]:
@@ -791,7 +803,7 @@ class PartStore:
         two writers. The lock file stays: removing it could let a third process lock a new
         file while a waiter holds the old one.
         """
-        lock = FileLock(str(self.staging / f"{key}.lock"))
+        lock = PartLock(self.staging / f"{key}.lock")
         _wait_for(lock, key, cancel)
         try:
             yield
@@ -801,10 +813,8 @@ class PartStore:
     def _fence_older(self, key: str, epoch: int) -> None:
         own = self.part_path(key, epoch)
         for tag, part in self.older_parts(key, epoch):
-            lock = FileLock(str(self.lock_path(key, tag)))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
+            lock = PartLock(self.lock_path(key, tag))
+            if not lock.acquire(0.0):
                 self._quarantine(part, key, tag)
                 continue
             try:
@@ -813,8 +823,7 @@ class PartStore:
                 else:
                     self._adopt(part, own, key, tag, epoch)
             finally:
-                lock.release()
-                self.lock_path(key, tag).unlink(missing_ok=True)
+                lock.release(remove=True)
 
     def _adopt(self, part: Path, own: Path, key: str, tag: int, epoch: int) -> None:
         try:
@@ -880,7 +889,7 @@ class PartStore:
                 fsync_directory(folder, level)
         for promotion in ready:
             if not promotion.reason:
-                _remove_sidecar(promotion.request.paths.sidecar)
+                _drop_sidecar(promotion.request.paths.sidecar)
                 log.debug("promoted", final=str(promotion.request.paths.final), size=promotion.size, sha256=promotion.sha256)
         return ready
 
