@@ -9,18 +9,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import attrs
-
 from contentdownload.cli import parser as cli
 from contentdownload.cli.parser import EXIT_FAILED, EXIT_OK, _print_json, _table
-from contentdownload.machinery.config import check_option
 from contentdownload.errors import UsageError
-from contentdownload.records.guard import RunLock, check_records
-from contentdownload.records.log import close_logging, configure_logging, get_logger, log_traceback
-from contentdownload.cli.progress import human_bytes
-from contentdownload.transfer.urls import redact_url
 
-log = get_logger(__name__)
+
+def _log() -> Any:
+    """This module's logger (imported when a command runs, so ``--help`` does not load the logging stack)."""
+    from contentdownload.records.log import get_logger
+
+    return get_logger(__name__)
+
+
+def human_bytes(n: float) -> str:
+    from contentdownload.cli.progress import human_bytes as human
+
+    return human(n)
+
+
+def redact_url(url: str) -> str:
+    from contentdownload.transfer.urls import redact_url as redact
+
+    return redact(url)
 
 # -- run -----------------------------------------------------------------------------
 
@@ -59,6 +69,8 @@ SETTING_FLAGS.update(revalidate="--revalidate", accept_any_content="--accept-any
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from contentdownload.machinery.config import check_option
+
     overrides: dict[str, Any] = {}
     for dest, key in RUN_FLAGS.items():
         value = getattr(args, dest, None)
@@ -143,13 +155,15 @@ def _log_run_start(runtime: Any, entries: list) -> None:
     from contentdownload.hooks.model import HOOKS
 
     settings = runtime.settings_report()["settings"]
-    log.info("run_started", version=__version__, jobs=len(entries), settings={k: v["value"] for k, v in settings.items()},
+    _log().info("run_started", version=__version__, jobs=len(entries), settings={k: v["value"] for k, v in settings.items()},
              winners={hook: runtime.policy.select(hook).winner for hook in HOOKS})
 
 
 def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | Path, resume_from: str | None = None) -> Any:
     from contentdownload.jobs.runner import Run
     from contentdownload.jobs.workspace import Workspace
+    from contentdownload.records.guard import RunLock, check_records
+    from contentdownload.records.log import close_logging, configure_logging, log_traceback
 
     ws = Workspace.open(out)  # a bad --out is a usage error before anything is written
     check_records(ws.out, ws.logs, (ws.manifest, ws.metrics, ws.logs / "download.log"))
@@ -170,7 +184,7 @@ def _execute(runtime: Any, args: argparse.Namespace, entries: list, out: str | P
         for line in (*report.record_errors, *([report.error] if report.error else [])):
             print(f"contentdownload: {line}", file=sys.stderr)
         m = report.metrics
-        log.info("run_finished", exit_code=report.exit_code, jobs=m["jobs"], outcomes=m["outcomes"],
+        _log().info("run_finished", exit_code=report.exit_code, jobs=m["jobs"], outcomes=m["outcomes"],
                  failures_by_reason=m["failures_by_reason"], bytes_downloaded=m["bytes_downloaded"],
                  elapsed_s=m["elapsed_s"], interrupted=bool(m.get("interrupted")))
         return report
@@ -184,7 +198,7 @@ def _notices(runtime: Any, args: argparse.Namespace, entries: list) -> None:
               {"limit_rate": settings.limit_rate, "low_speed_limit": settings.low_speed_limit}))
     for notice, event, fields in found:
         if notice:
-            log.info(event, **fields)
+            _log().info(event, **fields)
             if not args.quiet:
                 print(notice, file=sys.stderr)
 
@@ -511,6 +525,8 @@ def _jobs_rebuild(args: argparse.Namespace) -> int:
     store = open_store(url)
     store.location = ws.location
     try:
+        import attrs
+
         rebuilt = attrs.evolve(rebuild_from_manifest(store, ws), moved_aside=moved)
     finally:
         store.close()

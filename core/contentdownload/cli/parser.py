@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from contentdownload.version import __version__
 from contentdownload.errors import ContentDownloadError, DiskError, PluginLoadError, UsageError
-from contentdownload.machinery.flags import FlagLayer, parse_pin, parse_ratio
-from contentdownload.transfer.urls import redact_text
 
 if TYPE_CHECKING:  # pragma: no cover
+    from contentdownload.machinery.flags import FlagLayer
     from contentdownload.machinery.runtime import Runtime
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -67,6 +66,8 @@ def selection_options() -> argparse.ArgumentParser:
 
 def cli_layer(args: argparse.Namespace) -> FlagLayer:
     """The CLI's flag layer from parsed arguments."""
+    from contentdownload.machinery.flags import FlagLayer, parse_pin, parse_ratio
+
     origin: dict[str, str] = {}
     values: dict[str, Any] = {}
     if args.integration is not None:
@@ -213,6 +214,13 @@ def _load_subcommands() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != module:
                 raise
+
+
+def redact_text(text: str) -> str:
+    """``text`` with URL credentials and signatures redacted (loaded only once a message needs it)."""
+    from contentdownload.transfer.urls import redact_text as redact
+
+    return redact(text)
 
 
 def _guarded(args: argparse.Namespace) -> int:
