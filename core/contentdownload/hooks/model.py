@@ -356,6 +356,8 @@ class FinalizeResult:
     ``verified_by`` names what the bytes were checked against (``sha256`` of the job,
     ``repr-digest:sha256``, ``content-md5:md5``, ...); ``detected_type`` is the media type
     the first bytes show (``None`` when they show nothing recognisable), ok or not.
+    ``mtime_ns`` is the promoted file's modification time as the part store saw it (``None``
+    when not known: the core then looks at the file).
     """
 
     ok: bool
@@ -366,6 +368,7 @@ class FinalizeResult:
     durable: bool = False
     verified_by: tuple[str, ...] = ()
     detected_type: str | None = None
+    mtime_ns: int | None = None
 
 
 HOOK_RESULT_TYPES: dict[str, type] = {
@@ -397,7 +400,7 @@ class JobResult:
     ``last_modified`` come from the server. ``attempts`` counts requests sent (the client's own retries included),
     ``elapsed_ms`` the job's wall time. ``decisions`` lists the resume decision mode of
     each attempt, in order (``fresh``, ``resume``, ``revalidate``, ``discard``).
-    ``verified_by`` and ``detected_type`` are the finalize stage's (see :class:`FinalizeResult`).
+    ``verified_by``, ``detected_type`` and ``mtime_ns`` are the finalize stage's (see :class:`FinalizeResult`).
     """
 
     outcome: Outcome = attrs.field(validator=attrs.validators.in_(OUTCOMES))
@@ -422,6 +425,7 @@ class JobResult:
     decisions: tuple[str, ...] = ()
     verified_by: tuple[str, ...] = ()
     detected_type: str | None = None
+    mtime_ns: int | None = None
 
     @property
     def ok(self) -> bool:

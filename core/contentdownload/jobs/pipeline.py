@@ -425,7 +425,7 @@ class _JobRun:
             return None
         outcome = "resumed" if cand.resumed_from > 0 else "downloaded"
         return self.result(outcome, url=redact_url(cand.url), path=done.path, size=done.size, sha256=done.sha256,
-                           resumed_from=cand.resumed_from, verified_by=done.verified_by)
+                           resumed_from=cand.resumed_from, verified_by=done.verified_by, mtime_ns=done.mtime_ns)
 
     def not_modified(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> JobResult:
         record = self.record

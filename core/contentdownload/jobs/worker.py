@@ -337,8 +337,12 @@ class JobWorker:
     def _record_claimed(self, item: WorkItem, result: JobResult) -> None:
         if result.ok and result.path is not None:
             final = Path(result.path)
-            st = final.stat()
+            if result.mtime_ns is not None and result.size is not None:  # as the part store saw the file it promoted
+                size, mtime_ns = result.size, result.mtime_ns
+            else:
+                st = final.stat()
+                size, mtime_ns = st.st_size, st.st_mtime_ns
             info = {"etag": result.etag, "last_modified": result.last_modified, "final_url": result.final_url, "content_type": result.content_type}
-            self._finish(item, path=final, size=st.st_size, sha256=result.sha256 or sha256_file(final), mtime_ns=st.st_mtime_ns, info=info)
+            self._finish(item, path=final, size=size, sha256=result.sha256 or sha256_file(final), mtime_ns=mtime_ns, info=info)
         else:
             self.store.fail(item.key.key, item.epoch, result.reason or "failed", retryable=False, max_attempts=1)

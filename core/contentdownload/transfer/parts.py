@@ -569,12 +569,14 @@ class _Promotion:
     error: BaseException | None = None
     verified_by: tuple[str, ...] = ()
     detected_type: str | None = None
+    mtime_ns: int | None = None  # the part's, at the check (a rename keeps it)
 
     def result(self, durable: bool) -> FinalizeResult:
         checks = {"verified_by": self.verified_by, "detected_type": self.detected_type}
         if self.reason:
             return FinalizeResult(ok=False, size=self.size, sha256=self.sha256, reason=self.reason, **checks)
-        return FinalizeResult(ok=True, path=self.request.paths.final, size=self.size, sha256=self.sha256, durable=durable, **checks)
+        return FinalizeResult(ok=True, path=self.request.paths.final, size=self.size, sha256=self.sha256, durable=durable,
+                              mtime_ns=self.mtime_ns, **checks)
 
 
 def _content_problem(fd: int, request: PromoteRequest, promotion: _Promotion) -> str:
@@ -905,7 +907,8 @@ class PartStore:
             promotion.reason = exc.reason
             return promotion
         try:
-            promotion.size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            promotion.size, promotion.mtime_ns = st.st_size, st.st_mtime_ns
             promotion.reason = self._size_problem(request, promotion.size)
             if not promotion.reason:
                 promotion.sha256 = request.sha256 or _sha256_of(fd)
