@@ -13,7 +13,7 @@ raised as the :class:`~contentdownload.errors.DiskError` it stands for.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, Generator
 
 import attrs
 
@@ -69,18 +69,71 @@ class Dispatcher:
 
     def call(self, selection: Selection, ctx: Any) -> Answer:
         """Ask ``selection.chain`` in order; return the first answer or raise :class:`NoPluginAnsweredError`."""
+        asking = self._ask(selection, ctx, lambda name: self.plugins.caller(selection.hook, name))
+        try:
+            call = next(asking)
+            while True:
+                try:
+                    result = call(ctx=ctx)
+                except BaseException as exc:
+                    call = asking.throw(exc)
+                else:
+                    call = asking.send(result)
+        except StopIteration as answered:
+            return answered.value
+
+    async def call_stream_async(self, selection: Selection, ctx: Any, *,
+                                to_thread: Callable[[Callable[[Any], Any], Any], Awaitable[Any]]) -> Answer:
+        """:meth:`call` for ``stream_io`` on the running event loop, with the same fallbacks and telemetry.
+
+        Each plugin of the chain in order: its ``stream_io_async`` awaited when it returns an
+        awaitable; otherwise (``None``, or no such hook) its ``stream_io`` through
+        ``await to_thread(fn, ctx)`` (the caller's executor).
+        """
+        if selection.hook != "stream_io":
+            raise ValueError(f"call_stream_async asks the stream_io chain, not {selection.hook}")
+        asking = self._ask(selection, ctx, lambda name: self._stream_call(name, to_thread))
+        try:
+            call = next(asking)
+            while True:
+                try:
+                    result = await call(ctx=ctx)
+                except BaseException as exc:
+                    call = asking.throw(exc)
+                else:
+                    call = asking.send(result)
+        except StopIteration as answered:
+            return answered.value
+
+    def _stream_call(self, name: str, to_thread: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]] | None:
+        """How plugin ``name`` carries out ``stream_io`` on the event loop (``None``: it implements neither form)."""
+        asynchronous = self.plugins.caller("stream_io_async", name)
+        synchronous = self.plugins.caller("stream_io", name)
+        if asynchronous is None and synchronous is None:
+            return None
+
+        async def call(ctx: Any) -> Any:
+            awaitable = asynchronous(ctx=ctx) if asynchronous is not None else None
+            if awaitable is not None:
+                return await awaitable
+            return await to_thread(lambda c: synchronous(ctx=c), ctx) if synchronous is not None else None
+
+        return call
+
+    def _ask(self, selection: Selection, ctx: Any, caller_of: Callable[[str], Any]) -> Generator[Any, Any, Answer]:
+        """The chain's questions: yields each plugin's caller, is sent its result (or thrown its error); returns the :class:`Answer`."""
         hook = selection.hook
         expected = HOOK_RESULT_TYPES[hook]
         attempts: list[tuple[str, str]] = []
         record = self.telemetry.record
         for position, name in enumerate(selection.chain):
-            caller = self.plugins.caller(hook, name)
+            caller = caller_of(name)
             if caller is None:
                 attempts.append((name, "does not implement the hook"))
                 continue
             started = time.perf_counter_ns()
             try:
-                result = caller(ctx=ctx)
+                result = yield caller
             except NOT_PLUGIN_FAULTS:
                 record(hook, name, "error", time.perf_counter_ns() - started)
                 raise
