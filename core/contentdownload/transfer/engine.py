@@ -40,11 +40,6 @@ from contentdownload.errors import (
 )
 from contentdownload.version import __version__
 
-try:  # pragma: no cover - depends on the platform
-    import uvloop
-except ImportError:  # pragma: no cover
-    uvloop = None
-
 #: Body bytes buffered before the connection stops reading (and resumes at :data:`LOW_WATER`).
 HIGH_WATER = 1 << 20
 LOW_WATER = HIGH_WATER // 4
@@ -55,7 +50,11 @@ PoolKey = tuple[str, str, int]
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """A new event loop: uvloop's when it is installed, else asyncio's."""
-    return uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - depends on the platform
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 class ResponseHeaders(Mapping[str, str]):
@@ -204,11 +203,11 @@ class _Connection(asyncio.Protocol):
         return "content-length" not in names and "transfer-encoding" not in names
 
     def _lost_error(self, exc: BaseException | None) -> BaseException:
-        if self.headers_done.done():
-            missing = self._missing()
-            error: BaseException = EngineIncompleteBody(self.received, missing)
-        elif isinstance(exc, ConnectionResetError):
-            error = EngineConnectionReset("the server reset the connection before the headers")
+        error: BaseException
+        if isinstance(exc, ConnectionResetError):
+            error = EngineConnectionReset(f"the server reset the connection ({self.received} body bytes received)")
+        elif self.headers_done.done():
+            error = EngineIncompleteBody(self.received, self._missing())
         else:
             error = EngineConnectionLost("the server closed the connection before the headers")
         if exc is not None:
