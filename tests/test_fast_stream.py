@@ -41,6 +41,9 @@ class Side:
 
     def __init__(self, root: Path, http: HttpClient):
         self.root, self.http = root, http
+        self.sent: list[str] = []  # URLs sent through requests
+        get = http.get
+        http.get = lambda url, *a, **kw: (self.sent.append(url), get(url, *a, **kw))[1]
         (root / "out").mkdir(parents=True)
         (root / "staging").mkdir()
 
@@ -106,7 +109,10 @@ class Async:
 
 
 def both(tmp_path, loop, runtime, server, url: str, name: str, arm=lambda: None, **context):
-    """Run the job through the engine and through ``stream_io`` (the server's faults armed anew for each)."""
+    """Run the job through the engine and through ``stream_io`` (the server's faults armed anew for each).
+
+    Each outcome also says whether the engine's side sent anything through requests.
+    """
     outcomes = []
     for kind in ("async", "sync"):
         with HttpClient(timeout=OPTIONS.timeout, retries=0) as http:
@@ -118,7 +124,7 @@ def both(tmp_path, loop, runtime, server, url: str, name: str, arm=lambda: None,
                 result = Async(loop, runtime, side).run(ctx).result
             else:
                 result = streaming_stream.stream_io(ctx)
-            outcomes.append(side.outcome(ctx, result))
+            outcomes.append({**side.outcome(ctx, result), "through requests": bool(side.sent)})
     return outcomes
 
 
@@ -175,8 +181,15 @@ CASES = {
 }
 
 
+#: The cases the engine answers itself; the others go to stream_io after its response (or its failure).
+ENGINE_ANSWERS = {"ok", "small", "empty", "no validators", "weak etag", "html for a pdf", "lying repr-digest", "matching digests",
+                  "lying content-digest", "cut", "cut small", "cut before the body", "reset", "short body", "stall", "too slow",
+                  "delay", "size given"}
+
+
 def _comparable(outcome: dict, files: bool) -> dict:
     outcome = dict(outcome)
+    del outcome["through requests"]
     if not files:
         for name in ("files", "bytes_written", "total_size", "effects"):
             outcome.pop(name)
@@ -195,3 +208,89 @@ def test_hostile_cases_end_alike_through_the_engine_and_requests(tmp_path, loop,
 
     fast, slow = both(tmp_path, loop, runtime, server, url, "file" + os.path.splitext(url)[1], arm, **context)
     assert _comparable(fast, files) == _comparable(slow, files)
+    assert fast["through requests"] is (case not in ENGINE_ANSWERS)
+
+
+def test_a_regular_200_is_served_by_the_engine_alone(tmp_path, loop, runtime, server):
+    url = server.add_file("/one.pdf", PDF)
+    with HttpClient(timeout=OPTIONS.timeout, retries=0) as http:
+        side = Side(tmp_path / "a", http)
+        ctx = side.context(url, "one.pdf")
+        answer = Async(loop, runtime, side).run(ctx)
+        assert answer.plugin == "streaming" and answer.result.status == "complete"
+        assert side.sent == [] and server.stats("/one.pdf").requests == 1
+        assert server.requests[0].headers.get("User-Agent") == http.user_agent
+        assert server.requests[0].headers.get("Accept-Encoding") == "identity"
+        assert server.requests[0].headers.get("Want-Repr-Digest")
+    stats = runtime.telemetry.snapshot()
+    assert stats["stream_io"]["plugins"]["streaming"]["answered"] == stats["stream_io"]["total"]["calls"] == 1
+
+
+def test_a_302_is_fetched_through_stream_io(tmp_path, loop, runtime, server):
+    target = server.add_file("/there.bin", BODY)
+    server.add_redirect("/here.bin", target)
+    with HttpClient(timeout=OPTIONS.timeout, retries=0) as http:
+        side = Side(tmp_path / "a", http)
+        ctx = side.context(server.url("/here.bin"), "here.bin")
+        result = Async(loop, runtime, side).run(ctx).result
+    assert result.status == "complete" and result.final_url == target and result.sha256 == hashlib.sha256(BODY).hexdigest()
+    assert side.sent == [server.url("/here.bin")]
+    assert server.stats("/here.bin").requests == 2 and server.stats("/there.bin").requests == 1
+
+
+def test_cancelled_from_progress_propagates_and_keeps_the_part(tmp_path, loop, runtime, server):
+    url = server.add_file("/cancel.bin", BODY)
+    server.throttle(100_000)  # several blocks
+    calls = []
+
+    def progress(n):
+        calls.append(n)
+        raise Cancelled("stop")
+
+    with HttpClient(timeout=OPTIONS.timeout, retries=0) as http:
+        side = Side(tmp_path / "a", http)
+        ctx = side.context(url, "cancel.bin", progress=progress)
+        with pytest.raises(Cancelled):
+            Async(loop, runtime, side).run(ctx)
+    assert calls and ctx.paths.part.stat().st_size == ctx.effects.bytes_written == calls[0]
+    assert json.loads(ctx.paths.sidecar.read_text())["committed"] == calls[0]
+    assert not ctx.paths.final.exists()
+
+
+@pytest.mark.parametrize("setting", ["cookies", "host_rate", "limit_rate", "proxy", "env proxy", "userinfo", "netrc", "scheme"])
+def test_the_engine_is_not_offered_where_only_requests_does_it(tmp_path, monkeypatch, server, setting):
+    url = server.url("/x.bin")
+    kwargs = {"cookies": {"cookies": __import__("requests").cookies.RequestsCookieJar()}, "host_rate": {"host_rate": 2.0},
+              "limit_rate": {"limit_rate": 1000}, "proxy": {"proxies": {"http": "http://proxy.example:3128"}}}.get(setting, {})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    if setting == "env proxy":
+        monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    if setting == "userinfo":
+        url = url.replace("://", "://user:secret@")
+    if setting == "netrc":
+        (tmp_path / ".netrc").write_text(f"machine {server.host} login user password secret\n")
+    if setting == "scheme":
+        url = "ftp://files.example/x.bin"
+    with HttpClient(**kwargs) as http:
+        assert http.engine_for(url) is None  # no engine yet
+        http.engine = Engine(per_host=1, connect_timeout=1, read_timeout=1, ssl_context=None, default_headers={})
+        assert http.engine_for(url) is None
+        assert http.engine_for(server.url("/x.bin")) is (None if setting in ("cookies", "host_rate", "limit_rate", "proxy", "env proxy", "netrc") else http.engine)
+
+
+def test_no_proxy_gives_the_engine_back(monkeypatch, server):
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", server.host)
+    with HttpClient() as http:
+        http.engine = Engine(per_host=1, connect_timeout=1, read_timeout=1, ssl_context=None, default_headers={})
+        assert http.engine_for(server.url("/x.bin")) is http.engine
+
+
+def test_a_host_paused_by_retry_after_goes_through_requests(server):
+    with HttpClient() as http:
+        http.engine = Engine(per_host=1, connect_timeout=1, read_timeout=1, ssl_context=None, default_headers={})
+        assert http.engine_for(server.url("/x.bin")) is http.engine
+        http.pacer.pause(server.host, 30)
+        assert http.engine_for(server.url("/x.bin")) is None
