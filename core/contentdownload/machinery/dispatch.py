@@ -13,7 +13,7 @@ raised as the :class:`~contentdownload.errors.DiskError` it stands for.
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable, Generator
+from typing import Any, Awaitable, Callable
 
 import attrs
 
@@ -69,18 +69,13 @@ class Dispatcher:
 
     def call(self, selection: Selection, ctx: Any) -> Answer:
         """Ask ``selection.chain`` in order; return the first answer or raise :class:`NoPluginAnsweredError`."""
-        asking = self._ask(selection, ctx, lambda name: self.plugins.caller(selection.hook, name))
+        asking = self._ask(selection, ctx, lambda name: self._sync_call(selection.hook, name))
         try:
-            call = next(asking)
-            while True:
-                try:
-                    result = call(ctx=ctx)
-                except BaseException as exc:
-                    call = asking.throw(exc)
-                else:
-                    call = asking.send(result)
+            asking.send(None)  # synchronous plugins never suspend it: it runs to its answer here
         except StopIteration as answered:
             return answered.value
+        asking.close()
+        raise RuntimeError(f"a synchronous call of {selection.hook} was suspended")
 
     async def call_stream_async(self, selection: Selection, ctx: Any, *,
                                 to_thread: Callable[[Callable[[Any], Any], Any], Awaitable[Any]]) -> Answer:
@@ -92,18 +87,18 @@ class Dispatcher:
         """
         if selection.hook != "stream_io":
             raise ValueError(f"call_stream_async asks the stream_io chain, not {selection.hook}")
-        asking = self._ask(selection, ctx, lambda name: self._stream_call(name, to_thread))
-        try:
-            call = next(asking)
-            while True:
-                try:
-                    result = await call(ctx=ctx)
-                except BaseException as exc:
-                    call = asking.throw(exc)
-                else:
-                    call = asking.send(result)
-        except StopIteration as answered:
-            return answered.value
+        return await self._ask(selection, ctx, lambda name: self._stream_call(name, to_thread))
+
+    def _sync_call(self, hook: str, name: str) -> Callable[..., Awaitable[Any]] | None:
+        """Plugin ``name``'s pluggy caller for ``hook`` as a coroutine function (``None``: it does not implement the hook)."""
+        caller = self.plugins.caller(hook, name)
+        if caller is None:
+            return None
+
+        async def call(ctx: Any) -> Any:
+            return caller(ctx=ctx)
+
+        return call
 
     def _stream_call(self, name: str, to_thread: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]] | None:
         """How plugin ``name`` carries out ``stream_io`` on the event loop (``None``: it implements neither form)."""
@@ -120,8 +115,8 @@ class Dispatcher:
 
         return call
 
-    def _ask(self, selection: Selection, ctx: Any, caller_of: Callable[[str], Any]) -> Generator[Any, Any, Answer]:
-        """The chain's questions: yields each plugin's caller, is sent its result (or thrown its error); returns the :class:`Answer`."""
+    async def _ask(self, selection: Selection, ctx: Any, caller_of: Callable[[str], Any]) -> Answer:
+        """Ask the chain: each plugin's call (from ``caller_of(name)``, a coroutine function) awaited in turn."""
         hook = selection.hook
         expected = HOOK_RESULT_TYPES[hook]
         attempts: list[tuple[str, str]] = []
@@ -133,7 +128,7 @@ class Dispatcher:
                 continue
             started = time.perf_counter_ns()
             try:
-                result = yield caller
+                result = await caller(ctx)
             except NOT_PLUGIN_FAULTS:
                 record(hook, name, "error", time.perf_counter_ns() - started)
                 raise
