@@ -283,7 +283,10 @@ class _Host:
 
 
 class Exchange:
-    """One GET's response: ``status``, ``reason``, ``url`` and ``headers`` parsed, the body read with :meth:`chunks`."""
+    """One GET's response: ``status``, ``reason``, ``url`` and ``headers`` parsed, the body read with :meth:`chunks`.
+
+    Read the body to its end or :meth:`abandon` it: until then the connection counts against ``per_host``.
+    """
 
     def __init__(self, engine: "Engine", conn: _Connection, url: str):
         self._engine, self._conn, self.url = engine, conn, url
