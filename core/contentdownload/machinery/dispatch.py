@@ -13,6 +13,7 @@ raised as the :class:`~contentdownload.errors.DiskError` it stands for.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 import attrs
@@ -66,10 +67,11 @@ class Dispatcher:
     def __init__(self, plugins: PluginSet, telemetry: Telemetry | None = None):
         self.plugins = plugins
         self.telemetry = telemetry or Telemetry()
+        self._sync_calls: dict[tuple[str, str], Callable[..., Awaitable[Any]] | None] = {}
 
     def call(self, selection: Selection, ctx: Any) -> Answer:
         """Ask ``selection.chain`` in order; return the first answer or raise :class:`NoPluginAnsweredError`."""
-        asking = self._ask(selection, ctx, lambda name: self._sync_call(selection.hook, name))
+        asking = self._ask(selection, ctx, partial(self._sync_call, selection.hook))
         try:
             asking.send(None)  # synchronous plugins never suspend it: it runs to its answer here
         except StopIteration as answered:
@@ -91,14 +93,11 @@ class Dispatcher:
 
     def _sync_call(self, hook: str, name: str) -> Callable[..., Awaitable[Any]] | None:
         """Plugin ``name``'s pluggy caller for ``hook`` as a coroutine function (``None``: it does not implement the hook)."""
-        caller = self.plugins.caller(hook, name)
-        if caller is None:
-            return None
-
-        async def call(ctx: Any) -> Any:
-            return caller(ctx=ctx)
-
-        return call
+        key = (hook, name)
+        if key not in self._sync_calls:
+            caller = self.plugins.caller(hook, name)
+            self._sync_calls[key] = None if caller is None else _as_coroutine(caller)
+        return self._sync_calls[key]
 
     def _stream_call(self, name: str, to_thread: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]] | None:
         """How plugin ``name`` carries out ``stream_io`` on the event loop (``None``: it implements neither form)."""
@@ -169,3 +168,10 @@ class Dispatcher:
             record(hook, name, "answered", time.perf_counter_ns() - started, fallback=position > 0)
             return Answer(result, name, position > 0)
         raise NoPluginAnsweredError(hook, attempts)
+
+
+def _as_coroutine(caller: Callable[..., Any]) -> Callable[[Any], Awaitable[Any]]:
+    async def call(ctx: Any) -> Any:
+        return caller(ctx=ctx)
+
+    return call
