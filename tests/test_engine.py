@@ -349,3 +349,12 @@ def test_https_with_the_run_s_ca_bundle(tmp_path):
             return got, raised.value.reason, unchecked
 
     assert run(main()) == (DATA, "tls_error", DATA)
+
+
+@pytest.mark.parametrize("url", ["ftp://h/x", "http:///x", "http://h/a b", "http://h/caf\u00e9", "http://h/x\r\nX: y"])
+def test_a_url_the_engine_cannot_send_as_is_is_a_value_error(url):
+    async def main():
+        with pytest.raises(ValueError):
+            await make_engine().open(url, {})
+
+    run(main())

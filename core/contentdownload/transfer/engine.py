@@ -472,11 +472,13 @@ class Engine:
 
 
 def _target(url: str) -> tuple[PoolKey, str]:
-    """The pool key and request target of an ``http``/``https`` URL (``ValueError`` for anything else)."""
+    """The pool key and request target of an ``http``/``https`` URL (``ValueError`` for anything else, or one to quote)."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {scheme or '(none)'}")
     port = parts.port or _DEFAULT_PORTS[scheme]
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if not target.isascii() or any(c <= " " or c == "\x7f" for c in target) or not parts.hostname.isascii():
+        raise ValueError("the URL needs quoting first")  # requests quotes it: the synchronous path's
     return (scheme, parts.hostname, port), target
