@@ -133,7 +133,11 @@ def test_keep_alive_connections_are_reused_after_a_body_read_to_its_end():
 
 
 def test_at_most_per_host_connections_are_open_and_the_others_wait():
+    arrived = asyncio.Event()
+
     async def answer(n, srv):
+        if n == 2:
+            arrived.set()
         await srv.release.wait()
         return ok(b"x" * 100)
 
@@ -145,8 +149,7 @@ def test_at_most_per_host_connections_are_open_and_the_others_wait():
                 return await body(await engine.open(srv.url(), {}))
 
             tasks = [asyncio.ensure_future(one()) for _ in range(6)]
-            while len(srv.requests) < 2:
-                await asyncio.sleep(0.01)
+            await arrived.wait()
             for _ in range(20):  # give a third connection every chance to appear
                 await asyncio.sleep(0)
             assert srv.open == 2 and len(srv.requests) == 2
@@ -270,15 +273,27 @@ def test_an_abandoned_exchange_is_never_reused():
 
 def test_a_pooled_connection_the_server_closed_is_replaced():
     async def main():
-        async with Raw(lambda n, srv: ok(b"one", "Keep-Alive: timeout=0\r\n") if n == 1 else ok(b"two")) as srv:
-            srv.answer = _close_after_first
+        async with Raw(_close_after_first) as srv:
             engine = make_engine(per_host=1)
             first = await body(await engine.open(srv.url(), {}))
-            await asyncio.sleep(0.05)  # the server's close reaches the pooled connection
-            second = await body(await engine.open(srv.url(), {}))
+            second = await body(await engine.open(srv.url(), {}))  # sent on the pooled connection, which the server hangs up
             return first, second, srv.connections
 
     assert run(main()) == (b"one", b"two", 2)
+
+
+def test_a_pooled_connection_closed_while_idle_is_not_used():
+    async def main():
+        async with Raw(lambda n, srv: ok(b"one"), close=True) as srv:
+            engine = make_engine(per_host=1)
+            first = await body(await engine.open(srv.url(), {}))
+            pooled = engine._hosts[("http", "127.0.0.1", srv.port)].idle[0]
+            while not pooled.closed:  # until the server's close reaches the idle connection
+                await asyncio.sleep(0.001)
+            second = await body(await engine.open(srv.url(), {}))
+            return first, second, srv.connections, len(srv.requests)
+
+    assert run(main()) == (b"one", b"one", 2, 2)
 
 
 def _close_after_first(n, srv):
