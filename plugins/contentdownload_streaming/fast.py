@@ -98,8 +98,14 @@ class _Fast:
     async def receive(self, exchange: Exchange, part: Part) -> BodyOutcome:
         """The body into ``part`` block by block, within the read timeout and the speed limits (``Part.receive``'s rules)."""
         ctx, guard, read_timeout = self.ctx, self.attempt.guard, self.ctx.options.timeout[1]
+        waited: list[float | None] = [read_timeout]  # the last wait asked for
+
+        def wait() -> float | None:
+            waited[0] = guard.timeout(read_timeout)
+            return waited[0]
+
         guard.start_body()
-        blocks: Any = exchange.chunks(timeout=lambda: guard.timeout(read_timeout))
+        blocks: Any = exchange.chunks(timeout=wait)
         async with contextlib.aclosing(blocks):
             try:
                 async for block in blocks:
@@ -110,13 +116,17 @@ class _Fast:
                     if ctx.progress is not None:
                         ctx.progress(taken)
             except TRANSPORT_ERRORS as exc:
-                slow = _slow(guard) if isinstance(exc, TimeoutError) else None
+                slow = await _slow(guard, waited[0] != read_timeout) if isinstance(exc, TimeoutError) else None
                 return BodyOutcome(error=slow or exc)
         return BodyOutcome()
 
 
-def _slow(guard: Any) -> TooSlowError | None:
-    """The speed limit a timed-out read broke, if it was the guard's deadline that ended it."""
+async def _slow(guard: Any, guard_deadline: bool) -> TooSlowError | None:
+    """The speed limit a timed-out read broke: when the wait ended at the guard's deadline (``guard_deadline``),
+    the loop's timer may have fired a little before the guard's clock got there."""
+    left = guard.remaining() if guard_deadline else None
+    if left is not None and left > 0:
+        await asyncio.sleep(left)
     try:
         guard.check()
     except TooSlowError as exc:
