@@ -342,8 +342,9 @@ class Engine:
     """Keep-alive HTTP/1.1 GETs on the running event loop (see the module).
 
     ``per_host``: connections open at once per ``(scheme, host, port)``. ``connect_timeout``,
-    ``read_timeout``: seconds. ``ssl_context``: for ``https`` (``None``: the default
-    context, which verifies). ``default_headers``: sent with every request (a request's own win).
+    ``read_timeout``: seconds. ``ssl_context``: for ``https`` (``None``: the system's default
+    context, which verifies; the run's trust is :func:`contentdownload.transfer.options.ssl_context`
+    of its ``verify``). ``default_headers``: sent with every request (a request's own win).
     """
 
     def __init__(self, *, per_host: int, connect_timeout: float, read_timeout: float,
@@ -431,7 +432,9 @@ class Engine:
     async def _connect(self, key: PoolKey, timeout: float | None) -> _Connection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
-        context = (self.ssl_context or ssl.create_default_context()) if scheme == "https" else None
+        if scheme == "https" and self.ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        context = self.ssl_context if scheme == "https" else None
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(lambda: _Connection(loop, key), host, port, ssl=context,
