@@ -9,13 +9,13 @@ import attrs
 import pytest
 
 from contentdownload.hooks import specs as hookspecs
-from contentdownload.hooks.model import HOOK_CONTEXT_TYPES, HOOK_RESULT_TYPES, HOOKS, Effects, Job, JobKey, JobResult, PriorRecord, StagePaths, TransferOptions
+from contentdownload.hooks.model import ASYNC_HOOKS, HOOK_CONTEXT_TYPES, HOOK_RESULT_TYPES, HOOKS, Effects, Job, JobKey, JobResult, PriorRecord, StagePaths, TransferOptions
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 DOCUMENTED_TYPES = [*HOOK_CONTEXT_TYPES.values(), *HOOK_RESULT_TYPES.values(), Job, JobKey, JobResult, PriorRecord, StagePaths, TransferOptions, Effects]
 
 
-@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize("hook", [*HOOKS, *ASYNC_HOOKS])
 def test_hookspec_docstring_covers_the_contract(hook):
     doc = inspect.getdoc(getattr(hookspecs, hook)) or ""
     for part in ("Receives:", "Returns:", "``None``:", "May not:"):
@@ -38,7 +38,7 @@ def test_classes_are_frozen_except_effects(cls):
 
 def test_hook_reference_page_lists_every_hook_and_field():
     text = (DOCS / "hooks.md").read_text()
-    for hook in HOOKS:
+    for hook in (*HOOKS, *ASYNC_HOOKS):
         assert f"`{hook}`" in text
     for cls in DOCUMENTED_TYPES:
         assert f"`{cls.__name__}`" in text, cls.__name__

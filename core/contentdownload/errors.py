@@ -8,6 +8,7 @@ catch either ``ContentDownloadError`` or the builtin they already expect.
 from __future__ import annotations
 
 import errno
+import http.client
 
 
 class ContentDownloadError(Exception):
@@ -77,6 +78,74 @@ class TooSlowError(ContentDownloadError, TimeoutError):
     def __init__(self, message: str, reason: str = "too_slow"):
         self.reason = reason
         super().__init__(message)
+
+
+class TransportError(ContentDownloadError, OSError):
+    """A request of the event-loop engine (:mod:`contentdownload.transfer.engine`) failed.
+
+    ``reason`` is the short reason a result records, the one
+    :func:`~contentdownload.transfer.http.request_failure` gives the synchronous path's error.
+    """
+
+    reason = "connection_error"
+
+
+class EngineConnectError(TransportError, ConnectionError):
+    """No connection could be opened (refused, unreachable, TLS handshake failed); the cause is chained."""
+
+    def __init__(self, message: str, reason: str = "connection_error"):
+        self.reason = reason
+        super().__init__(message)
+
+
+class EngineConnectTimeout(TransportError, TimeoutError):
+    """The connection was not open within the connect timeout."""
+
+    reason = "connect_timeout"
+
+
+class EngineReadTimeout(TransportError, TimeoutError):
+    """No byte of the headers, or of the body's next block, came within the read timeout."""
+
+    reason = "read_timeout"
+
+
+class EngineConnectionLost(TransportError, ConnectionError):
+    """The server closed the connection before the response's headers were complete."""
+
+    reason = "connection_lost"
+
+
+class EngineConnectionReset(EngineConnectionLost, ConnectionResetError):
+    """The server reset the connection (RST)."""
+
+    reason = "connection_reset"
+
+
+class EngineIncompleteBody(EngineConnectionLost, http.client.IncompleteRead):
+    """The connection ended before the body did: shorter than its ``Content-Length``, or a chunked body cut mid-way.
+
+    ``partial`` is the count of body bytes received, ``expected`` the count still missing (``None``: unknown).
+    """
+
+    reason = "short_body"
+
+    def __init__(self, received: int, missing: int | None):
+        http.client.IncompleteRead.__init__(self, b"", missing)
+        self.received = received
+        self.args = (f"the body ended after {received} bytes" + (f", {missing} short" if missing is not None else ""),)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.args[0]!r})"
+
+
+class EngineProtocolError(TransportError, http.client.HTTPException):
+    """The response is not HTTP/1.1 the parser accepts (a bad status line, bad framing, contradicting lengths)."""
+
+    reason = "protocol_error"
 
 
 class StagingError(ContentDownloadError, OSError):

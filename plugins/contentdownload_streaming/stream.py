@@ -33,6 +33,8 @@ connection, short body, cancellation) leaves the part and an up-to-date sidecar 
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import requests
 
@@ -165,7 +167,7 @@ class _Transfer:
             return self.result("failed", "size_mismatch")
         return None
 
-    def _sidecar(self, response: requests.Response, offset: int, total: int | None) -> Sidecar:
+    def sidecar(self, response: Any, offset: int, total: int | None) -> Sidecar:
         """What the part will hold: a resumed part keeps its record (and fsynced count); a new one gets the response's."""
         digests = dict(self.attempt.info.get("server_digests") or {})
         if offset:
@@ -193,7 +195,7 @@ class _Transfer:
         if refused is not None:
             return refused
         try:
-            part = self.attempt.open_part(self.parts, ctx.paths, offset=offset, meta=self._sidecar(response, offset, total),
+            part = self.attempt.open_part(self.parts, ctx.paths, offset=offset, meta=self.sidecar(response, offset, total),
                                           expected_size=total)
         except UnsafePathError as exc:
             return self.result("failed", exc.reason)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from contentdownload.transfer.http import HttpClient
 
 HOOKS: tuple[str, ...] = ("job_key", "resume_decision", "stream_io", "finalize")
+#: Optional asynchronous forms of a stage, by the stage they stand for (same chain, same policy, same telemetry).
+ASYNC_HOOKS: dict[str, str] = {"stream_io_async": "stream_io"}
 
 ResumeMode = Literal["fresh", "resume", "revalidate", "discard"]
 RESUME_MODES: tuple[str, ...] = ("fresh", "resume", "revalidate", "discard")

@@ -1,4 +1,4 @@
-"""The four pipeline hooks.
+"""The four pipeline hooks, and the optional asynchronous form of ``stream_io``.
 
 All four are ``firstresult`` hooks, but pluggy's own call order never decides who
 answers: the policy (:mod:`contentdownload.machinery.policy`) names a chain of plugins per job
@@ -14,7 +14,7 @@ job without any fallback.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable
 
 import pluggy
 
@@ -94,6 +94,27 @@ def stream_io(ctx: "StreamContext") -> "StreamResult | None":
     May not: write anything but the part and its sidecar, write an error body to the
     part, or touch the final path. A raise falls back only while ``effects.bytes_written``
     is 0; after that the attempt is retried from ``resume_decision``.
+    """
+
+
+@hookspec(firstresult=True)
+def stream_io_async(ctx: "StreamContext") -> "Awaitable[StreamResult] | None":
+    """``stream_io`` on the process's event loop, for plugins that can transfer without a thread (optional).
+
+    Receives: the same :class:`~contentdownload.hooks.model.StreamContext` as ``stream_io``.
+
+    Returns: an awaitable (a coroutine) of a :class:`~contentdownload.hooks.model.StreamResult`,
+    with the same meaning as ``stream_io``'s. The dispatcher's
+    :meth:`~contentdownload.machinery.dispatch.Dispatcher.call_stream_async` asks the
+    ``stream_io`` chain in order and awaits it; a plugin without this hook has its
+    ``stream_io`` run in a thread, so synchronous plugins keep working unchanged.
+
+    ``None``: this plugin's synchronous ``stream_io`` does it (run in a thread), not the next plugin.
+
+    May not: block the event loop (no synchronous network I/O; writing a part's blocks to
+    disk is allowed), or anything ``stream_io`` may not do (touch the final path, write an
+    error body). The same fallback rules as ``stream_io``: a raise falls back only while
+    ``effects.bytes_written`` is 0.
     """
 
 

@@ -13,7 +13,8 @@ raised as the :class:`~contentdownload.errors.DiskError` it stands for.
 from __future__ import annotations
 
 import time
-from typing import Any
+from functools import partial
+from typing import Any, Awaitable, Callable
 
 import attrs
 
@@ -66,21 +67,67 @@ class Dispatcher:
     def __init__(self, plugins: PluginSet, telemetry: Telemetry | None = None):
         self.plugins = plugins
         self.telemetry = telemetry or Telemetry()
+        self._sync_calls: dict[tuple[str, str], Callable[..., Awaitable[Any]] | None] = {}
 
     def call(self, selection: Selection, ctx: Any) -> Answer:
         """Ask ``selection.chain`` in order; return the first answer or raise :class:`NoPluginAnsweredError`."""
+        asking = self._ask(selection, ctx, partial(self._sync_call, selection.hook))
+        try:
+            asking.send(None)  # synchronous plugins never suspend it: it runs to its answer here
+        except StopIteration as answered:
+            return answered.value
+        asking.close()
+        raise RuntimeError(f"a synchronous call of {selection.hook} was suspended")
+
+    async def call_stream_async(self, selection: Selection, ctx: Any, *,
+                                to_thread: Callable[[Callable[[Any], Any], Any], Awaitable[Any]]) -> Answer:
+        """:meth:`call` for ``stream_io`` on the running event loop, with the same fallbacks and telemetry.
+
+        Each plugin of the chain in order: its ``stream_io_async`` awaited when it returns an
+        awaitable; otherwise (``None``, or no such hook) its ``stream_io`` through
+        ``await to_thread(fn, ctx)`` (the caller's executor).
+        """
+        if selection.hook != "stream_io":
+            raise ValueError(f"call_stream_async asks the stream_io chain, not {selection.hook}")
+        return await self._ask(selection, ctx, lambda name: self._stream_call(name, to_thread))
+
+    def _sync_call(self, hook: str, name: str) -> Callable[..., Awaitable[Any]] | None:
+        """Plugin ``name``'s pluggy caller for ``hook`` as a coroutine function (``None``: it does not implement the hook)."""
+        key = (hook, name)
+        if key not in self._sync_calls:
+            caller = self.plugins.caller(hook, name)
+            self._sync_calls[key] = None if caller is None else _as_coroutine(caller)
+        return self._sync_calls[key]
+
+    def _stream_call(self, name: str, to_thread: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]] | None:
+        """How plugin ``name`` carries out ``stream_io`` on the event loop (``None``: it implements neither form)."""
+        asynchronous = self.plugins.caller("stream_io_async", name)
+        synchronous = self.plugins.caller("stream_io", name)
+        if asynchronous is None and synchronous is None:
+            return None
+
+        async def call(ctx: Any) -> Any:
+            awaitable = asynchronous(ctx=ctx) if asynchronous is not None else None
+            if awaitable is not None:
+                return await awaitable
+            return await to_thread(lambda c: synchronous(ctx=c), ctx) if synchronous is not None else None
+
+        return call
+
+    async def _ask(self, selection: Selection, ctx: Any, caller_of: Callable[[str], Any]) -> Answer:
+        """Ask the chain: each plugin's call (from ``caller_of(name)``, a coroutine function) awaited in turn."""
         hook = selection.hook
         expected = HOOK_RESULT_TYPES[hook]
         attempts: list[tuple[str, str]] = []
         record = self.telemetry.record
         for position, name in enumerate(selection.chain):
-            caller = self.plugins.caller(hook, name)
+            caller = caller_of(name)
             if caller is None:
                 attempts.append((name, "does not implement the hook"))
                 continue
             started = time.perf_counter_ns()
             try:
-                result = caller(ctx=ctx)
+                result = await caller(ctx)
             except NOT_PLUGIN_FAULTS:
                 record(hook, name, "error", time.perf_counter_ns() - started)
                 raise
@@ -121,3 +168,10 @@ class Dispatcher:
             record(hook, name, "answered", time.perf_counter_ns() - started, fallback=position > 0)
             return Answer(result, name, position > 0)
         raise NoPluginAnsweredError(hook, attempts)
+
+
+def _as_coroutine(caller: Callable[..., Any]) -> Callable[[Any], Awaitable[Any]]:
+    async def call(ctx: Any) -> Any:
+        return caller(ctx=ctx)
+
+    return call

@@ -18,7 +18,7 @@ import pluggy
 from contentdownload.hooks import specs as hookspecs
 from contentdownload.errors import DuplicatePluginError, PluginLoadError, UsageError
 from contentdownload.records.log import get_logger
-from contentdownload.hooks.model import HOOKS
+from contentdownload.hooks.model import ASYNC_HOOKS, HOOKS
 from contentdownload.machinery.suggest import closest
 
 ENTRY_POINT_GROUP = "contentdownload"
@@ -78,13 +78,15 @@ def _check_hook_api(obj: object) -> None:
 def _check_impls(pm: pluggy.PluginManager, name: str) -> None:
     """Reject what the dispatcher cannot honour: two answers to one hook, or an answer that is not a plain function."""
     plugin = pm.get_plugin(name)
-    for hook in HOOKS:
+    for hook in (*HOOKS, *ASYNC_HOOKS):
         answers = [i for i in getattr(pm.hook, hook).get_hookimpls() if i.plugin is plugin and not _is_wrapper(i)]
         if len(answers) > 1:
             functions = ", ".join(i.function.__name__ for i in answers)
             raise PluginLoadError(f"{len(answers)} implementations of {hook} ({functions}, via specname); a plugin may have one")
         for impl in answers:
-            if inspect.isgeneratorfunction(impl.function) or inspect.iscoroutinefunction(impl.function):
+            fn = impl.function
+            coroutine = inspect.iscoroutinefunction(fn) and hook not in ASYNC_HOOKS  # an asynchronous hook may be one
+            if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn) or coroutine:
                 raise PluginLoadError(
                     f"{impl.function.__name__} implements {hook} as a generator or coroutine without wrapper=True; "
                     f"a hook implementation must return its answer"
@@ -103,7 +105,7 @@ class PluginSet:
         self.pm = pm
         self.infos: dict[str, PluginInfo] = dict(infos)
         self._callers: dict[tuple[str, str], Callable[..., Any]] = {}
-        for hook in HOOKS:
+        for hook in (*HOOKS, *ASYNC_HOOKS):
             answering = {i.plugin_name: i.plugin for i in getattr(pm.hook, hook).get_hookimpls() if not _is_wrapper(i)}
             for name in answering:
                 others = [plugin for other, plugin in answering.items() if other != name]
@@ -154,7 +156,7 @@ def _discover() -> list[metadata.EntryPoint]:
 
 def _hooks_of(pm: pluggy.PluginManager, name: str) -> tuple[str, ...]:
     plugin = pm.get_plugin(name)
-    return tuple(h for h in HOOKS if any(i.plugin is plugin for i in getattr(pm.hook, h).get_hookimpls()))
+    return tuple(h for h in (*HOOKS, *ASYNC_HOOKS) if any(i.plugin is plugin for i in getattr(pm.hook, h).get_hookimpls()))
 
 
 def _register(pm: pluggy.PluginManager, name: str, load: Callable[[], object]) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ import ssl
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 from urllib.parse import urljoin, urlsplit
 
 import attrs
@@ -53,6 +53,9 @@ from contentdownload.records.log import get_logger
 from contentdownload.transfer.digests import WANT_REPR_DIGEST
 from contentdownload.transfer.polite import ByteRate, HostPacer
 from contentdownload.transfer.urls import redact_url
+
+if TYPE_CHECKING:  # pragma: no cover
+    from contentdownload.transfer.engine import Engine
 
 log = get_logger(__name__)
 
@@ -457,6 +460,35 @@ class HttpClient:
         self._lock = threading.Lock()
         self.pacer = HostPacer(host_rate, sleep=self._wait)
         self.byte_rate = ByteRate(limit_rate, sleep=self._wait) if limit_rate else None
+        #: the process's event-loop engine, set by whoever runs one (see :meth:`engine_for`)
+        self.engine: "Engine | None" = None
+        self._engine_origins: dict[tuple[str, str], bool] = {}
+
+    def engine_for(self, url: str) -> "Engine | None":
+        """:attr:`engine` when it can send this request as requests would, else ``None``.
+
+        ``None`` when there is no engine, and for what only requests does: a scheme other
+        than http(s), credentials in the URL, cookies, a host rate or a byte rate (the
+        pacer), a host paused by its ``Retry-After``, a proxy (configured, or from the
+        environment for this URL with ``NO_PROXY`` honoured), ``~/.netrc`` credentials for the host.
+        """
+        if self.engine is None or self.cookies is not None or self.pacer.interval or self.byte_rate is not None:
+            return None
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in SAFE_SCHEMES or "@" in parts.netloc or self.pacer.paused(parts.hostname):
+            return None
+        origin = (scheme, parts.netloc.lower())
+        plain = self._engine_origins.get(origin)
+        if plain is None:
+            plain = self._engine_origins[origin] = self._plain_origin(url)
+        return self.engine if plain else None
+
+    def _plain_origin(self, url: str) -> bool:
+        """Whether requests would send ``url`` straight to its origin: no proxy, no netrc credentials."""
+        if requests.utils.select_proxy(url, self.proxies) or requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url)):
+            return False
+        return requests.utils.get_netrc_auth(url) is None
 
     def share_rates(self, processes: int) -> None:
         """This client is one of ``processes`` worker processes of a run: keep its share of ``host_rate`` and ``limit_rate``."""

@@ -10,6 +10,8 @@ variables (and ``NO_PROXY``) and ``~/.netrc`` as usual.
 from __future__ import annotations
 
 import http.cookiejar
+import os
+import ssl
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +48,26 @@ def tls_verify(settings: Any, environ: Mapping[str, str]) -> bool | str:
     if not settings.verify_tls:
         return False
     return next((environ[var] for var in CA_BUNDLE_VARS if environ.get(var, "").strip()), True)
+
+
+def ssl_context(verify: bool | str) -> ssl.SSLContext:
+    """The TLS context of the event-loop engine for :func:`tls_verify`'s answer (what requests does with it).
+
+    A CA bundle path (a file, or a folder of hashed certificates), ``False``: certificates
+    and host names not checked, ``True``: certifi's bundle.
+    """
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    if verify is True:
+        import certifi
+
+        verify = certifi.where()
+    if os.path.isdir(verify):
+        return ssl.create_default_context(capath=verify)
+    return ssl.create_default_context(cafile=verify)
 
 
 def cookie_jar(settings: Any) -> http.cookiejar.CookieJar | None:

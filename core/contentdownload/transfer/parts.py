@@ -424,6 +424,14 @@ class Part:
                 if heartbeat is not None:
                     heartbeat()
 
+    def take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None = None) -> BodyOutcome | int:
+        """Check, then append one received block, as :meth:`receive` does for each (for a caller reading the body itself).
+
+        The bytes appended (``effects`` told), or the :class:`BodyOutcome` that ends the body
+        (past ``max_bytes``, or an overlap mismatch: the part was discarded).
+        """
+        return self._take(data, effects, max_bytes, None)
+
     def _take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None,
               done: Callable[[], None] | None) -> BodyOutcome | int:
         """Check, then write one received block: the bytes appended (past the overlap), or a :class:`BodyOutcome` when the body must stop here."""

@@ -59,6 +59,11 @@ class HostPacer:
             seen["responses"] += 1
             seen["paused_s"] = round(seen["paused_s"] + max(0.0, seconds), 3)
 
+    def paused(self, host: str | None) -> bool:
+        """Whether ``host`` asked for quiet that has not ended yet."""
+        with self._lock:
+            return self._paused_until.get(host_key(host), 0.0) > self.clock()
+
     def throttled(self) -> dict[str, dict[str, float]]:
         """Hosts that asked for a pause: ``{host: {"responses": n, "paused_s": seconds asked in all}}``."""
         with self._lock:

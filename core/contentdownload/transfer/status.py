@@ -110,6 +110,12 @@ class Attempt:
             status, reason = request_failure(self._over_max_time(exc))
             log.info("request failed", url=redact_url(ctx.url), reason=reason, detail=failure_detail(exc))
             return self.result(status, reason)
+        self.took(response)
+        return response
+
+    def took(self, response: Any) -> None:
+        """Record what ``response`` (a ``requests`` response or an engine's :class:`~contentdownload.transfer.engine.Exchange`)
+        says: status, final URL, type, coding, validators, digests, the time to its headers."""
         self.digests = server_digests(response.headers)
         self.info.update(
             http_status=response.status_code, final_url=redact_url(response.url),
@@ -118,7 +124,6 @@ class Attempt:
             ttfb_ms=self.elapsed_ms(),
             server_digests={d.label: d.value.hex() for d in representation_digests(self.digests)},
         )
-        return response
 
     def _over_max_time(self, exc: BaseException) -> BaseException:
         """``exc``, or the :class:`TooSlowError` it became when the request outlived ``max_time``."""

@@ -1,0 +1,487 @@
+"""An asyncio HTTP/1.1 client for GETs: one event loop running many transfers, keep-alive connections per host.
+
+:class:`Engine` opens an :class:`Exchange` per request: the status line and headers
+parsed (by ``httptools``, llhttp's bindings), then the body as it arrives
+(:meth:`Exchange.chunks`, de-chunked, never decoded). Connections are pooled per
+``(scheme, host, port)``, at most ``per_host`` open at once per host (more requests wait
+their turn, first come first served); a connection goes back to the pool only after a
+keep-alive response's body was read to its end, and :meth:`Exchange.abandon` closes it.
+A request that finds a pooled connection closed by the server before any byte of the
+answer is sent once more on a new connection (what urllib3 does too).
+
+Timeouts: ``connect_timeout`` for the connection (and the TLS handshake), then
+``read_timeout`` for the headers and between body blocks. Flow control: reading pauses
+while more than :data:`HIGH_WATER` body bytes wait to be consumed, and resumes once they
+are down to :data:`LOW_WATER`. Failures are the :class:`~contentdownload.errors.TransportError`
+tree; a body shorter than its ``Content-Length`` or a chunked body cut mid-way raises
+:class:`~contentdownload.errors.EngineIncompleteBody`, never ends quietly.
+
+:func:`new_event_loop` gives a uvloop loop where uvloop is installed, else asyncio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+from urllib.parse import urlsplit
+
+import httptools
+
+from contentdownload.errors import (
+    EngineConnectError,
+    EngineConnectionLost,
+    EngineConnectionReset,
+    EngineConnectTimeout,
+    EngineIncompleteBody,
+    EngineProtocolError,
+    EngineReadTimeout,
+)
+from contentdownload.version import __version__
+
+#: Body bytes buffered before the connection stops reading (and resumes at :data:`LOW_WATER`).
+HIGH_WATER = 1 << 20
+LOW_WATER = HIGH_WATER // 4
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+PoolKey = tuple[str, str, int]
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's when it is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - depends on the platform
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class ResponseHeaders(Mapping[str, str]):
+    """A response's header fields, case-insensitive; a repeated field's values are joined with ``", "`` (as requests does)."""
+
+    __slots__ = ("_fields", "_joined")
+
+    def __init__(self, fields: list[tuple[str, str]]):
+        self._fields = fields
+        joined: dict[str, tuple[str, str]] = {}
+        for name, value in fields:
+            key = name.lower()
+            seen = joined.get(key)
+            joined[key] = (name, value) if seen is None else (seen[0], f"{seen[1]}, {value}")
+        self._joined = joined
+
+    def __getitem__(self, name: str) -> str:
+        return self._joined[name.lower()][1]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._joined
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._joined.values())
+
+    def __len__(self) -> int:
+        return len(self._joined)
+
+    def items(self) -> Any:
+        """``(name, value)`` per field name, repeated fields joined."""
+        return list(self._joined.values())
+
+    def raw(self) -> list[tuple[str, str]]:
+        """The fields as received, in order, repeats kept."""
+        return list(self._fields)
+
+    def __repr__(self) -> str:
+        return f"ResponseHeaders({dict(self.items())!r})"
+
+
+def _wait(loop: asyncio.AbstractEventLoop, future: asyncio.Future, timeout: float | None, error: Callable[[], BaseException]) -> Any:
+    """``future``, failed with ``error()`` when not done within ``timeout`` seconds."""
+    if timeout is None:
+        return future
+    handle = loop.call_later(max(timeout, 0.0), lambda: future.done() or future.set_exception(error()))
+    future.add_done_callback(lambda _: handle.cancel())
+    return future
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection: parses responses, buffers body blocks, pauses reading above the high-water mark."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey):
+        self.loop, self.key = loop, key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.used_before = False  # taken from the pool (so a failure before any byte may be a stale keep-alive)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.fields: list[tuple[str, str]] = []
+        self.reason_bytes = b""
+        self.status = 0
+        self.keep_alive = False
+        self.got_bytes = False
+        self.headers_done: asyncio.Future = self.loop.create_future()
+        self.blocks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.received = 0
+        self.complete = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future | None = None
+        self.paused = False
+        self.active = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:  # bytes nobody asked for: the connection cannot be trusted any more
+            self.close()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self.complete:  # garbage after a finished response: only this connection's reuse is lost
+                self.keep_alive = False
+            else:
+                self._fail(EngineProtocolError(f"bad response: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.active or self.complete:
+            return
+        if self.headers_done.done() and self._ends_at_close():
+            self.on_message_complete()
+            return
+        self._fail(self._lost_error(exc))
+
+    def pause_writing(self) -> None:  # the request is small: nothing to hold back
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason_bytes += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        if not self.headers_done.done():
+            self.headers_done.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self.blocks.append(body)
+        self.buffered += len(body)
+        self.received += len(body)
+        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # -- the exchange's side ------------------------------------------------------------
+
+    def _ends_at_close(self) -> bool:
+        """A body without ``Content-Length`` or chunked framing ends when the connection does."""
+        names = {name.lower() for name, _ in self.fields}
+        return "content-length" not in names and "transfer-encoding" not in names
+
+    def _lost_error(self, exc: BaseException | None) -> BaseException:
+        error: BaseException
+        if isinstance(exc, ConnectionResetError):
+            error = EngineConnectionReset(f"the server reset the connection ({self.received} body bytes received)")
+        elif self.headers_done.done():
+            error = EngineIncompleteBody(self.received, self._missing())
+        else:
+            error = EngineConnectionLost("the server closed the connection before the headers")
+        if exc is not None:
+            error.__cause__ = exc
+        return error
+
+    def _missing(self) -> int | None:
+        length = next((v.strip() for n, v in self.fields if n.lower() == "content-length"), None)
+        return int(length) - self.received if length is not None and length.isdigit() else None
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.headers_done.done():
+            self.headers_done.set_exception(error)
+            self.headers_done.exception()  # retrieved here: an abandoned exchange must not warn
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def start(self, request: bytes) -> None:
+        """Send ``request`` on a connection ready for a new exchange."""
+        self._reset()
+        self.active = True
+        assert self.transport is not None
+        self.transport.write(request)
+
+    def take(self) -> bytes | None:
+        """The next buffered body block (``None`` when none is buffered); resumes reading once drained."""
+        if not self.blocks:
+            return None
+        block = self.blocks.popleft()
+        self.buffered -= len(block)
+        if self.paused and self.buffered <= LOW_WATER and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return block
+
+    def more(self, timeout: float | None) -> asyncio.Future:
+        """A future done when a block, the end or a failure arrives (failing after ``timeout`` seconds)."""
+        self.waiter = self.loop.create_future()
+        return _wait(self.loop, self.waiter, timeout, lambda: EngineReadTimeout(f"no body bytes for {timeout:g} s"))
+
+    @property
+    def reusable(self) -> bool:
+        return self.complete and self.keep_alive and not self.closed and self.error is None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Host:
+    """One origin's connections: the idle ones, how many are open, who waits for one."""
+
+    __slots__ = ("idle", "open", "waiters")
+
+    def __init__(self) -> None:
+        self.idle: list[_Connection] = []
+        self.open = 0
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    def wake_one(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class Exchange:
+    """One GET's response: ``status``, ``reason``, ``url`` and ``headers`` parsed, the body read with :meth:`chunks`.
+
+    Read the body to its end or :meth:`abandon` it: until then the connection counts against ``per_host``.
+    """
+
+    def __init__(self, engine: "Engine", conn: _Connection, url: str):
+        self._engine, self._conn, self.url = engine, conn, url
+        self.status: int = conn.status
+        self.reason: str = conn.reason_bytes.decode("latin-1")
+        self.headers = ResponseHeaders(conn.fields)
+        self._done = False
+
+    @property
+    def status_code(self) -> int:
+        """``status``, under the name a ``requests`` response gives it."""
+        return self.status
+
+    @property
+    def received(self) -> int:
+        """Body bytes received so far."""
+        return self._conn.received
+
+    async def chunks(self, *, timeout: Callable[[], float | None] | None = None) -> AsyncIterator[bytes]:
+        """The body as it arrives (de-chunked, not decoded), to its end; raises a :class:`~contentdownload.errors.TransportError`.
+
+        ``timeout()`` gives the seconds to wait for each next block (default: the engine's read timeout).
+        """
+        conn, engine = self._conn, self._engine
+        try:
+            while True:
+                block = conn.take()
+                if block is not None:
+                    yield block
+                    continue
+                if conn.error is not None:
+                    raise conn.error
+                if conn.complete:
+                    break
+                await conn.more(timeout() if timeout is not None else engine.read_timeout)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._release(self._conn)
+
+    def abandon(self) -> None:
+        """Close the connection without reading the rest of the body; it is never reused."""
+        if not self._done:
+            self._conn.keep_alive = False
+            self._conn.close()
+            self._finish()
+
+
+class Engine:
+    """Keep-alive HTTP/1.1 GETs on the running event loop (see the module).
+
+    ``per_host``: connections open at once per ``(scheme, host, port)``. ``connect_timeout``,
+    ``read_timeout``: seconds. ``ssl_context``: for ``https`` (``None``: the system's default
+    context, which verifies; the run's trust is :func:`contentdownload.transfer.options.ssl_context`
+    of its ``verify``). ``default_headers``: sent with every request (a request's own win).
+    """
+
+    def __init__(self, *, per_host: int, connect_timeout: float, read_timeout: float,
+                 ssl_context: ssl.SSLContext | None, default_headers: Mapping[str, str]):
+        self.per_host = max(1, int(per_host))
+        self.connect_timeout, self.read_timeout = float(connect_timeout), float(read_timeout)
+        self.ssl_context = ssl_context
+        self.default_headers = dict(default_headers)
+        self._hosts: dict[PoolKey, _Host] = {}
+        self._closed = False
+
+    async def open(self, url: str, headers: Mapping[str, str], *,
+                   timeout: tuple[float | None, float | None] | None = None) -> Exchange:
+        """Send a GET for ``url``; returns once the status line and headers are parsed.
+
+        ``timeout``: (connect, read) seconds for this request instead of the engine's.
+        """
+        connect, read = timeout if timeout is not None else (self.connect_timeout, self.read_timeout)
+        key, target = _target(url)
+        request = self._request(key, target, headers)
+        while True:
+            conn = await self._acquire(key, connect)
+            try:
+                conn.start(request)
+                await _wait(conn.loop, conn.headers_done, read, lambda: EngineReadTimeout(f"no response headers for {read:g} s"))
+            except (EngineConnectionLost, EngineReadTimeout) as exc:
+                stale = conn.used_before and not conn.got_bytes and isinstance(exc, EngineConnectionLost)
+                conn.close()
+                self._release(conn)
+                if stale:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                self._release(conn)
+                raise
+            return Exchange(self, conn, url)
+
+    def _request(self, key: PoolKey, target: str, headers: Mapping[str, str]) -> bytes:
+        merged = {name.lower(): (name, value) for name, value in self.default_headers.items()}
+        merged.update((name.lower(), (name, value)) for name, value in headers.items())
+        scheme, host, port = key
+        shown = f"[{host}]" if ":" in host else host
+        merged.setdefault("host", ("Host", shown if port == _DEFAULT_PORTS[scheme] else f"{shown}:{port}"))
+        merged.setdefault("user-agent", ("User-Agent", f"contentdownload/{__version__}"))
+        merged["connection"] = ("Connection", "keep-alive")
+        lines = [f"GET {target} HTTP/1.1"]
+        lines += [f"{name}: {value}" for name, value in merged.values()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def _acquire(self, key: PoolKey, connect_timeout: float | None) -> _Connection:
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = _Host()
+        while True:
+            while host.idle:
+                conn = host.idle.pop()
+                if not conn.closed:
+                    conn.used_before = True
+                    return conn
+                host.open -= 1
+            if host.open < self.per_host:
+                host.open += 1
+                try:
+                    conn = await self._connect(key, connect_timeout)
+                except BaseException:
+                    host.open -= 1
+                    host.wake_one()
+                    raise
+                conn.used_before = False
+                return conn
+            await self._wait_turn(host)
+
+    @staticmethod
+    async def _wait_turn(host: _Host) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        host.waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                host.wake_one()  # woken, then cancelled: the turn goes to the next
+            raise
+
+    async def _connect(self, key: PoolKey, timeout: float | None) -> _Connection:
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        if scheme == "https" and self.ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        context = self.ssl_context if scheme == "https" else None
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(lambda: _Connection(loop, key), host, port, ssl=context,
+                                                       server_hostname=host if context is not None else None)
+        except TimeoutError as exc:
+            raise EngineConnectTimeout(f"no connection to {host}:{port} within {timeout:g} s") from exc
+        except ssl.SSLError as exc:
+            raise EngineConnectError(f"TLS handshake with {host}:{port} failed: {exc}", "tls_error") from exc
+        except ConnectionRefusedError as exc:
+            raise EngineConnectError(f"connection to {host}:{port} refused", "connection_refused") from exc
+        except OSError as exc:
+            raise EngineConnectError(f"no connection to {host}:{port}: {exc}") from exc
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        """An exchange on ``conn`` ended: back to the pool when it is reusable, else closed."""
+        conn.active = False
+        host = self._hosts.get(conn.key)
+        if host is None:
+            conn.close()
+            return
+        if conn.reusable and not self._closed:
+            host.idle.append(conn)
+        else:
+            conn.close()
+            host.open -= 1
+        host.wake_one()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection; exchanges still being read are closed when they end."""
+        self._closed = True
+        for host in self._hosts.values():
+            for conn in host.idle:
+                conn.close()
+            host.open -= len(host.idle)
+            host.idle.clear()
+        await asyncio.sleep(0)  # let the transports' closes run
+
+
+def _target(url: str) -> tuple[PoolKey, str]:
+    """The pool key and request target of an ``http``/``https`` URL (``ValueError`` for anything else, or one to quote)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {scheme or '(none)'}")
+    port = parts.port or _DEFAULT_PORTS[scheme]
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if not target.isascii() or any(c <= " " or c == "\x7f" for c in target) or not parts.hostname.isascii():
+        raise ValueError("the URL needs quoting first")  # requests quotes it: the synchronous path's
+    return (scheme, parts.hostname, port), target

@@ -1,0 +1,134 @@
+"""``stream_io_async`` of the streaming plugin: the regular download on the process's event loop.
+
+It takes a fresh download (offset 0) whose URL the worker's client lets its event-loop
+engine fetch (:meth:`~contentdownload.transfer.http.HttpClient.engine_for`: no proxy,
+cookies, netrc credentials or pacing in the way), sends the request ``stream_io`` would
+send, and, for a ``200`` with a ``Content-Length`` within ``max_bytes``, the job's size
+and one checkpoint, no content coding, writes the body to the part through the part store
+exactly as ``stream_io`` does (same sidecar, digests, speed limits, effects, progress and
+result fields). Everything else goes to the plugin's own ``stream_io`` in the loop's
+default executor: a resume or a revalidation, any other status (redirects, errors,
+``429``), an encoded, unsized or long body, and a request that got no response (which
+``stream_io`` sends again with its retries, ``Retry-After`` and redirects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, Awaitable
+
+from contentdownload import StreamContext, StreamResult, hookimpl
+from contentdownload.errors import TooSlowError, TransportError, UnsafePathError
+from contentdownload.transfer.engine import Engine, Exchange
+from contentdownload.transfer.http import content_encoding, content_length
+from contentdownload.transfer.parts import BodyOutcome, Part
+from contentdownload.transfer.status import TRANSPORT_ERRORS
+
+from . import stream
+
+
+@hookimpl
+def stream_io_async(ctx: StreamContext) -> Awaitable[StreamResult] | None:
+    """The regular fresh download on the event loop; ``None`` (the synchronous ``stream_io`` does it) for anything else."""
+    if ctx.decision.mode != "fresh":
+        return None
+    engine = ctx.http.engine_for(ctx.url)
+    if engine is None:
+        return None
+    return _Fast(ctx, engine).run()
+
+
+class _Fast:
+    """One ``stream_io_async`` call: ``stream_io``'s bookkeeping (:class:`stream._Transfer`), the engine's request."""
+
+    def __init__(self, ctx: StreamContext, engine: Engine):
+        self.ctx, self.engine = ctx, engine
+        self.transfer = stream._Transfer(ctx)
+        self.attempt = self.transfer.attempt
+
+    async def run(self) -> StreamResult:
+        ctx, attempt = self.ctx, self.attempt
+        connect, read = ctx.options.timeout
+        headers = {**ctx.http.session().headers, **attempt.headers}
+        try:
+            exchange = await self.engine.open(ctx.url, headers, timeout=(attempt.guard.timeout(connect, body=False),
+                                                                         attempt.guard.timeout(read, body=False)))
+        except (TransportError, ValueError):
+            return await self.synchronous()
+        total = self.regular_length(exchange)
+        if total is None:
+            exchange.abandon()
+            return await self.synchronous()
+        attempt.took(exchange)
+        return await self.body(exchange, total)
+
+    def regular_length(self, exchange: Exchange) -> int | None:
+        """The body's length when this is the regular case (see the module), else ``None``."""
+        options, size = self.ctx.options, self.ctx.job.size
+        total = content_length(exchange)
+        if exchange.status != 200 or content_encoding(exchange) is not None or total is None:
+            return None
+        if total > options.checkpoint_bytes or (options.max_bytes is not None and total > options.max_bytes):
+            return None
+        return total if size is None or total == size else None
+
+    async def synchronous(self) -> StreamResult:
+        """The plugin's ``stream_io`` for this context, in the loop's default executor."""
+        return await asyncio.get_running_loop().run_in_executor(None, stream.stream_io, self.ctx)
+
+    async def body(self, exchange: Exchange, total: int) -> StreamResult:
+        ctx, transfer = self.ctx, self.transfer
+        try:
+            part = self.attempt.open_part(transfer.parts, ctx.paths, offset=0, meta=transfer.sidecar(exchange, 0, total),
+                                          expected_size=total)
+        except UnsafePathError as exc:
+            exchange.abandon()
+            return transfer.result("failed", exc.reason)
+        try:
+            outcome = await self.receive(exchange, part)
+        except BaseException:
+            exchange.abandon()
+            part.abandon()  # cancelled, lease lost, disk full...: leave a part the next attempt can trust
+            raise
+        if outcome.error is not None or outcome.too_large or outcome.overlap_mismatch:
+            exchange.abandon()
+        return self.attempt.body_result(part, outcome, exchange, offset=0, expected_body=total)
+
+    async def receive(self, exchange: Exchange, part: Part) -> BodyOutcome:
+        """The body into ``part`` block by block, within the read timeout and the speed limits (``Part.receive``'s rules)."""
+        ctx, guard, read_timeout = self.ctx, self.attempt.guard, self.ctx.options.timeout[1]
+        waited: list[float | None] = [read_timeout]  # the last wait asked for
+
+        def wait() -> float | None:
+            waited[0] = guard.timeout(read_timeout)
+            return waited[0]
+
+        guard.start_body()
+        blocks: Any = exchange.chunks(timeout=wait)
+        async with contextlib.aclosing(blocks):
+            try:
+                async for block in blocks:
+                    guard.received(len(block))
+                    taken = part.take(block, ctx.effects, ctx.options.max_bytes)
+                    if isinstance(taken, BodyOutcome):
+                        return taken
+                    if ctx.progress is not None:
+                        ctx.progress(taken)
+            except TRANSPORT_ERRORS as exc:
+                slow = await _slow(guard, waited[0] != read_timeout) if isinstance(exc, TimeoutError) else None
+                return BodyOutcome(error=slow or exc)
+        return BodyOutcome()
+
+
+async def _slow(guard: Any, guard_deadline: bool) -> TooSlowError | None:
+    """The speed limit a timed-out read broke: when the wait ended at the guard's deadline (``guard_deadline``),
+    the loop's timer may have fired a little before the guard's clock got there."""
+    left = guard.remaining() if guard_deadline else None
+    if left is not None and left > 0:
+        await asyncio.sleep(left)
+    try:
+        guard.check()
+    except TooSlowError as exc:
+        return exc
+    return None
