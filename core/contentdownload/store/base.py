@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
 import attrs
 
@@ -37,6 +37,7 @@ from contentdownload.store.schema import LOOKUP_VERSION
 from contentdownload.store.schema import SchemaVersionError  # noqa: F401  (re-exported)
 from contentdownload.store.transitions import JobState
 
+T = TypeVar("T")
 
 class UnknownJobError(StoreError, KeyError):
     """An operation named a job key that was never planned in this store."""
@@ -204,6 +205,50 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    # -- batches ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def batched(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` with every store call it makes in this thread in ONE write transaction,
+        committed when ``fn`` returns; a ``batched`` inside ``fn`` joins it.
+
+        ``fn`` must be idempotent: only store calls and computation, no other side effect,
+        for it may run more than once. A transient failure of the store (the database
+        locked or away, a deadlock, a serialization failure) rolls the transaction back
+        and runs the whole ``fn`` again, within the store's retry budget. An exception
+        that ``fn`` raises rolls everything back and propagates; one it catches (the
+        refusal of one fenced call, say) leaves the transaction going, without the
+        refused call's writes.
+        """
+
+    def claim_many(self, owner: str, ttl: float, keys: Collection[str] | None = None, limit: int = 64) -> list[Claim]:
+        """Up to ``limit`` claims in one transaction, in the order successive :meth:`claim` calls
+        would make them (jobs under an expired lease first, then planned ones)."""
+        def take() -> list[Claim]:
+            claims: list[Claim] = []
+            while len(claims) < limit:
+                claim = self.claim(owner, ttl, keys)
+                if claim is None:
+                    break
+                claims.append(claim)
+            return claims
+
+        return self.batched(take)
+
+    def heartbeat_many(self, pairs: Sequence[tuple[str, int]], ttl: float) -> dict[str, BaseException]:
+        """Extend the leases ``(key, epoch)`` in one transaction; the refusal of each key whose lease
+        is no longer held (an empty dict: all are)."""
+        def beat() -> dict[str, BaseException]:
+            refused: dict[str, BaseException] = {}
+            for key, epoch in pairs:
+                try:
+                    self.heartbeat(key, epoch, ttl)
+                except (LeaseLostError, UnknownJobError) as exc:
+                    refused[key] = exc
+            return refused
+
+        return self.batched(beat)
+
     def __enter__(self) -> "JobStore":
         return self
 
@@ -299,6 +344,24 @@ class KeySet:
     cursor: str = ""
 
 
+@attrs.define
+class Batch:
+    """One attempt of a thread's :meth:`SqlJobStore.batched` call: its connection, the failure that
+    lost its transaction, where the connection's key sets stood, and those loaded in the transaction."""
+
+    conn: Any
+    cursors: list  # (KeySet, cursor) before the batch
+    broken: BaseException | None = None
+    loaded: list = attrs.field(factory=list)  # (cache, keys)
+
+    def undo(self) -> None:
+        """The transaction is rolled back: so are the claim cursors, and the key sets it loaded are gone."""
+        for keyset, cursor in self.cursors:
+            keyset.cursor = cursor
+        for cache, keys in self.loaded:
+            cache.pop(keys, None)
+
+
 def row_to_record(row: Sequence[Any]) -> JobRecord:
     values = list(row)
     values[2] = JobState(values[2])
@@ -340,6 +403,7 @@ class SqlJobStore(JobStore):
         self.clock = clock
         self._timer, self._sleep = timer, sleep
         self._outage = threading.local()  # .retrying: this thread is running a call again after an outage
+        self._batch = threading.local()  # .open: this thread's batch (see :meth:`batched`), when one is running
         self._closed = False
         self._keyset_ids = iter(range(1, 1 << 62))
         self._keyset_lock = threading.Lock()
@@ -384,7 +448,12 @@ class SqlJobStore(JobStore):
         """Per-connection ``{frozenset: KeySet}`` of key sets loaded into the ``claim_keys`` temp table."""
 
     @abc.abstractmethod
-    def _load_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None: ...
+    def _load_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
+        """:meth:`_fill_keyset` in a transaction of its own."""
+
+    @abc.abstractmethod
+    def _fill_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
+        """Put ``keys`` into the ``claim_keys`` table as set ``set_id``, dropping the sets ``evict``."""
 
     # -- transactions -----------------------------------------------------------------
 
@@ -394,6 +463,62 @@ class SqlJobStore(JobStore):
 
     def _relax(self, conn: Any) -> None:
         """Let this transaction commit without waiting for its flush to disk (see :meth:`_run`)."""
+
+    #: each call inside a batch runs under a savepoint (PostgreSQL: a failed statement aborts the
+    #: whole transaction; a SQLite statement that fails is undone alone)
+    savepoints = False
+
+    def batched(self, fn: Callable[[], T]) -> T:
+        if self._open_batch() is not None:
+            return fn()
+        return self._run(lambda conn: self._run_batch(conn, fn), write=True)
+
+    def _open_batch(self) -> "Batch | None":
+        return getattr(self._batch, "open", None)
+
+    def _run_batch(self, conn: Any, fn: Callable[[], T]) -> T:
+        """One attempt of a batch on ``conn``, in the transaction :meth:`_run` opened."""
+        cursors = [(keyset, keyset.cursor) for keyset in self._keyset_cache(conn).values()]
+        batch = self._batch.open = Batch(conn, cursors=cursors)
+        try:
+            result = fn()
+            if batch.broken is not None:  # fn caught a transient failure: the transaction is lost
+                raise batch.broken
+            return result
+        except BaseException:
+            batch.undo()
+            raise
+        finally:
+            self._batch.open = None
+
+    def _in_batch(self, batch: "Batch", fn: Callable[..., Any], keys: frozenset[str] | None) -> Any:
+        """One store call inside a batch: on its connection and in its transaction, retried only with it."""
+        conn = batch.conn
+        if batch.broken is not None:
+            raise batch.broken
+        if self.savepoints:
+            conn.execute("SAVEPOINT cd_call")
+        try:
+            result = fn(conn) if keys is None else fn(conn, self._keyset(conn, keys, batch))
+        except Exception as exc:
+            if self._transient(exc) or self._retryable(exc) or not self._in_transaction(conn):
+                batch.broken = exc  # the whole batch runs again (or fails) with it
+                raise
+            if self.savepoints:
+                conn.execute("ROLLBACK TO SAVEPOINT cd_call")
+            if isinstance(exc, (StoreError, IllegalTransition, LeaseLostError)):
+                raise
+            mapped = self._translate(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        if self.savepoints:
+            conn.execute("RELEASE SAVEPOINT cd_call")
+        return result
+
+    def _in_transaction(self, conn: Any) -> bool:
+        """The connection's transaction is still open (an error of the database may have rolled it back)."""
+        return True
 
     def _run(self, fn: Callable[[Any], Any], *, write: bool, keys: frozenset[str] | None = None,
              durable: bool = True) -> Any:
@@ -406,8 +531,12 @@ class SqlJobStore(JobStore):
         writes whose loss in a crash of the database server is harmless (heartbeats,
         ``mark_streaming``, starting an operation): they may commit without waiting for
         the disk. Commits stay ordered, so any later durable commit makes them durable too.
+        Inside a :meth:`batched` call of this thread, ``fn`` runs in the batch's transaction.
         """
         self._check_open()
+        batch = self._open_batch()
+        if batch is not None:
+            return self._in_batch(batch, fn, keys)
         started, wait = self._timer(), OUTAGE_FIRST_WAIT_S
         try:
             while True:
@@ -467,7 +596,8 @@ class SqlJobStore(JobStore):
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _keyset(self, conn: Any, keys: frozenset[str]) -> "KeySet":
+    def _keyset(self, conn: Any, keys: frozenset[str], batch: "Batch | None" = None) -> "KeySet":
+        """The key set loaded on ``conn`` (loading it in its own transaction, or in the ``batch``'s)."""
         cache = self._keyset_cache(conn)
         keyset = cache.get(keys)
         if keyset is not None:
@@ -477,7 +607,11 @@ class SqlJobStore(JobStore):
         evict = []
         while len(cache) >= KEYSETS_PER_CONNECTION:
             evict.append(cache.pop(next(iter(cache))).set_id)
-        self._load_keyset(conn, set_id, keys, evict)
+        if batch is None:
+            self._load_keyset(conn, set_id, keys, evict)
+        else:
+            self._fill_keyset(conn, set_id, keys, evict)
+            batch.loaded.append((cache, keys))
         keyset = cache[keys] = KeySet(set_id)
         return keyset
 
