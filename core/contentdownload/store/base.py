@@ -496,9 +496,9 @@ class SqlJobStore(JobStore):
         conn = batch.conn
         if batch.broken is not None:
             raise batch.broken
-        if self.savepoints:
-            conn.execute("SAVEPOINT cd_call")
         try:
+            if self.savepoints:
+                conn.execute("SAVEPOINT cd_call")
             result = fn(conn) if keys is None else fn(conn, self._keyset(conn, keys, batch))
         except Exception as exc:
             if self._transient(exc) or self._retryable(exc) or not self._in_transaction(conn):
