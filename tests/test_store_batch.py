@@ -24,7 +24,7 @@ from contentdownload.errors import LeaseLostError
 from contentdownload.store import JobState, PlannedJob, UnknownJobError, open_store
 from contentdownload.store.sqlite import SQLiteStore
 from contentdownload.testing import ManualClock
-from contentdownload.testing.pg import fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
+from contentdownload.testing.pg import create_database, fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
 
 CORE = Path(__file__).resolve().parents[1] / "core"
 L, F = JobState.LEASED, JobState.FINALIZED
@@ -206,27 +206,57 @@ def test_claim_many_takes_expired_leases_first_then_planned_keys_in_order(url):
     store.close()
 
 
-def test_claim_many_claims_what_successive_claims_would(tmp_path):
-    """Two identical SQLite stores: ``claim_many`` and a loop of ``claim`` hand out the same jobs in the same order."""
+@pytest.fixture
+def two_db_urls(db_url, tmp_path) -> list[str]:
+    """Two empty stores of one kind."""
+    if db_url.startswith("sqlite"):
+        return [db_url, f"sqlite:///{tmp_path / 'other.db'}"]
+    return [db_url, create_database(db_url)]
+
+
+def test_claim_many_claims_what_successive_claims_would(two_db_urls):
+    """Two stores in the same state: ``claim_many`` and a loop of ``claim`` hand out the same jobs in the same order."""
     clock = ManualClock()
-    stores = [planned_store(f"sqlite:///{tmp_path / name}", 40, clock) for name in ("a.db", "b.db")]
+    stores = [planned_store(url, 40, clock) for url in two_db_urls]
     run_keys = frozenset(keys(40)[5:])
     for store in stores:
         for key in ("k0030", "k0002", "k0011"):
-            store.claim_key(key, "dead", 10)
+            store.claim_key(key, "dead", 1800)
             clock.advance(1)
         for key in keys(20)[12:18]:
-            store.claim_key(key, "someone", 10_000)
-    clock.advance(100)
+            store.claim_key(key, "someone", 100_000)
+        expire(store, clock, "dead")
     batched, single = stores
+    handed = []
     for limit in (4, 7, 100):
         many = [(c.key, c.epoch) for c in batched.claim_many("w", 60, run_keys, limit)]
         one = []
         while len(one) < limit and (claim := single.claim("w", 60, run_keys)) is not None:
             one.append((claim.key, claim.epoch))
         assert many == one and many
+        handed += [k for k, _ in many]
+    assert handed[:4] == ["k0030", "k0011", "k0005", "k0006"]  # the expired of the run's keys first, longest expired first
+    assert len(handed) == 35 - 6 and "k0012" not in handed  # what "someone" holds stays held
     for store in stores:
         store.close()
+
+
+def test_a_rolled_back_batch_leaves_the_claims_to_come_as_they_were(db_url):
+    """The batch loaded the run's key set and moved its claim cursor: both are undone with its transaction."""
+    store = planned_store(db_url, 10)
+    run_keys = frozenset(keys(10))
+    taken = []
+
+    def work() -> None:
+        taken.extend(store.claim_many("w", 60, run_keys, 4))
+        raise Abort
+
+    with pytest.raises(Abort):
+        store.batched(work)
+    assert [c.key for c in taken] == keys(4)
+    assert [c.key for c in store.claim_many("w", 60, run_keys, 4)] == keys(4)
+    assert [c.key for c in store.claim_many("w", 60, run_keys, 4)] == keys(8)[4:]
+    store.close()
 
 
 def claimer_main(url: str, out: str) -> int:

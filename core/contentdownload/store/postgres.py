@@ -111,14 +111,14 @@ class PostgresStore(SqlJobStore):
             self._pool.check()
             raise
 
-    def pick_among_sql(self) -> str:
+    def pick_among_sql(self, limit: str = "1") -> str:
         # The LATERAL sub-select (it has a LIMIT, so it cannot be flattened) probes jobs by primary
         # key once per key of the set, in key order, and locks the first claimable row it finds,
         # skipping rows other claimers hold: the plan does not depend on table statistics.
         return ("SELECT j.key FROM claim_keys c CROSS JOIN LATERAL ("
                 "SELECT jobs.key FROM jobs WHERE jobs.key = c.key "
                 f"AND {PLANNED_SQL} LIMIT 1 FOR UPDATE SKIP LOCKED) j "
-                "WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT 1")
+                f"WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT {limit}")
 
     # -- connections ------------------------------------------------------------------
 

@@ -91,11 +91,11 @@ class _Local(threading.local):
 class SQLiteStore(SqlJobStore):
     """A job store in one SQLite file (WAL). Safe for many threads and processes on one machine."""
 
-    def pick_among_sql(self) -> str:
+    def pick_among_sql(self, limit: str = "1") -> str:
         # CROSS JOIN keeps the key set as the outer loop: one primary-key probe into jobs per key.
         return ("SELECT c.key FROM claim_keys c CROSS JOIN jobs ON jobs.key = c.key "
                 f"WHERE c.set_id = ? AND c.key > ? AND {PLANNED_SQL} "
-                "ORDER BY c.key LIMIT 1")
+                f"ORDER BY c.key LIMIT {limit}")
 
     lease_sql = ("lease_expires_at = cd_now() + ?, lease_boot_id = cd_boot(), "
                  "lease_boot_deadline = cd_steady() + ?")
