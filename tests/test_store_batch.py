@@ -23,8 +23,8 @@ import pytest
 from contentdownload.errors import LeaseLostError
 from contentdownload.store import JobState, PlannedJob, UnknownJobError, open_store
 from contentdownload.store.sqlite import SQLiteStore
-from contentdownload.testing import ManualClock
 from contentdownload.testing.pg import create_database, fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
+from test_store_conformance import persistent_url, stepper, url  # noqa: F401  (fixtures)
 
 CORE = Path(__file__).resolve().parents[1] / "core"
 L, F = JobState.LEASED, JobState.FINALIZED
@@ -41,30 +41,14 @@ def keys(n: int, prefix: str = "k") -> list[str]:
     return [f"{prefix}{i:04d}" for i in range(n)]
 
 
-def planned_store(url: str, n: int, clock: ManualClock | None = None):
-    store = open_store(url, **({} if url.startswith("postgres") or clock is None else {"clock": clock}))
+def planned_store(url: str, n: int, clock=None):
+    store = open_store(url, clock=clock)
     store.plan([PlannedJob(key=k, scheme="test") for k in keys(n)])
     return store
 
 
 def finish(store, claim) -> None:
     store.finish(claim.key, claim.epoch, path=f"/out/{claim.key}", size=1, sha256=SHA)
-
-
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request, tmp_path) -> str:
-    if request.param == "memory":
-        return "memory:"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.db'}"
-    return request.getfixturevalue("fresh_postgres_dsn")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.db'}"
-    return request.getfixturevalue("fresh_postgres_dsn")
 
 
 # -- one transaction ---------------------------------------------------------------------------
@@ -116,9 +100,9 @@ def test_nested_batches_join_the_outer_one(url):
     store.close()
 
 
-def test_other_connections_see_a_batch_only_when_it_returns(db_url):
-    store = planned_store(db_url, 2)
-    other = open_store(db_url)
+def test_other_connections_see_a_batch_only_when_it_returns(persistent_url):
+    store = planned_store(persistent_url, 2)
+    other = open_store(persistent_url)
     claims = [store.claim("w", 60) for _ in range(2)]
     seen = []
 
@@ -178,24 +162,15 @@ def test_heartbeat_many_names_the_leases_lost(url):
 # -- claim_many --------------------------------------------------------------------------------
 
 
-def expire(store, clock: ManualClock, owner: str) -> None:
-    """Let the leases of ``owner`` run out (an hour ago), on the store's clock."""
-    if store.url.startswith("memory") or store.url.startswith("sqlite"):
-        clock.advance(3600)
-        return
-    store._run(lambda conn: conn.execute(
-        "UPDATE jobs SET lease_expires_at = lease_expires_at - 7200 WHERE lease_owner = %s", (owner,)), write=True)
-
-
 def test_claim_many_takes_expired_leases_first_then_planned_keys_in_order(url):
-    clock = ManualClock()
+    clock, advance = stepper(url)
     store = planned_store(url, 12, clock)
     run_keys = frozenset(keys(12))
     dead = []
     for key in ("k0009", "k0004", "k0007"):  # held by a worker that died, expiring in this order
         dead.append(store.claim_key(key, "dead", 1800))
-        clock.advance(1)
-    expire(store, clock, "dead")
+        advance(1)
+    advance(3600)
     claims = store.claim_many("live", 600, run_keys, 6)
     assert [c.key for c in claims] == ["k0009", "k0004", "k0007", "k0000", "k0001", "k0002"]
     assert [c.epoch for c in claims[:3]] == [d.epoch + 1 for d in dead]
@@ -207,25 +182,27 @@ def test_claim_many_takes_expired_leases_first_then_planned_keys_in_order(url):
 
 
 @pytest.fixture
-def two_db_urls(db_url, tmp_path) -> list[str]:
+def two_db_urls(persistent_url, tmp_path) -> list[str]:
     """Two empty stores of one kind."""
-    if db_url.startswith("sqlite"):
-        return [db_url, f"sqlite:///{tmp_path / 'other.db'}"]
-    return [db_url, create_database(db_url)]
+    if persistent_url.startswith("sqlite"):
+        return [persistent_url, f"sqlite:///{tmp_path / 'other.db'}"]
+    return [persistent_url, create_database(persistent_url)]
 
 
 def test_claim_many_claims_what_successive_claims_would(two_db_urls):
     """Two stores in the same state: ``claim_many`` and a loop of ``claim`` hand out the same jobs in the same order."""
-    clock = ManualClock()
-    stores = [planned_store(url, 40, clock) for url in two_db_urls]
+    stores = []
     run_keys = frozenset(keys(40)[5:])
-    for store in stores:
+    for url in two_db_urls:
+        clock, advance = stepper(url)
+        store = planned_store(url, 40, clock)
         for key in ("k0030", "k0002", "k0011"):
             store.claim_key(key, "dead", 1800)
-            clock.advance(1)
+            advance(1)
         for key in keys(20)[12:18]:
             store.claim_key(key, "someone", 100_000)
-        expire(store, clock, "dead")
+        advance(3600)
+        stores.append(store)
     batched, single = stores
     handed = []
     for limit in (4, 7, 100):
@@ -241,9 +218,9 @@ def test_claim_many_claims_what_successive_claims_would(two_db_urls):
         store.close()
 
 
-def test_a_rolled_back_batch_leaves_the_claims_to_come_as_they_were(db_url):
+def test_a_rolled_back_batch_leaves_the_claims_to_come_as_they_were(persistent_url):
     """The batch loaded the run's key set and moved its claim cursor: both are undone with its transaction."""
-    store = planned_store(db_url, 10)
+    store = planned_store(persistent_url, 10)
     run_keys = frozenset(keys(10))
     taken = []
 
@@ -276,11 +253,11 @@ def claimer_main(url: str, out: str) -> int:
     return 0
 
 
-def test_three_processes_claiming_in_batches_claim_each_key_once(db_url, tmp_path):
-    store = planned_store(db_url, N_CLAIMED)
+def test_three_processes_claiming_in_batches_claim_each_key_once(persistent_url, tmp_path):
+    store = planned_store(persistent_url, N_CLAIMED)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(CORE), os.environ.get("PYTHONPATH", "")]))
     outs = [tmp_path / f"p{i}.json" for i in range(3)]
-    procs = [subprocess.Popen([sys.executable, __file__, "claimer", db_url, str(out)], env=env, text=True,
+    procs = [subprocess.Popen([sys.executable, __file__, "claimer", persistent_url, str(out)], env=env, text=True,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for out in outs]
     for proc in procs:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
