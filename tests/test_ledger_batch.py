@@ -6,7 +6,6 @@ This module is also the program that crashes: ``python test_ledger_batch.py writ
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -193,9 +193,9 @@ def test_claim_many_claims_what_successive_claims_would(two_db_urls):
     """Two stores in the same state: ``claim_many`` and a loop of ``claim`` hand out the same jobs in the same order."""
     stores = []
     run_keys = frozenset(keys(40)[5:])
-    for url in two_db_urls:
-        clock, advance = stepper(url)
-        store = planned_store(url, 40, clock)
+    for each in two_db_urls:
+        clock, advance = stepper(each)
+        store = planned_store(each, 40, clock)
         for key in ("k0030", "k0002", "k0011"):
             store.claim_key(key, "dead", 1800)
             advance(1)
