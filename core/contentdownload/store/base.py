@@ -344,6 +344,10 @@ class KeySet:
     cursor: str = ""
 
 
+class ReplayBatch(Exception):
+    """A statement failed inside a batch and aborted its transaction: the batch runs again with savepoints."""
+
+
 @attrs.define
 class Batch:
     """One attempt of a thread's :meth:`SqlJobStore.batched` call: its connection, the failure that
@@ -351,6 +355,7 @@ class Batch:
 
     conn: Any
     cursors: list  # (KeySet, cursor) before the batch
+    savepoints: bool = False  # each call runs under a savepoint
     broken: BaseException | None = None
     loaded: list = attrs.field(factory=list)  # (cache, keys)
 
@@ -464,22 +469,24 @@ class SqlJobStore(JobStore):
     def _relax(self, conn: Any) -> None:
         """Let this transaction commit without waiting for its flush to disk (see :meth:`_run`)."""
 
-    #: each call inside a batch runs under a savepoint (PostgreSQL: a failed statement aborts the
-    #: whole transaction; a SQLite statement that fails is undone alone)
-    savepoints = False
+    #: a statement that fails aborts the whole transaction (PostgreSQL; a failed SQLite statement is undone alone)
+    aborts_on_error = False
 
     def batched(self, fn: Callable[[], T]) -> T:
         if self._open_batch() is not None:
             return fn()
-        return self._run(lambda conn: self._run_batch(conn, fn), write=True)
+        try:
+            return self._run(lambda conn: self._run_batch(conn, fn, savepoints=False), write=True)
+        except ReplayBatch:  # a statement failed and took the transaction with it: again, each call under a savepoint
+            return self._run(lambda conn: self._run_batch(conn, fn, savepoints=True), write=True)
 
     def _open_batch(self) -> "Batch | None":
         return getattr(self._batch, "open", None)
 
-    def _run_batch(self, conn: Any, fn: Callable[[], T]) -> T:
+    def _run_batch(self, conn: Any, fn: Callable[[], T], *, savepoints: bool) -> T:
         """One attempt of a batch on ``conn``, in the transaction :meth:`_run` opened."""
         cursors = [(keyset, keyset.cursor) for keyset in self._keyset_cache(conn).values()]
-        batch = self._batch.open = Batch(conn, cursors=cursors)
+        batch = self._batch.open = Batch(conn, cursors=cursors, savepoints=savepoints)
         try:
             result = fn()
             if batch.broken is not None:  # fn caught a transient failure: the transaction is lost
@@ -497,22 +504,25 @@ class SqlJobStore(JobStore):
         if batch.broken is not None:
             raise batch.broken
         try:
-            if self.savepoints:
+            if batch.savepoints:
                 conn.execute("SAVEPOINT cd_call")
             result = fn(conn) if keys is None else fn(conn, self._keyset(conn, keys, batch))
         except Exception as exc:
             if self._transient(exc) or self._retryable(exc) or not self._in_transaction(conn):
                 batch.broken = exc  # the whole batch runs again (or fails) with it
                 raise
-            if self.savepoints:
+            if batch.savepoints:
                 conn.execute("ROLLBACK TO SAVEPOINT cd_call")
             if isinstance(exc, (StoreError, IllegalTransition, LeaseLostError)):
-                raise
+                raise  # refused by the store's own checks, after no write: the transaction goes on
             mapped = self._translate(exc)
             if mapped is None:
                 raise
+            if self.aborts_on_error and not batch.savepoints:
+                batch.broken = ReplayBatch(str(mapped))
+                raise batch.broken from exc
             raise mapped from exc
-        if self.savepoints:
+        if batch.savepoints:
             conn.execute("RELEASE SAVEPOINT cd_call")
         return result
 

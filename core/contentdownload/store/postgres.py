@@ -70,7 +70,7 @@ class PostgresStore(SqlJobStore):
 
     skip_locked = " FOR UPDATE OF jobs SKIP LOCKED"
     for_update = " FOR UPDATE"
-    savepoints = True
+    aborts_on_error = True
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0,
                  pool_timeout: float = OUTAGE_MAX_WAIT_S, **retry: Any):
