@@ -39,6 +39,7 @@ from contentdownload.store.transitions import JobState
 
 T = TypeVar("T")
 
+
 class UnknownJobError(StoreError, KeyError):
     """An operation named a job key that was never planned in this store."""
 
@@ -345,7 +346,8 @@ class KeySet:
 
 
 class ReplayBatch(Exception):
-    """A statement failed inside a batch and aborted its transaction: the batch runs again with savepoints."""
+    """A statement failed inside a batch and aborted its transaction: the batch runs again with savepoints
+    (caught by :meth:`SqlJobStore.batched`: never seen outside it)."""
 
 
 @attrs.define
@@ -489,12 +491,16 @@ class SqlJobStore(JobStore):
         batch = self._batch.open = Batch(conn, cursors=cursors, savepoints=savepoints)
         try:
             result = fn()
-            if batch.broken is not None:  # fn caught a transient failure: the transaction is lost
+        except BaseException as exc:
+            batch.undo()
+            if batch.broken is not None and batch.broken is not exc:  # whatever fn made of the failure that lost the transaction
+                raise batch.broken from exc
+            raise
+        else:
+            if batch.broken is not None:  # fn caught the failure that lost the transaction
+                batch.undo()
                 raise batch.broken
             return result
-        except BaseException:
-            batch.undo()
-            raise
         finally:
             self._batch.open = None
 
