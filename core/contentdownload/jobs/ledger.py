@@ -16,12 +16,21 @@ Three kinds of operation, each keyed by :func:`~contentdownload.jobs.keys.operat
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from contentdownload.hooks.model import JobResult, StreamResult
 from contentdownload.jobs.keys import operation_key
 from contentdownload.records.manifest import ManifestWriter, iter_rows, result_row
+
+
+def in_one_transaction(store: Any, calls: Sequence[Callable[[], Any]]) -> list:
+    """The results of ``calls`` (store calls), made in one store transaction (a single call is made as it is)."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    return store.batched(lambda: [call() for call in calls])
+
 
 # -- transfer -------------------------------------------------------------------------
 
@@ -37,6 +46,16 @@ def end_transfer(store: Any, key: str, result: JobResult) -> None:
         store.op_done(op, {"outcome": result.outcome, "bytes": result.bytes_downloaded})
     else:
         store.op_failed(op, result.reason or "failed")
+
+
+def begin_transfers(store: Any, pairs: Iterable[tuple[str, int | None]]) -> None:
+    """:func:`begin_transfer` for each ``(key, epoch)``, in one transaction."""
+    in_one_transaction(store, [partial(begin_transfer, store, key, epoch) for key, epoch in pairs])
+
+
+def end_transfers(store: Any, results: Iterable[tuple[str, JobResult]]) -> None:
+    """:func:`end_transfer` for each ``(key, result)``, in one transaction."""
+    in_one_transaction(store, [partial(end_transfer, store, key, result) for key, result in results])
 
 
 # -- finalize intent ------------------------------------------------------------------
@@ -56,6 +75,11 @@ def record_intent(store: Any, key: str, epoch: int | None, stream: StreamResult)
         "last_modified": stream.last_modified, "final_url": stream.final_url,
         "content_type": stream.content_type, "url": stream.url,
     })
+
+
+def record_intents(store: Any, items: Iterable[tuple[str, int | None, StreamResult]]) -> None:
+    """:func:`record_intent` for each ``(key, epoch, stream)``, in one transaction."""
+    in_one_transaction(store, [partial(record_intent, store, key, epoch, stream) for key, epoch, stream in items])
 
 
 def finalize_intent(store: Any, key: str, sha256: str) -> Mapping[str, Any] | None:
@@ -108,15 +132,28 @@ class ManifestLedger:
         self._on_disk = rows_on_disk(manifest.path)
 
     def write(self, result: JobResult, *, leasing: bool) -> None:
-        if not (leasing and result.job_key):
-            self.manifest.write(result_row(result, self.run_id, self.out))
-            return
-        op = manifest_op(result.job_key, result.outcome, result.reason, self.run_id, result.sha256)
-        status = self.store.op_begin(op, result.job_key, "manifest", 0)
-        if status == "done":
-            return
-        if status != "failed" and op in self._on_disk:  # written before a crash that came before the ledger update
-            self.store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome, "reconciled": True})
-            return
-        self.manifest.write(result_row(result, self.run_id, self.out))
-        self.store.op_done(op, {"run_id": self.run_id, "outcome": result.outcome})
+        self.write_many([result], leasing=leasing)
+
+    def write_many(self, results: Sequence[JobResult], *, leasing: bool) -> None:
+        """The rows of ``results`` that are due, with one fsync: the ledger's ``op_begin`` s in one
+        transaction, then the rows, then their ``op_done`` s in another. A result whose row is
+        recorded done is skipped; one whose row is on disk but not yet recorded (a crash came
+        between) is recorded without writing it again; two results of one ledger key get one row.
+        """
+        ops: dict[str, JobResult] = {}
+        rows = []
+        for result in results:
+            if leasing and result.job_key:
+                ops.setdefault(manifest_op(result.job_key, result.outcome, result.reason, self.run_id, result.sha256), result)
+            else:
+                rows.append(result_row(result, self.run_id, self.out))
+        begun = list(ops.items())
+        statuses = in_one_transaction(self.store, [partial(self.store.op_begin, op, r.job_key, "manifest", 0) for op, r in begun])
+        due = [(op, r, status != "failed" and op in self._on_disk) for (op, r), status in zip(begun, statuses) if status != "done"]
+        self.manifest.write_many(rows + [result_row(r, self.run_id, self.out) for _, r, on_disk in due if not on_disk])
+        in_one_transaction(self.store, [partial(self._done, op, r, on_disk) for op, r, on_disk in due])
+
+    def _done(self, op: str, result: JobResult, reconciled: bool) -> None:
+        """Record the row of ``op`` written (``reconciled``: it was on disk before, from a run that crashed)."""
+        done = {"run_id": self.run_id, "outcome": result.outcome}
+        self.store.op_done(op, {**done, "reconciled": True} if reconciled else done)

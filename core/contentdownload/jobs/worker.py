@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import attrs
 
@@ -143,6 +143,23 @@ class StoreLease(Lease):
         with self._lock:
             self.store.heartbeat(self.key, self.epoch, self.ttl)
             self._next = time.monotonic() + self.ttl / 3
+
+    @staticmethod
+    def assert_held_many(leases: Iterable["StoreLease"]) -> set["StoreLease"]:
+        """:meth:`assert_held` for many leases: one ``heartbeat_many`` per store (and ttl); returns the leases lost."""
+        groups: dict[tuple[int, float], list[StoreLease]] = {}
+        for lease in leases:
+            groups.setdefault((id(lease.store), lease.ttl), []).append(lease)
+        lost: set[StoreLease] = set()
+        for (_, ttl), group in groups.items():
+            refused = group[0].store.heartbeat_many([(lease.key, lease.epoch) for lease in group], ttl)
+            next_beat = time.monotonic() + ttl / 3
+            for lease in group:
+                if lease.key in refused:
+                    lost.add(lease)
+                else:
+                    lease._next = next_beat
+        return lost
 
 
 @attrs.frozen

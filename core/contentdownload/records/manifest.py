@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import attrs
 
@@ -137,9 +137,10 @@ def _json_line(row: dict) -> str:
 class ManifestWriter:
     """Appends rows to ``manifest.jsonl``; thread-safe.
 
-    ``write`` returns once the row is on disk. Rows written by several threads at once
-    share one fsync (group commit): each writer waits until an fsync that started after
-    its row was written has finished.
+    ``write`` returns once the row is on disk; ``write_many`` appends a batch of rows in one
+    write and returns once they all are. Rows written by several threads at once share one
+    fsync (group commit): each writer waits until an fsync that started after its rows were
+    written has finished.
     """
 
     def __init__(self, path: Path):
@@ -153,11 +154,21 @@ class ManifestWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)
 
     def write(self, row: dict) -> None:
-        data = (_json_line(row) + "\n").encode("utf-8")
+        self.write_many([row])
+
+    def write_many(self, rows: Sequence[dict]) -> None:
+        """Append ``rows`` (all of them whole, or none) and return once they are on disk: one fsync for the batch."""
+        if not rows:
+            return
+        data = "".join(_json_line(row) + "\n" for row in rows).encode("utf-8")
         with self._lock:
             append_whole(self._fd, data)  # O_APPEND: rows of concurrent processes never interleave
-            self._written += 1
+            self._written += len(rows)
             mine = self._written
+        self._sync_through(mine)
+
+    def _sync_through(self, mine: int) -> None:
+        """Return once the first ``mine`` rows handed to the kernel are on disk (an fsync of another writer may cover them)."""
         with self._sync_lock:
             if self._synced >= mine:
                 return  # another writer's fsync covered this row

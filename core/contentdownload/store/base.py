@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
 import attrs
 
@@ -36,6 +36,8 @@ from contentdownload.store import transitions
 from contentdownload.store.schema import LOOKUP_VERSION
 from contentdownload.store.schema import SchemaVersionError  # noqa: F401  (re-exported)
 from contentdownload.store.transitions import JobState
+
+T = TypeVar("T")
 
 
 class UnknownJobError(StoreError, KeyError):
@@ -204,6 +206,50 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
+    # -- batches ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def batched(self, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` with every store call it makes in this thread in ONE write transaction,
+        committed when ``fn`` returns; a ``batched`` inside ``fn`` joins it.
+
+        ``fn`` must be idempotent: only store calls and computation, no other side effect,
+        for it may run more than once. A transient failure of the store (the database
+        locked or away, a deadlock, a serialization failure) rolls the transaction back
+        and runs the whole ``fn`` again, within the store's retry budget. An exception
+        that ``fn`` raises rolls everything back and propagates; one it catches (the
+        refusal of one fenced call, say) leaves the transaction going, without the
+        refused call's writes.
+        """
+
+    def claim_many(self, owner: str, ttl: float, keys: Collection[str] | None = None, limit: int = 64) -> list[Claim]:
+        """Up to ``limit`` claims in one transaction, in the order successive :meth:`claim` calls
+        would make them (jobs under an expired lease first, then planned ones)."""
+        def take() -> list[Claim]:
+            claims: list[Claim] = []
+            while len(claims) < limit:
+                claim = self.claim(owner, ttl, keys)
+                if claim is None:
+                    break
+                claims.append(claim)
+            return claims
+
+        return self.batched(take)
+
+    def heartbeat_many(self, pairs: Sequence[tuple[str, int]], ttl: float) -> dict[str, BaseException]:
+        """Extend the leases ``(key, epoch)`` in one transaction; the refusal of each key whose lease
+        is no longer held (an empty dict: all are)."""
+        def beat() -> dict[str, BaseException]:
+            refused: dict[str, BaseException] = {}
+            for key, epoch in pairs:
+                try:
+                    self.heartbeat(key, epoch, ttl)
+                except (LeaseLostError, UnknownJobError) as exc:
+                    refused[key] = exc
+            return refused
+
+        return self.batched(beat)
+
     def __enter__(self) -> "JobStore":
         return self
 
@@ -299,6 +345,30 @@ class KeySet:
     cursor: str = ""
 
 
+class ReplayBatch(Exception):
+    """A statement failed inside a batch and aborted its transaction: the batch runs again with savepoints
+    (caught by :meth:`SqlJobStore.batched`: never seen outside it)."""
+
+
+@attrs.define
+class Batch:
+    """One attempt of a thread's :meth:`SqlJobStore.batched` call: its connection, the failure that
+    lost its transaction, where the connection's key sets stood, and those loaded in the transaction."""
+
+    conn: Any
+    cursors: list  # (KeySet, cursor) before the batch
+    savepoints: bool = False  # each call runs under a savepoint
+    broken: BaseException | None = None
+    loaded: list = attrs.field(factory=list)  # (cache, keys)
+
+    def undo(self) -> None:
+        """The transaction is rolled back: so are the claim cursors, and the key sets it loaded are gone."""
+        for keyset, cursor in self.cursors:
+            keyset.cursor = cursor
+        for cache, keys in self.loaded:
+            cache.pop(keys, None)
+
+
 def row_to_record(row: Sequence[Any]) -> JobRecord:
     values = list(row)
     values[2] = JobState(values[2])
@@ -340,6 +410,7 @@ class SqlJobStore(JobStore):
         self.clock = clock
         self._timer, self._sleep = timer, sleep
         self._outage = threading.local()  # .retrying: this thread is running a call again after an outage
+        self._batch = threading.local()  # .open: this thread's batch (see :meth:`batched`), when one is running
         self._closed = False
         self._keyset_ids = iter(range(1, 1 << 62))
         self._keyset_lock = threading.Lock()
@@ -384,7 +455,12 @@ class SqlJobStore(JobStore):
         """Per-connection ``{frozenset: KeySet}`` of key sets loaded into the ``claim_keys`` temp table."""
 
     @abc.abstractmethod
-    def _load_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None: ...
+    def _load_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
+        """:meth:`_fill_keyset` in a transaction of its own."""
+
+    @abc.abstractmethod
+    def _fill_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
+        """Put ``keys`` into the ``claim_keys`` table as set ``set_id``, dropping the sets ``evict``."""
 
     # -- transactions -----------------------------------------------------------------
 
@@ -394,6 +470,71 @@ class SqlJobStore(JobStore):
 
     def _relax(self, conn: Any) -> None:
         """Let this transaction commit without waiting for its flush to disk (see :meth:`_run`)."""
+
+    #: a statement that fails aborts the whole transaction (PostgreSQL; a failed SQLite statement is undone alone)
+    aborts_on_error = False
+
+    def batched(self, fn: Callable[[], T]) -> T:
+        if self._open_batch() is not None:
+            return fn()
+        try:
+            return self._run(lambda conn: self._run_batch(conn, fn, savepoints=False), write=True)
+        except ReplayBatch:  # a statement failed and took the transaction with it: again, each call under a savepoint
+            return self._run(lambda conn: self._run_batch(conn, fn, savepoints=True), write=True)
+
+    def _open_batch(self) -> "Batch | None":
+        return getattr(self._batch, "open", None)
+
+    def _run_batch(self, conn: Any, fn: Callable[[], T], *, savepoints: bool) -> T:
+        """One attempt of a batch on ``conn``, in the transaction :meth:`_run` opened."""
+        cursors = [(keyset, keyset.cursor) for keyset in self._keyset_cache(conn).values()]
+        batch = self._batch.open = Batch(conn, cursors=cursors, savepoints=savepoints)
+        try:
+            result = fn()
+        except BaseException as exc:
+            batch.undo()
+            if batch.broken is not None and batch.broken is not exc:  # whatever fn made of the failure that lost the transaction
+                raise batch.broken from exc
+            raise
+        else:
+            if batch.broken is not None:  # fn caught the failure that lost the transaction
+                batch.undo()
+                raise batch.broken
+            return result
+        finally:
+            self._batch.open = None
+
+    def _in_batch(self, batch: "Batch", fn: Callable[..., Any], keys: frozenset[str] | None) -> Any:
+        """One store call inside a batch: on its connection and in its transaction, retried only with it."""
+        conn = batch.conn
+        if batch.broken is not None:
+            raise batch.broken
+        try:
+            if batch.savepoints:
+                conn.execute("SAVEPOINT cd_call")
+            result = fn(conn) if keys is None else fn(conn, self._keyset(conn, keys, batch))
+        except Exception as exc:
+            if self._transient(exc) or self._retryable(exc) or not self._in_transaction(conn):
+                batch.broken = exc  # the whole batch runs again (or fails) with it
+                raise
+            if batch.savepoints:
+                conn.execute("ROLLBACK TO SAVEPOINT cd_call")
+            if isinstance(exc, (StoreError, IllegalTransition, LeaseLostError)):
+                raise  # refused by the store's own checks, after no write: the transaction goes on
+            mapped = self._translate(exc)
+            if mapped is None:
+                raise
+            if self.aborts_on_error and not batch.savepoints:
+                batch.broken = ReplayBatch(str(mapped))
+                raise batch.broken from exc
+            raise mapped from exc
+        if batch.savepoints:
+            conn.execute("RELEASE SAVEPOINT cd_call")
+        return result
+
+    def _in_transaction(self, conn: Any) -> bool:
+        """The connection's transaction is still open (an error of the database may have rolled it back)."""
+        return True
 
     def _run(self, fn: Callable[[Any], Any], *, write: bool, keys: frozenset[str] | None = None,
              durable: bool = True) -> Any:
@@ -406,8 +547,12 @@ class SqlJobStore(JobStore):
         writes whose loss in a crash of the database server is harmless (heartbeats,
         ``mark_streaming``, starting an operation): they may commit without waiting for
         the disk. Commits stay ordered, so any later durable commit makes them durable too.
+        Inside a :meth:`batched` call of this thread, ``fn`` runs in the batch's transaction.
         """
         self._check_open()
+        batch = self._open_batch()
+        if batch is not None:
+            return self._in_batch(batch, fn, keys)
         started, wait = self._timer(), OUTAGE_FIRST_WAIT_S
         try:
             while True:
@@ -467,7 +612,8 @@ class SqlJobStore(JobStore):
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _keyset(self, conn: Any, keys: frozenset[str]) -> "KeySet":
+    def _keyset(self, conn: Any, keys: frozenset[str], batch: "Batch | None" = None) -> "KeySet":
+        """The key set loaded on ``conn`` (loading it in its own transaction, or in the ``batch``'s)."""
         cache = self._keyset_cache(conn)
         keyset = cache.get(keys)
         if keyset is not None:
@@ -477,7 +623,11 @@ class SqlJobStore(JobStore):
         evict = []
         while len(cache) >= KEYSETS_PER_CONNECTION:
             evict.append(cache.pop(next(iter(cache))).set_id)
-        self._load_keyset(conn, set_id, keys, evict)
+        if batch is None:
+            self._load_keyset(conn, set_id, keys, evict)
+        else:
+            self._fill_keyset(conn, set_id, keys, evict)
+            batch.loaded.append((cache, keys))
         keyset = cache[keys] = KeySet(set_id)
         return keyset
 
@@ -508,23 +658,24 @@ class SqlJobStore(JobStore):
 
     @property
     def _lease(self) -> str:
-        """Lease the job of the key that follows (params: owner, :meth:`_ttl`, then the key's)."""
+        """Lease the job of the key condition that follows (params: owner, :meth:`_ttl`, then the condition's)."""
         return ("UPDATE jobs SET state = 'leased', epoch = epoch + 1, claims = claims + 1, lease_owner = ?, "
-                f"{self.lease_sql}, leased_at = cd_now(), updated_at = cd_now() WHERE key = ")
+                f"{self.lease_sql}, leased_at = cd_now(), updated_at = cd_now() WHERE key ")
 
     def _claim_sql(self, where: str) -> str:
         """One statement: pick a candidate (skipping rows other claimers hold locked) and lease it."""
-        return self.q(f"{self._lease}(SELECT key FROM jobs WHERE {where} LIMIT 1{self.skip_locked}) RETURNING {COLS}")
+        return self.q(f"{self._lease}= (SELECT key FROM jobs WHERE {where} LIMIT 1{self.skip_locked}) RETURNING {COLS}")
 
-    def pick_among_sql(self) -> str:
-        """The first planned job among a loaded key set (params: set_id, after), in key order."""
+    def pick_among_sql(self, limit: str = "1") -> str:
+        """The first ``limit`` planned jobs among a loaded key set (params: set_id, after), in key order."""
         raise NotImplementedError
 
-    def pick_expired_sql(self) -> str:
-        """A job of a loaded key set held under an expired lease (param: set_id), found through ``jobs_claim``."""
+    def pick_expired_sql(self, limit: str = "1") -> str:
+        """``limit`` jobs of a loaded key set held under an expired lease (param: set_id), found through
+        ``jobs_claim``, the longest expired first."""
         return (f"SELECT jobs.key FROM jobs WHERE {self.expired_held} AND EXISTS "
                 "(SELECT 1 FROM claim_keys c WHERE c.set_id = ? AND c.key = jobs.key) "
-                f"ORDER BY jobs.lease_expires_at LIMIT 1{self.skip_locked}")
+                f"ORDER BY jobs.lease_expires_at LIMIT {limit}{self.skip_locked}")
 
     @staticmethod
     def _as_claim(rows: list, owner: str) -> Claim | None:
@@ -557,11 +708,11 @@ class SqlJobStore(JobStore):
             # An expired lease first, wherever it is in the list (few jobs are held: the index finds
             # them), then the run's planned keys in key order from where this connection last found
             # a job, then once from the start: finished keys are stepped over once, not at every claim.
-            expired = self.q(f"{self._lease}({self.pick_expired_sql()}) RETURNING {COLS}")
+            expired = self.q(f"{self._lease}= ({self.pick_expired_sql()}) RETURNING {COLS}")
             claim = self._as_claim(self._fetchall(conn, expired, (owner, *self._ttl(ttl), keyset.set_id)), owner)
             if claim is not None:
                 return claim
-            planned = self.q(f"{self._lease}({self.pick_among_sql()}) RETURNING {COLS}")
+            planned = self.q(f"{self._lease}= ({self.pick_among_sql()}) RETURNING {COLS}")
             for after in dict.fromkeys((keyset.cursor, "")):
                 claim = self._as_claim(self._fetchall(conn, planned, (owner, *self._ttl(ttl), keyset.set_id, after)), owner)
                 if claim is not None:
@@ -571,6 +722,38 @@ class SqlJobStore(JobStore):
 
         return self._run(take_among, write=True, keys=wanted)
 
+    def claim_many(self, owner: str, ttl: float, keys: Collection[str] | None = None, limit: int = 64) -> list[Claim]:
+        if keys is None:
+            return super().claim_many(owner, ttl, None, limit)
+        wanted = keys if isinstance(keys, frozenset) else frozenset(keys)
+        if not wanted or limit < 1:
+            self._check_open()
+            return []
+
+        def take_among(conn: Any, keyset: KeySet) -> list[Claim]:
+            # What successive claims would take, a statement or two per kind instead of two per job.
+            claims = self._lease_picked(conn, self.pick_expired_sql("?"), (keyset.set_id, limit), owner, ttl)
+            for after in dict.fromkeys((keyset.cursor, "")):
+                if len(claims) >= limit:
+                    break
+                more = self._lease_picked(conn, self.pick_among_sql("?"), (keyset.set_id, after, limit - len(claims)), owner, ttl)
+                if more:
+                    keyset.cursor = more[-1].key
+                claims += more
+            return claims
+
+        return self._run(take_among, write=True, keys=wanted)
+
+    def _lease_picked(self, conn: Any, pick: str, params: tuple, owner: str, ttl: float) -> list[Claim]:
+        """Lease the jobs the query ``pick`` selects (and, in PostgreSQL, locks); claims in its order."""
+        picked = [row[0] for row in self._fetchall(conn, self.q(pick), params)]
+        records: dict[str, JobRecord] = {}
+        for start in range(0, len(picked), LOOKUP_CHUNK):
+            chunk = picked[start:start + LOOKUP_CHUNK]
+            sql = self.q(f"{self._lease}IN ({', '.join('?' * len(chunk))}) RETURNING {COLS}")
+            records.update((rec.key, rec) for rec in map(row_to_record, self._fetchall(conn, sql, (owner, *self._ttl(ttl), *chunk))))
+        return [Claim(key=key, epoch=records[key].epoch, owner=owner, record=records[key]) for key in picked]
+
     def claim_key(self, key: str, owner: str, ttl: float) -> Claim | None:
         def take(conn: Any) -> Claim | None:
             rows = self._fetchall(conn, self.q(
@@ -579,7 +762,7 @@ class SqlJobStore(JobStore):
                 return None
             state, expired = rows[0]
             if state == "planned" or (state in HELD_STATES and expired):
-                return self._as_claim(self._fetchall(conn, self.q(f"{self._lease}? RETURNING {COLS}"),
+                return self._as_claim(self._fetchall(conn, self.q(f"{self._lease}= ? RETURNING {COLS}"),
                                                      (owner, *self._ttl(ttl), key)), owner)
             return None
 

@@ -1,7 +1,8 @@
 """The in-memory job store: the same contract as the databases, for one process and no file.
 
 Used when the persistent store is switched off: state lasts as long as the process.
-Every method takes one lock, so the store is safe to share between worker threads.
+Every method takes one lock, so the store is safe to share between worker threads; a
+batch (:meth:`MemoryStore.batched`) holds it throughout, and undoes what it changed when it fails.
 Leases are measured on the steady clock (:mod:`contentdownload.clock`), times recorded on the wall clock.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from typing import Any, Collection, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, TypeVar
 
 from contentdownload.clock import SYSTEM_CLOCK, Clock
 from contentdownload.errors import StoreError
@@ -32,6 +33,7 @@ from contentdownload.store.base import (
 )
 
 P, L, S, F, X = JobState.PLANNED, JobState.LEASED, JobState.STREAMING, JobState.FINALIZED, JobState.FAILED
+T = TypeVar("T")
 
 
 class MemoryStore(JobStore):
@@ -47,6 +49,8 @@ class MemoryStore(JobStore):
         self._by_ref: dict[tuple[str, str], set[str]] = {}  # ("identity" | "name", value) -> keys
         self._ops: dict[str, dict[str, Any]] = {}
         self._closed = False
+        #: while a batch runs: each job and operation it touched, as it was before (``None``: absent)
+        self._undo: dict[tuple[str, str], dict[str, Any] | None] | None = None
 
     # -- internals --------------------------------------------------------------------
 
@@ -56,7 +60,46 @@ class MemoryStore(JobStore):
 
     def _job(self, key: str) -> dict[str, Any] | None:
         self._check_open()
-        return self._jobs.get(key)
+        row = self._jobs.get(key)
+        self._keep("jobs", key, row)
+        return row
+
+    def _keep(self, table: str, key: str, entry: dict[str, Any] | None) -> None:
+        """Inside a batch: remember a job's (``jobs``) or operation's (``ops``) entry before its first change."""
+        if self._undo is not None and (table, key) not in self._undo:
+            self._undo[(table, key)] = None if entry is None else dict(entry)
+
+    def _undo_batch(self, undo: dict[tuple[str, str], dict[str, Any] | None]) -> None:
+        """Put back every job and operation a failed batch touched (a job put back planned is claimed after the others)."""
+        for (table, key), before in undo.items():
+            if table == "ops":
+                if before is None:
+                    self._ops.pop(key, None)
+                else:
+                    self._ops[key] = before
+                continue
+            self._planned.pop(key, None)
+            self._held.pop(key, None)
+            now = self._jobs.pop(key, None)
+            if before is None:
+                if now is not None:
+                    self._index(key, loads(now["payload"]), add=False)
+                continue
+            self._jobs[key] = before
+            if before["state"] is P:
+                self._planned[key] = None
+            elif before["state"] in transitions.HELD:
+                self._held[key] = None
+
+    def _index(self, key: str, payload: dict, *, add: bool) -> None:
+        """Add the job to (or take it out of) the lookups by content identity and output name."""
+        identity, name_fold = lookup_columns(payload)
+        for ref in (("identity", identity), ("name", name_fold)):
+            if ref[1] is not None:
+                if add:
+                    self._by_ref.setdefault(ref, set()).add(key)
+                else:
+                    self._by_ref.get(ref, set()).discard(key)
 
     def _set_state(self, row: dict[str, Any], new: JobState) -> None:
         transitions.check_transition(row["state"], new)
@@ -81,6 +124,7 @@ class MemoryStore(JobStore):
         )
 
     def _take(self, row: dict[str, Any], owner: str, ttl: float) -> Claim:
+        self._keep("jobs", row["key"], row)
         self._set_state(row, L)
         row.update(epoch=row["epoch"] + 1, claims=row["claims"] + 1, lease_owner=owner, leased_at=self.clock.wall())
         self._extend(row, ttl)
@@ -117,11 +161,9 @@ class MemoryStore(JobStore):
                     "path": None, "final_url": None, "content_type": None, "mtime_ns": None, "last_error": None,
                     "updated_at": now, "location": self.location,
                 }
+                self._keep("jobs", job.key, None)
                 self._planned[job.key] = None
-                identity, name_fold = lookup_columns(job.payload)
-                for ref in (("identity", identity), ("name", name_fold)):
-                    if ref[1] is not None:
-                        self._by_ref.setdefault(ref, set()).add(job.key)
+                self._index(job.key, job.payload, add=True)
                 added += 1
             return added
 
@@ -270,6 +312,7 @@ class MemoryStore(JobStore):
         with self._lock:
             self._check_open()
             op = self._ops.get(op_key)
+            self._keep("ops", op_key, op)
             now = self.clock.wall()
             if op is None:
                 if job_key not in self._jobs:
@@ -285,6 +328,7 @@ class MemoryStore(JobStore):
     def _op(self, op_key: str) -> dict[str, Any]:
         self._check_open()
         op = self._ops.get(op_key)
+        self._keep("ops", op_key, op)
         if op is None:
             raise UnknownOperationError(f"unknown operation {op_key!r}: op_begin first")
         return op
@@ -306,6 +350,22 @@ class MemoryStore(JobStore):
             out = copy.copy(op)
             out["result"] = loads(op["result"])
             return out
+
+    # -- batches ---------------------------------------------------------------------
+
+    def batched(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            if self._undo is not None:  # this thread's batch (the lock keeps other threads out)
+                return fn()
+            self._check_open()
+            self._undo = undo = {}
+            try:
+                return fn()
+            except BaseException:
+                self._undo_batch(undo)
+                raise
+            finally:
+                self._undo = None
 
     def close(self) -> None:
         with self._lock:

@@ -70,6 +70,7 @@ class PostgresStore(SqlJobStore):
 
     skip_locked = " FOR UPDATE OF jobs SKIP LOCKED"
     for_update = " FOR UPDATE"
+    aborts_on_error = True
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, connect_timeout: float = 10.0,
                  pool_timeout: float = OUTAGE_MAX_WAIT_S, **retry: Any):
@@ -110,14 +111,14 @@ class PostgresStore(SqlJobStore):
             self._pool.check()
             raise
 
-    def pick_among_sql(self) -> str:
+    def pick_among_sql(self, limit: str = "1") -> str:
         # The LATERAL sub-select (it has a LIMIT, so it cannot be flattened) probes jobs by primary
         # key once per key of the set, in key order, and locks the first claimable row it finds,
         # skipping rows other claimers hold: the plan does not depend on table statistics.
         return ("SELECT j.key FROM claim_keys c CROSS JOIN LATERAL ("
                 "SELECT jobs.key FROM jobs WHERE jobs.key = c.key "
                 f"AND {PLANNED_SQL} LIMIT 1 FOR UPDATE SKIP LOCKED) j "
-                "WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT 1")
+                f"WHERE c.set_id = ? AND c.key > ? ORDER BY c.key LIMIT {limit}")
 
     # -- connections ------------------------------------------------------------------
 
@@ -217,15 +218,18 @@ class PostgresStore(SqlJobStore):
 
     def _load_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
         try:
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS claim_keys (set_id bigint NOT NULL, key text NOT NULL, "
-                         "PRIMARY KEY (set_id, key))")
-            for old in evict:
-                conn.execute("DELETE FROM claim_keys WHERE set_id = %s", (old,))
-            with conn.cursor().copy("COPY claim_keys (set_id, key) FROM STDIN") as copy:
-                for key in keys:
-                    copy.write_row((set_id, key))
-            conn.execute("ANALYZE claim_keys")
+            self._fill_keyset(conn, set_id, keys, evict)
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
+
+    def _fill_keyset(self, conn: Any, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS claim_keys (set_id bigint NOT NULL, key text NOT NULL, "
+                     "PRIMARY KEY (set_id, key))")
+        for old in evict:
+            conn.execute("DELETE FROM claim_keys WHERE set_id = %s", (old,))
+        with conn.cursor().copy("COPY claim_keys (set_id, key) FROM STDIN") as copy:
+            for key in keys:
+                copy.write_row((set_id, key))
+        conn.execute("ANALYZE claim_keys")

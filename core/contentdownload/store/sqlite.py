@@ -91,11 +91,11 @@ class _Local(threading.local):
 class SQLiteStore(SqlJobStore):
     """A job store in one SQLite file (WAL). Safe for many threads and processes on one machine."""
 
-    def pick_among_sql(self) -> str:
+    def pick_among_sql(self, limit: str = "1") -> str:
         # CROSS JOIN keeps the key set as the outer loop: one primary-key probe into jobs per key.
         return ("SELECT c.key FROM claim_keys c CROSS JOIN jobs ON jobs.key = c.key "
                 f"WHERE c.set_id = ? AND c.key > ? AND {PLANNED_SQL} "
-                "ORDER BY c.key LIMIT 1")
+                f"ORDER BY c.key LIMIT {limit}")
 
     lease_sql = ("lease_expires_at = cd_now() + ?, lease_boot_id = cd_boot(), "
                  "lease_boot_deadline = cd_steady() + ?")
@@ -202,8 +202,8 @@ class SQLiteStore(SqlJobStore):
         several worker threads that sleep, not the work, would set the pace. Threads of
         one process take turns here instead; other processes still meet the busy timeout.
         """
-        if not write:
-            return super()._run(fn, write=False, keys=keys, durable=durable)
+        if not write or self._open_batch() is not None:  # a batch holds the lock already
+            return super()._run(fn, write=write, keys=keys, durable=durable)
         with self._write_lock:
             return super()._run(fn, write=True, keys=keys, durable=durable)
 
@@ -219,6 +219,9 @@ class SQLiteStore(SqlJobStore):
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+    def _in_transaction(self, conn: sqlite3.Connection) -> bool:
+        return conn.in_transaction
 
     def _translate(self, exc: BaseException) -> BaseException | None:
         return translate(exc, self.path.parent)
@@ -295,14 +298,17 @@ class SQLiteStore(SqlJobStore):
         return self._local.keysets
 
     def _load_keyset(self, conn: sqlite3.Connection, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS claim_keys (set_id INTEGER NOT NULL, key TEXT NOT NULL, "
-                     "PRIMARY KEY (set_id, key)) WITHOUT ROWID")
         conn.execute("BEGIN")  # the temp database only: no lock on the store
         try:
-            for old in evict:
-                conn.execute("DELETE FROM temp.claim_keys WHERE set_id = ?", (old,))
-            conn.executemany("INSERT OR IGNORE INTO temp.claim_keys (set_id, key) VALUES (?, ?)", ((set_id, k) for k in keys))
+            self._fill_keyset(conn, set_id, keys, evict)
             conn.execute("COMMIT")
         except BaseException:
             self._rollback(conn)
             raise
+
+    def _fill_keyset(self, conn: sqlite3.Connection, set_id: int, keys: frozenset[str], evict: list[int]) -> None:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS claim_keys (set_id INTEGER NOT NULL, key TEXT NOT NULL, "
+                     "PRIMARY KEY (set_id, key)) WITHOUT ROWID")
+        for old in evict:
+            conn.execute("DELETE FROM temp.claim_keys WHERE set_id = ?", (old,))
+        conn.executemany("INSERT OR IGNORE INTO temp.claim_keys (set_id, key) VALUES (?, ?)", ((set_id, k) for k in keys))
