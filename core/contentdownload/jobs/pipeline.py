@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any, Callable, ContextManager, Mapping, TYPE_CHECKING
+from typing import Any, Awaitable, Callable, ContextManager, Mapping, TYPE_CHECKING
 
 import attrs
 from urllib3.util.retry import RequestHistory, Retry
@@ -70,6 +70,8 @@ PROTOCOL_STEPS = frozenset({"precondition_failed", "range_not_satisfiable", "bad
 _FREE_STEPS = 3
 #: ``retry`` reasons of a transport failure before any response.
 _NO_RESPONSE = frozenset({"connection_error", "connect_timeout", "connection_refused", "connection_reset", "read_timeout"})
+#: :meth:`_JobRun.after`: another attempt on the same candidate.
+_AGAIN = object()
 
 
 def backoff_delay(retry_number: int, backoff_factor: float, retry_after: float | None = None,
@@ -97,6 +99,14 @@ class _Candidate:
     free_steps: int = 0
     resumed_from: int = 0  # offset the current chain of transfers continued from (0: from scratch)
     previous: StreamResult | None = None
+
+
+@attrs.frozen(kw_only=True)
+class FirstAttempt:
+    """An attempt made before :meth:`Pipeline.run` took the job over: its candidate and what ``stream_io`` returned."""
+
+    cand: _Candidate
+    stream: StreamResult
 
 
 class Pipeline:
@@ -129,7 +139,12 @@ class Pipeline:
 
     # -- the job --------------------------------------------------------------------------
 
-    def run(
+    def run(self, job: Job, job_key: JobKey, paths_for_url: Callable[[str], StagePaths] | StagePaths,
+            selections: Mapping[str, Selection], **kwargs: Any) -> JobResult:
+        """Fetch ``job`` and return its :class:`JobResult` (the arguments are :meth:`start`'s)."""
+        return self.start(job, job_key, paths_for_url, selections, **kwargs).run()
+
+    def start(
         self,
         job: Job,
         job_key: JobKey,
@@ -145,8 +160,8 @@ class Pipeline:
         before_finalize: Callable[[StreamResult], None] | None = None,
         host_slot: Callable[[str], ContextManager[Any]] | None = None,
         expect: Callable[[int | None, int], None] | None = None,
-    ) -> JobResult:
-        """Fetch ``job`` and return its :class:`JobResult`.
+    ) -> "_JobRun":
+        """The run of ``job``: its :meth:`~_JobRun.run` fetches it and returns its :class:`JobResult`.
 
         ``paths_for_url`` gives the final/part/sidecar paths (one :class:`StagePaths` for
         every candidate, or a function of the candidate URL). ``selections`` maps each
@@ -167,7 +182,7 @@ class Pipeline:
         """
         return _JobRun(self, job, job_key, paths_for_url, selections, record=record, lease=lease, progress=progress,
                        cancel=cancel, job_key_answer=job_key_answer, options=options or self.options,
-                       before_finalize=before_finalize, host_slot=host_slot, expect=expect).run()
+                       before_finalize=before_finalize, host_slot=host_slot, expect=expect)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -295,70 +310,90 @@ class _JobRun:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self) -> JobResult:
-        for url in self.job.urls:
+    def run(self, first: "FirstAttempt | None" = None) -> JobResult:
+        """Every candidate in order until one ends the job; ``first``: the first candidate's first attempt, made already."""
+        for index, url in enumerate(self.job.urls):
             with self.host_slot(url):
-                outcome = self.candidate(_Candidate(url))
+                if index == 0 and first is not None:
+                    outcome = self.candidate(first.cand, first.stream)
+                else:
+                    outcome = self.candidate(_Candidate(url))
             if outcome is not None:
                 return outcome
         return self.failed(self.failure or "failed", self.failure_url)
 
-    def candidate(self, cand: _Candidate) -> JobResult | None:
-        """Attempts on one URL: a final result, or ``None`` to go on with the next candidate."""
+    def candidate(self, cand: _Candidate, stream: StreamResult | None = None) -> JobResult | None:
+        """Attempts on one URL: a final result, or ``None`` to go on with the next candidate.
+
+        ``stream``: the result of an attempt already made on it (the loop goes on from there).
+        """
         paths = self.paths(cand.url)
         while True:
-            _check_cancel(self.cancel)
-            self.lease.heartbeat()
-            cand.attempts += 1
-            self.attempts += 1
-            rctx = ResumeContext(job=self.job, job_key=self.job_key, url=cand.url, paths=paths, options=self.options,
-                                 record=self.record, attempt=cand.attempts, previous=cand.previous)
-            try:
-                answer = self.dispatcher.call(self.selections["resume_decision"], rctx)
-            except NoPluginAnsweredError as exc:
-                log.error("no plugin answered resume_decision", error=str(exc), job_key=self.job_key.key)
-                return self.failed("no_plugin", cand.url)
-            self.note("resume_decision", answer)
-            decision = answer.result
-            self.decisions.append(decision.mode)
-            log.info(
-                "streaming_resume_decision",
-                plugin=answer.plugin, fallback=answer.fallback, mode=decision.mode, reason=decision.reason,
-                url=redact_url(cand.url), offset=decision.offset, attempt=rctx.attempt, job_key=self.job_key.key,
-            )
-            if decision.mode == "discard":
-                paths.part.unlink(missing_ok=True)
-                paths.sidecar.unlink(missing_ok=True)
-
-            stream = self.transfer(cand, paths, decision)
             if stream is None:
-                return self.failed("no_plugin", cand.url)
-            self.last = stream
-            self.bytes_downloaded += stream.bytes_written
-            if stream.status in ("complete", "retry"):
-                if stream.resumed_from > 0:
-                    cand.resumed_from = stream.resumed_from
-                elif stream.bytes_written > 0 or stream.status == "complete":
-                    cand.resumed_from = 0  # the transfer started over from byte 0
+                decision = self.decide(cand, paths)
+                if isinstance(decision, JobResult):
+                    return decision
+                stream = self.transfer(cand, paths, decision)
+                if stream is None:
+                    return self.failed("no_plugin", cand.url)
+            outcome = self.after(cand, paths, stream)
+            if outcome is not _AGAIN:
+                return outcome
+            stream = None
 
-            if stream.status == "complete":
-                return self.finish(cand, paths, stream)
-            if stream.status == "not_modified":
-                return self.not_modified(cand, paths, stream)
-            if stream.status == "failed":
-                self.failure, self.failure_url = stream.reason or "failed", cand.url
-                return None
-            # retry
-            cand.previous = stream
-            if not self.may_retry(cand, stream):
-                self.failure, self.failure_url = stream.reason or "retries_exhausted", cand.url
-                log.info("giving up on a candidate", url=redact_url(cand.url), reason=stream.reason, attempts=cand.attempts)
-                return None
-            delay = 0.0 if stream.reason in PROTOCOL_STEPS else backoff_delay(
-                cand.retries_used, self.p.backoff_factor, stream.retry_after, self.p.max_retry_after)
-            log.info("retrying", url=redact_url(cand.url), reason=stream.reason, delay_s=round(delay, 3),
-                     attempt=cand.attempts, committed=stream.total_size)
-            self.p.wait(delay, self.lease, self.cancel)
+    def decide(self, cand: _Candidate, paths: StagePaths) -> Any:
+        """Count a new attempt and dispatch ``resume_decision``: the decision, or a ``failed`` result when no plugin answered."""
+        _check_cancel(self.cancel)
+        self.lease.heartbeat()
+        cand.attempts += 1
+        self.attempts += 1
+        rctx = ResumeContext(job=self.job, job_key=self.job_key, url=cand.url, paths=paths, options=self.options,
+                             record=self.record, attempt=cand.attempts, previous=cand.previous)
+        try:
+            answer = self.dispatcher.call(self.selections["resume_decision"], rctx)
+        except NoPluginAnsweredError as exc:
+            log.error("no plugin answered resume_decision", error=str(exc), job_key=self.job_key.key)
+            return self.failed("no_plugin", cand.url)
+        self.note("resume_decision", answer)
+        decision = answer.result
+        self.decisions.append(decision.mode)
+        log.info(
+            "streaming_resume_decision",
+            plugin=answer.plugin, fallback=answer.fallback, mode=decision.mode, reason=decision.reason,
+            url=redact_url(cand.url), offset=decision.offset, attempt=rctx.attempt, job_key=self.job_key.key,
+        )
+        if decision.mode == "discard":
+            paths.part.unlink(missing_ok=True)
+            paths.sidecar.unlink(missing_ok=True)
+        return decision
+
+    def after(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> Any:
+        """What an attempt's ``stream`` leads to: the job's result, ``None`` (next candidate) or ``_AGAIN`` (after the wait)."""
+        self.last = stream
+        self.bytes_downloaded += stream.bytes_written
+        if stream.status in ("complete", "retry"):
+            if stream.resumed_from > 0:
+                cand.resumed_from = stream.resumed_from
+            elif stream.bytes_written > 0 or stream.status == "complete":
+                cand.resumed_from = 0  # the transfer started over from byte 0
+        if stream.status == "complete":
+            return self.finish(cand, paths, stream)
+        if stream.status == "not_modified":
+            return self.not_modified(cand, paths, stream)
+        if stream.status == "failed":
+            self.failure, self.failure_url = stream.reason or "failed", cand.url
+            return None
+        cand.previous = stream  # retry
+        if not self.may_retry(cand, stream):
+            self.failure, self.failure_url = stream.reason or "retries_exhausted", cand.url
+            log.info("giving up on a candidate", url=redact_url(cand.url), reason=stream.reason, attempts=cand.attempts)
+            return None
+        delay = 0.0 if stream.reason in PROTOCOL_STEPS else backoff_delay(
+            cand.retries_used, self.p.backoff_factor, stream.retry_after, self.p.max_retry_after)
+        log.info("retrying", url=redact_url(cand.url), reason=stream.reason, delay_s=round(delay, 3),
+                 attempt=cand.attempts, committed=stream.total_size)
+        self.p.wait(delay, self.lease, self.cancel)
+        return _AGAIN
 
     def may_retry(self, cand: _Candidate, stream: StreamResult) -> bool:
         """Whether another attempt is allowed after ``stream`` (a ``retry``); counts it."""
@@ -377,30 +412,70 @@ class _JobRun:
         cand.retries_used += 1
         return True
 
+    def stream_context(self, cand: _Candidate, paths: StagePaths, decision: Any) -> StreamContext:
+        return StreamContext(job=self.job, job_key=self.job_key, url=cand.url, paths=paths, decision=decision,
+                             http=self.p.http, options=self.options, record=self.record, lease=self.lease,
+                             effects=Effects(), progress=self.progress())
+
+    def in_client(self, fn: Callable[[StreamContext], Any]) -> Callable[[StreamContext], Any]:
+        """``fn(ctx)`` with this job's retry-wait and response callbacks in force in the calling thread, its client's retries counted."""
+        client = self.p.http if isinstance(self.p.http, HttpClient) else None
+        if client is None:
+            return fn
+
+        def call(ctx: StreamContext) -> Any:
+            retries_before = client.retries_made()
+            try:
+                with client.waiting(self.on_wait, self.on_response):
+                    return fn(ctx)
+            finally:  # the requests the client sent again on its own are attempts too
+                self.attempts += client.retries_made() - retries_before
+
+        return call
+
     def transfer(self, cand: _Candidate, paths: StagePaths, decision: Any) -> StreamResult | None:
         """Dispatch ``stream_io``; ``None`` when no plugin answered."""
-        effects = Effects()
-        sctx = StreamContext(job=self.job, job_key=self.job_key, url=cand.url, paths=paths, decision=decision,
-                             http=self.p.http, options=self.options, record=self.record, lease=self.lease,
-                             effects=effects, progress=self.progress())
-        client = self.p.http if isinstance(self.p.http, HttpClient) else None
-        retries_before = client.retries_made() if client is not None else 0
+        sctx = self.stream_context(cand, paths, decision)
         try:
-            with client.waiting(self.on_wait, self.on_response) if client is not None else contextlib.nullcontext():
-                answer = self.dispatcher.call(self.selections["stream_io"], sctx)
-        except StageFailed as exc:
-            log.warning("stream_io failed after writing; retrying from the resume decision",
-                        plugin=exc.plugin, error=repr(exc.error), bytes_written=effects.bytes_written)
-            self.plugins["stream_io"], self.fallbacks["stream_io"] = exc.plugin, False
-            return StreamResult(status="retry", reason="stage_failed", url=redact_url(cand.url),
-                                bytes_written=effects.bytes_written, resumed_from=decision.offset)
-        except NoPluginAnsweredError as exc:
-            log.error("no plugin answered stream_io", error=str(exc), job_key=self.job_key.key)
-            return None
-        finally:  # the requests the client sent again on its own are attempts too
-            self.attempts += client.retries_made() - retries_before if client is not None else 0
+            answer = self.in_client(lambda ctx: self.dispatcher.call(self.selections["stream_io"], ctx))(sctx)
+        except (StageFailed, NoPluginAnsweredError) as exc:
+            return self.stream_failed(exc, cand, sctx)
         self.note("stream_io", answer)
         return answer.result
+
+    async def first_attempt(self, to_thread: Callable[..., Awaitable[Any]]) -> "FirstAttempt | JobResult":
+        """The first attempt on the first candidate, ``stream_io`` on the event loop (see ``Dispatcher.call_stream_async``).
+
+        ``to_thread(fn, ctx)`` runs a synchronous ``stream_io`` in a worker thread. Returns the
+        attempt for :meth:`run` to go on from, or the job's ``failed`` result.
+        """
+        cand = _Candidate(self.job.urls[0])
+        paths = self.paths(cand.url)
+        decision = self.decide(cand, paths)
+        if isinstance(decision, JobResult):
+            return decision
+        sctx = self.stream_context(cand, paths, decision)
+        try:
+            answer = await self.dispatcher.call_stream_async(
+                self.selections["stream_io"], sctx, to_thread=lambda fn, ctx: to_thread(self.in_client(fn), ctx))
+        except (StageFailed, NoPluginAnsweredError) as exc:
+            stream = self.stream_failed(exc, cand, sctx)
+            return FirstAttempt(cand=cand, stream=stream) if stream is not None else self.failed("no_plugin", cand.url)
+        self.note("stream_io", answer)
+        return FirstAttempt(cand=cand, stream=answer.result)
+
+    def stream_failed(self, exc: Exception, cand: _Candidate, sctx: StreamContext) -> StreamResult | None:
+        """A ``stream_io`` that raised after writing is a ``retry`` from the resume decision; ``None``: no plugin answered."""
+        if isinstance(exc, NoPluginAnsweredError):
+            log.error("no plugin answered stream_io", error=str(exc), job_key=self.job_key.key)
+            return None
+        assert isinstance(exc, StageFailed)
+        effects = sctx.effects
+        log.warning("stream_io failed after writing; retrying from the resume decision",
+                    plugin=exc.plugin, error=repr(exc.error), bytes_written=effects.bytes_written)
+        self.plugins["stream_io"], self.fallbacks["stream_io"] = exc.plugin, False
+        return StreamResult(status="retry", reason="stage_failed", url=redact_url(cand.url),
+                            bytes_written=effects.bytes_written, resumed_from=sctx.decision.offset)
 
     def finish(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> JobResult | None:
         if self.before_finalize is not None:
