@@ -194,7 +194,8 @@ CASES = {
 #: The cases the engine answers itself; the others go to stream_io after its response (or its failure).
 ENGINE_ANSWERS = {"ok", "small", "empty", "no validators", "weak etag", "html for a pdf", "lying repr-digest", "matching digests",
                   "lying content-digest", "cut", "cut small", "cut before the body", "reset", "short body", "stall", "too slow",
-                  "delay", "size given", "etag changed", "content changed", "range ignored", "signed"}
+                  "delay", "size given", "etag changed", "content changed", "range ignored", "signed",
+                  "signature refused", "404", "410"}  # the last three: a final failure, answered without a body
 
 
 def _comparable(outcome: dict, ignore: tuple[str, ...]) -> dict:

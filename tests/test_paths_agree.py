@@ -66,3 +66,12 @@ def test_hostile_cases_end_alike_through_processes_and_the_committer(server, tmp
     assert single["gone.pdf"][1] == "http_404" and single["away.pdf"][1] == "unsafe_redirect"
     assert single["sized.bin"][1] == "size_mismatch" and single["short.bin"][1] == "short_body"
     assert single["busy.pdf"][1].startswith("http_503")
+
+
+def test_hostile_cases_end_alike_on_the_event_loop_and_in_threads(server, tmp_path):
+    (tmp_path / "contentdownload.toml").write_text("[run]\nbackoff_factor = 0.01\n")
+    threads, threads_files, threads_metrics = _run(server, tmp_path, "threads", "--processes", "1", "--transport", "sync")
+    loop, loop_files, loop_metrics = _run(server, tmp_path, "loop", "--processes", "1")
+    assert threads_metrics["jobs_on_loop"] == 0 and loop_metrics["jobs_on_loop"] == len(loop) == 9
+    assert loop == threads and loop_files == threads_files
+    assert loop["ok.pdf"] == ("downloaded", None) and loop["cut.bin"] == ("resumed", None)

@@ -6,10 +6,13 @@ cookies, netrc credentials or pacing in the way), sends the request ``stream_io`
 send, and, for a ``200`` with a ``Content-Length`` within ``max_bytes``, the job's size
 and one checkpoint, no content coding, writes the body to the part through the part store
 exactly as ``stream_io`` does (same sidecar, digests, speed limits, effects, progress and
-result fields). Everything else goes to the plugin's own ``stream_io`` in the loop's
-default executor: a resume or a revalidation, any other status (redirects, errors,
-``429``), an encoded, unsized or long body, and a request that got no response (which
-``stream_io`` sends again with its retries, ``Retry-After`` and redirects).
+result fields). A status that ends the attempt as ``failed`` (``404``, ``403``, ``410``...) is
+answered here too, as ``stream_io`` would, without a body read or a second request.
+Everything else goes to the plugin's own ``stream_io``, which the dispatcher runs in a
+thread when the coroutine ends with ``None``: a resume or a revalidation, redirects,
+retryable statuses (``429``, ``5xx``: the client's retries and ``Retry-After``), an encoded,
+unsized or long body, and a request that got no response (which ``stream_io`` sends again
+with its retries).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from contentdownload.errors import TooSlowError, TransportError, UnsafePathError
 from contentdownload.transfer.engine import Engine, Exchange
 from contentdownload.transfer.http import content_encoding, content_length
 from contentdownload.transfer.parts import BodyOutcome, Part
-from contentdownload.transfer.status import TRANSPORT_ERRORS
+from contentdownload.transfer.status import TRANSPORT_ERRORS, classify
 
 from . import stream
 
@@ -47,7 +50,7 @@ class _Fast:
         self.transfer = stream._Transfer(ctx)
         self.attempt = self.transfer.attempt
 
-    async def run(self) -> StreamResult:
+    async def run(self) -> StreamResult | None:
         ctx, attempt = self.ctx, self.attempt
         connect, read = ctx.options.timeout
         headers = {**ctx.http.session().headers, **attempt.headers}
@@ -55,11 +58,15 @@ class _Fast:
             exchange = await self.engine.open(ctx.url, headers, timeout=(attempt.guard.timeout(connect, body=False),
                                                                          attempt.guard.timeout(read, body=False)))
         except (TransportError, ValueError):
-            return await self.synchronous()
+            return None  # nothing written: the dispatcher hands the decision to stream_io, in a thread
+        if _final_failure(exchange.status):  # a 404, 403, 410...: nothing to retry or follow, no body read
+            exchange.abandon()
+            attempt.took(exchange)
+            return attempt.stopped(attempt.verdict(exchange, ranged=False))
         total = self.regular_length(exchange)
         if total is None:
             exchange.abandon()
-            return await self.synchronous()
+            return None
         attempt.took(exchange)
         return await self.body(exchange, total)
 
@@ -72,10 +79,6 @@ class _Fast:
         if total > options.checkpoint_bytes or (options.max_bytes is not None and total > options.max_bytes):
             return None
         return total if size is None or total == size else None
-
-    async def synchronous(self) -> StreamResult:
-        """The plugin's ``stream_io`` for this context, in the loop's default executor."""
-        return await asyncio.get_running_loop().run_in_executor(None, stream.stream_io, self.ctx)
 
     async def body(self, exchange: Exchange, total: int) -> StreamResult:
         ctx, transfer = self.ctx, self.transfer
@@ -119,6 +122,11 @@ class _Fast:
                 slow = await _slow(guard, waited[0] != read_timeout) if isinstance(exc, TimeoutError) else None
                 return BodyOutcome(error=slow or exc)
         return BodyOutcome()
+
+
+def _final_failure(status: int) -> bool:
+    """A status ``stream_io`` would end the attempt with as ``failed`` at once: no redirect, no retry by the client or the pipeline."""
+    return classify(status, ranged=False, conditional=False).action == "failed" and not 300 <= status < 400
 
 
 async def _slow(guard: Any, guard_deadline: bool) -> TooSlowError | None:

@@ -41,6 +41,7 @@ RUN_FLAGS = {
     "per_host": "per_host",
     "processes": "processes",
     "durability": "durability",
+    "transport": "transport",
     "db": "db",
     "max_bytes": "max_bytes",
     "retries": "retries",
@@ -335,6 +336,9 @@ def add_run(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--durability", choices=("file", "batch", "none"),
                    help="file: fsync each file and its folder; batch (default): the same, with one folder fsync for the "
                         "files finishing together; none: no fsync (survives a crash of the process, not of the machine)")
+    p.add_argument("--transport", choices=("auto", "sync"),
+                   help="auto (default): jobs claimed for the first time run on an event loop per process, claimed and "
+                        "recorded in batches; sync: every job in a worker thread through requests (the simpler path)")
     p.add_argument("--resume-from", metavar="MANIFEST", help="an earlier manifest: what is done, and the validators to send")
     p.add_argument("--db", metavar="URL", help="job store: sqlite:///path or postgresql://... (default: SQLite in DIR/.contentdownload)")
     add_request_options(p)

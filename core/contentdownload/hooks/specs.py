@@ -110,6 +110,8 @@ def stream_io_async(ctx: "StreamContext") -> "Awaitable[StreamResult] | None":
     ``stream_io`` run in a thread, so synchronous plugins keep working unchanged.
 
     ``None``: this plugin's synchronous ``stream_io`` does it (run in a thread), not the next plugin.
+    The awaitable may also end with ``None``, after a request it sent and abandoned, as long as
+    nothing was written to the part: the synchronous ``stream_io`` then carries out the decision.
 
     May not: block the event loop (no synchronous network I/O; writing a part's blocks to
     disk is allowed), or anything ``stream_io`` may not do (touch the final path, write an

@@ -15,10 +15,9 @@ import sys
 import threading
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import attrs
 
@@ -34,6 +33,8 @@ from contentdownload.records.manifest import ManifestWriter, read_manifest
 from contentdownload.records.tally import Tally
 from contentdownload.records.metrics import DECISION_EVENT, build_metrics, previous_totals, with_folder_totals, write_metrics
 from contentdownload.hooks.model import Job, JobResult, TransferOptions
+from contentdownload.jobs import fastlane
+from contentdownload.jobs.hosts import HostSlots
 from contentdownload.jobs.pipeline import Pipeline
 from contentdownload.jobs.processes import Channel, Children, process_count
 from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining, finished_elsewhere
@@ -73,20 +74,6 @@ class RunReport:
     error: str | None = None
     record_errors: Sequence[str] = ()
     dropped: int = 0
-
-
-class HostGate:
-    """At most ``limit`` concurrent transfers per host."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._gates: dict[str, threading.Semaphore] = defaultdict(lambda: threading.Semaphore(limit))
-
-    def __call__(self, url: str) -> threading.Semaphore:
-        host = (urlsplit(url).hostname or "").lower()
-        with self._lock:
-            return self._gates[host]
 
 
 def transfer_options(settings: Any) -> TransferOptions:
@@ -191,6 +178,7 @@ class Run:
         self._by_process: dict[int, int] = {}  # pid -> jobs it ended after planning
         self._batches: list[int] = []  # sizes of the commit batches of the worker processes
         self._child_throttled: list[dict] = []  # each worker process's hosts that asked for a pause
+        self.jobs_on_loop = 0  # jobs this process (and its worker processes) ran on the event-loop lane
 
     # -- entry point ----------------------------------------------------------------
 
@@ -276,28 +264,54 @@ class Run:
         self._progress.close()
 
     def _drive_threads(self, plan: Plan, store: Any, http: HttpClient) -> None:
-        """Run this process's worker threads over the plan until it is done, the run is interrupted or the store is lost."""
-        options = transfer_options(self.settings)
-        worker = JobWorker(
-            self.runtime,
-            Pipeline(self.runtime, http, options, retries=self.settings.retries, backoff_factor=self.settings.backoff_factor),
-            store, self.ws, options,
-            owner=self.owner, lease_ttl=self.settings.lease_ttl, leasing=self.leasing, cancel=self.cancel,
-            host_gate=HostGate(self._per_host),
-            progress=lambda item: self._progress.job(item.key.key, item.relative_path, item.job.size),
-            on_result=lambda result: self._emit(result, self.leasing),
-        )
+        """Work this process's share of the plan until it is done, the run is interrupted or the store is lost.
+
+        On the event-loop lane (:mod:`~contentdownload.jobs.fastlane`) when ``transport`` is
+        ``auto`` and jobs are leased, else in ``--workers`` threads. Either runs in threads of
+        its own, so that this one answers signals and forwards a worker process's results.
+        """
+        worker = self._worker(store, http)
         self._queue = deque(plan.order) if not self.leasing else deque()
-        threads = [
-            threading.Thread(target=self._work, args=(worker, plan, store), name=f"worker-{i}", daemon=True)
-            for i in range(min(self.settings.workers, max(1, len(plan.items))))
-        ]
+        if self.settings.transport == "auto" and self.leasing:
+            threads = [threading.Thread(target=self._lane, args=(worker, plan, store, http), name="contentdownload-lane", daemon=True)]
+        else:
+            threads = [
+                threading.Thread(target=self._work, args=(worker, plan, store), name=f"worker-{i}", daemon=True)
+                for i in range(min(self.settings.workers, max(1, len(plan.items))))
+            ]
         for t in threads:
             t.start()
         for t in threads:
             while t.is_alive():
                 t.join(timeout=0.2)
                 self._send_results()
+
+    def _worker(self, store: Any, http: HttpClient) -> JobWorker:
+        options = transfer_options(self.settings)
+        return JobWorker(
+            self.runtime,
+            Pipeline(self.runtime, http, options, retries=self.settings.retries, backoff_factor=self.settings.backoff_factor),
+            store, self.ws, options,
+            owner=self.owner, lease_ttl=self.settings.lease_ttl, leasing=self.leasing, cancel=self.cancel,
+            host_gate=HostSlots(self._per_host),
+            progress=lambda item: self._progress.job(item.key.key, item.relative_path, item.job.size),
+            on_result=lambda result: self._emit(result, self.leasing),
+            on_results=lambda results: self._emit_many(results, self.leasing),
+        )
+
+    def _lane(self, worker: JobWorker, plan: Plan, store: Any, http: HttpClient) -> None:
+        """The event-loop lane; should it fail, worker threads take over what is left (never raises)."""
+        try:
+            fastlane.FastLane(self, worker, plan, store, http).drive()
+        except Exception as exc:  # a bug of the lane must not cost the run: the threads do the rest
+            log.error("the event-loop lane failed; worker threads go on with the jobs left",
+                      error=f"{type(exc).__name__}: {exc}", exc_info=True)
+            threads = [threading.Thread(target=self._work, args=(worker, plan, store), name=f"worker-{i}", daemon=True)
+                       for i in range(self.settings.workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
 
     # -- worker processes -----------------------------------------------------------
 
@@ -328,7 +342,7 @@ class Run:
                                    "decisions": EVENTS.get(DECISION_EVENT) - decisions_before, "store_error": self._store_error,
                                    "disk_error": self._disk_error, "disk_failed": sorted(self._disk_failed),
                                    "throttled": http.pacer.throttled(), "record_errors": self._record_errors,
-                                   "batches": durability.commit_batches()}))
+                                   "batches": durability.commit_batches(), "jobs_on_loop": self.jobs_on_loop}))
 
     def _send_results(self) -> None:
         """In a worker process: send the tally of the results not sent yet, and their job keys, to the parent."""
@@ -354,6 +368,7 @@ class Run:
             self.runtime.telemetry.merge(*body["telemetry"])
             with self._lock:
                 self._child_decisions += body["decisions"]
+                self.jobs_on_loop += body["jobs_on_loop"]
                 self._batches.extend(body["batches"])
                 self._store_error = self._store_error or body["store_error"]
                 self._disk_failed.update(body["disk_failed"])
@@ -414,6 +429,7 @@ class Run:
                    "idempotency": self.runtime.policy.idempotency.enabled,
                    "streaming_schema": self.runtime.policy.streaming_schema.enabled,
                    "durability": self.settings.durability, "commit_batches": self._commit_batches(),
+                   "transport": self.settings.transport, "jobs_on_loop": self.jobs_on_loop,
                    "processes": max(1, len(self._by_process)), "jobs_per_process": sorted(self._by_process.values(), reverse=True),
                    "jobs_planned": planned, "jobs_left": left, "left_reason": self._left_reason(left),
                    "store_error": self._store_error, "disk_error": self._disk_error.reason if self._disk_error else None,
@@ -494,26 +510,29 @@ class Run:
         """One job to its record (the worker emits the row before recording); never raises."""
         try:
             self._progress.done(worker.process(item))
-            return
-        except Cancelled:
+        except Exception as exc:
+            self._job_stopped(item, store, exc)
+
+    def _job_stopped(self, item: Any, store: Any, exc: Exception) -> None:
+        """A job that raised instead of ending with a result: interrupted, taken over, stopped by the store or the disk,
+        or a bug (which costs that job, as an ``internal_error``, not the run); never raises."""
+        if isinstance(exc, Cancelled):
             log.info("job_interrupted", job_key=item.key.key, url=redact_url(item.job.url), part_kept=bool(self.ws.parts_of(item.key.key)))
             self._release(store, item)
             return
-        except LeaseLostError as exc:
+        if isinstance(exc, LeaseLostError):
             log.warning("lease taken over by another worker; not finalizing", job_key=item.key.key, error=str(exc))
             return
-        except (StoreError, StoreUnavailableError) as exc:  # parts and the finalize intent are kept: a rerun resumes or recovers
+        if isinstance(exc, (StoreError, StoreUnavailableError)):  # parts and the finalize intent are kept: a rerun resumes or recovers
             self._store_down(store, exc)
             self._release(store, item)
             return
-        except Exception as exc:
-            disk = DiskError.of(exc)
-            if disk is None:  # a bug must cost one job, not the run
-                log.error("job crashed", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}", exc_info=True)
-                result = JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=f"internal_error: {type(exc).__name__}", url=item.job.url)
-            else:
-                self._disk_stopped(store, item, disk)
-                return
+        disk = DiskError.of(exc)
+        if disk is not None:
+            self._disk_stopped(store, item, disk)
+            return
+        log.error("job crashed", job_key=item.key.key, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        result = JobResult(outcome="failed", job=item.job, job_key=item.key.key, reason=f"internal_error: {type(exc).__name__}", url=item.job.url)
         try:
             if self.leasing:
                 store.fail(item.key.key, item.epoch, result.reason, retryable=False, max_attempts=1)
@@ -591,15 +610,26 @@ class Run:
         log_outcome(result)
         self._emit(result, leasing)
 
+    def _emit_many(self, results: Sequence[JobResult], leasing: bool) -> None:
+        """Record a batch of outcomes: their manifest rows with one fsync, each counted as :meth:`_emit` does."""
+        self._ledger.write_many(results, leasing=leasing)
+        with self._lock:
+            for result in results:
+                self._count(result)
+
     def _emit(self, result: JobResult, leasing: bool) -> None:
         """Record one outcome: a manifest row written once per job (the ledger's manifest op), counted in metrics."""
         self._ledger.write(result, leasing=leasing)
         with self._lock:
-            self._tally.add(result)
-            if result.job_key:
-                self._ended.add(result.job_key)
-                if self._channel is not None:
-                    self._unsent.append(result.job_key)
+            self._count(result)
+
+    def _count(self, result: JobResult) -> None:
+        """An outcome recorded by this process: in the tally, among the ended jobs (and those to report to the parent)."""
+        self._tally.add(result)
+        if result.job_key:
+            self._ended.add(result.job_key)
+            if self._channel is not None:
+                self._unsent.append(result.job_key)
 
     # -- signals --------------------------------------------------------------------
 

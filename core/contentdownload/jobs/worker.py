@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -182,6 +182,8 @@ class JobWorker:
 
     ``progress(item)``, when given, returns the job's byte sink: called with the size of each
     body block, and its ``expect(size, start)`` (when it has one) with each response's sizes.
+    ``on_result(result)`` gets each job's result before its store record (the manifest row);
+    ``on_results(results)`` does the same for a batch (:meth:`record_many`).
     """
 
     def __init__(
@@ -199,6 +201,7 @@ class JobWorker:
         host_gate: Callable[[str], Any] | None = None,
         progress: Callable[["WorkItem"], Any] | None = None,
         on_result: Callable[[JobResult], None] | None = None,
+        on_results: Callable[[Sequence[JobResult]], None] | None = None,
     ):
         self.runtime = runtime
         self.pipeline = pipeline
@@ -212,6 +215,7 @@ class JobWorker:
         self.host_gate = host_gate
         self.progress = progress
         self.on_result = on_result
+        self.on_results = on_results
 
     # -- crash recovery -------------------------------------------------------------
 
@@ -270,6 +274,28 @@ class JobWorker:
         self._report_and_record(item, result)
         return result
 
+    # -- one job on the event-loop lane -------------------------------------------------
+
+    def start_first_claim(self, item: WorkItem) -> Any:
+        """For the event-loop lane: the pipeline run of a job claimed for the first time, or its ``failed`` result.
+
+        The job must be leased, marked streaming and its transfer op begun (the lane does
+        that for a whole batch of claims at once). A first claim has nothing to recover
+        (no earlier holder renamed a part or recorded an intent) and no older part to fence
+        or adopt, and its epoch's part path is its own: no part lock is taken.
+        """
+        lease = StoreLease(self.store, item.key.key, item.epoch or 0, self.owner, self.lease_ttl)
+        paths = self.ws.stage_paths(item.relative_path, item.key.key, epoch=item.epoch)
+        return self._unsafe_paths(item, paths) or self._job_run(item, paths, lease)
+
+    def record_many(self, done: Sequence[tuple[WorkItem, JobResult]]) -> None:
+        """Hand on and record a batch of results: their manifest rows first (one fsync), then their store records (one transaction)."""
+        for _, result in done:
+            log_outcome(result)
+        if self.on_results is not None:
+            self.on_results([result for _, result in done])
+        self.store.batched(lambda: [self._record(item, result) for item, result in done])
+
     def _unsafe_paths(self, item: WorkItem, paths: Any) -> JobResult | None:
         """A failed result when a staging path of the job is a planted symlink."""
         try:
@@ -297,10 +323,14 @@ class JobWorker:
         self._record(item, result)
 
     def _transfer(self, item: WorkItem, paths: Any, lease: Lease) -> JobResult:
+        return self._job_run(item, paths, lease).run()
+
+    def _job_run(self, item: WorkItem, paths: Any, lease: Lease) -> Any:
+        """The pipeline's run of ``item`` (not started)."""
         selections = self.runtime.policy.plan(item.identity)
         options = attrs.evolve(self.options, revalidate=self.options.revalidate or item.revalidate)
         sink = self.progress(item) if self.progress is not None else None
-        return self.pipeline.run(
+        return self.pipeline.start(
             item.job, item.key, paths, selections,
             record=item.record, lease=lease, progress=sink, expect=getattr(sink, "expect", None), cancel=self.cancel,
             job_key_answer=item.job_key_answer, options=options,

@@ -94,6 +94,7 @@ class RunSettings:
     per_host: int = _setting(4, _POSITIVE)
     processes: int | None = _setting(None, _POSITIVE)
     durability: str = _setting("batch", (lambda v: v in ("file", "batch", "none"), "must be file, batch or none"))
+    transport: str = _setting("auto", (lambda v: v in ("auto", "sync"), "must be auto or sync"))
     retries: int = _setting(5, _NON_NEGATIVE)
     timeout: float = _setting(60.0, _POSITIVE)
     connect_timeout: float = _setting(10.0, _POSITIVE)

@@ -84,8 +84,9 @@ class Dispatcher:
         """:meth:`call` for ``stream_io`` on the running event loop, with the same fallbacks and telemetry.
 
         Each plugin of the chain in order: its ``stream_io_async`` awaited when it returns an
-        awaitable; otherwise (``None``, or no such hook) its ``stream_io`` through
-        ``await to_thread(fn, ctx)`` (the caller's executor).
+        awaitable; otherwise (``None``, or no such hook), or when the awaitable ends with
+        ``None`` having written nothing, its ``stream_io`` through ``await to_thread(fn, ctx)``
+        (the caller's executor).
         """
         if selection.hook != "stream_io":
             raise ValueError(f"call_stream_async asks the stream_io chain, not {selection.hook}")
@@ -108,9 +109,10 @@ class Dispatcher:
 
         async def call(ctx: Any) -> Any:
             awaitable = asynchronous(ctx=ctx) if asynchronous is not None else None
-            if awaitable is not None:
-                return await awaitable
-            return await to_thread(lambda c: synchronous(ctx=c), ctx) if synchronous is not None else None
+            result = await awaitable if awaitable is not None else None
+            if result is not None or synchronous is None or ctx.effects.bytes_written:
+                return result
+            return await to_thread(lambda c: synchronous(ctx=c), ctx)  # declined, or handed over before writing
 
         return call
 

@@ -355,6 +355,8 @@ class Engine:
         self.default_headers = dict(default_headers)
         self._hosts: dict[PoolKey, _Host] = {}
         self._closed = False
+        self._live: set[_Connection] = set()  # every connection open, pooled or in use
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self, url: str, headers: Mapping[str, str], *,
                    timeout: tuple[float | None, float | None] | None = None) -> Exchange:
@@ -405,6 +407,7 @@ class Engine:
                 if not conn.closed:
                     conn.used_before = True
                     return conn
+                self._live.discard(conn)
                 host.open -= 1
             if host.open < self.per_host:
                 host.open += 1
@@ -447,6 +450,8 @@ class Engine:
             raise EngineConnectError(f"connection to {host}:{port} refused", "connection_refused") from exc
         except OSError as exc:
             raise EngineConnectError(f"no connection to {host}:{port}: {exc}") from exc
+        self._loop = loop
+        self._live.add(conn)
         return conn
 
     def _release(self, conn: _Connection) -> None:
@@ -460,8 +465,19 @@ class Engine:
             host.idle.append(conn)
         else:
             conn.close()
+            self._live.discard(conn)
             host.open -= 1
         host.wake_one()
+
+    def abort(self) -> None:
+        """Close every connection, from any thread: a read in progress ends at once with a transport error."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._close_live)
+
+    def _close_live(self) -> None:
+        for conn in list(self._live):
+            conn.close()
 
     async def aclose(self) -> None:
         """Close every pooled connection; exchanges still being read are closed when they end."""
@@ -469,6 +485,7 @@ class Engine:
         for host in self._hosts.values():
             for conn in host.idle:
                 conn.close()
+                self._live.discard(conn)
             host.open -= len(host.idle)
             host.idle.clear()
         await asyncio.sleep(0)  # let the transports' closes run

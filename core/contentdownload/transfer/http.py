@@ -584,12 +584,22 @@ class HttpClient:
             on_response(response)
         return response
 
+    def new_engine(self, *, per_host: int) -> "Engine":
+        """An event-loop engine for :attr:`engine`, with this client's timeouts and TLS trust; create it on the loop that uses it."""
+        from contentdownload.transfer.engine import Engine
+        from contentdownload.transfer.options import ssl_context
+
+        return Engine(per_host=per_host, connect_timeout=self.timeout[0], read_timeout=self.timeout[1],
+                      ssl_context=ssl_context(self.verify), default_headers={})
+
     def abort(self) -> None:
-        """Shut down the connection of every response still being read, from any thread.
+        """Shut down the connection of every response still being read, from any thread, the engine's too.
 
         A read blocked in another thread (a slow or stalled server) returns at once with a
         transport error; used when the run is interrupted.
         """
+        if self.engine is not None:
+            self.engine.abort()
         with self._lock:
             responses = list(self._responses)
         for response in responses:

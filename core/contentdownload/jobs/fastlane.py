@@ -1,0 +1,243 @@
+"""The event-loop lane (``--transport auto``): this process's jobs on one asyncio loop, claimed and recorded in batches.
+
+::
+
+    claim_many                     one store transaction for a batch of claims, then one to mark them
+                                   streaming and begin their transfer ops
+    per job, a task on the loop:
+      resume_decision              the policy's chain, as in the pipeline
+      stream_io                    a plugin's stream_io_async on the loop, or its stream_io in a thread
+      finalize                     in a thread: the part store checks and fsyncs the part; the staging
+                                   folder's committer renames the parts finishing together and fsyncs
+                                   each folder once (--durability batch)
+    records                        a batch of results: manifest rows with one fsync, then the store
+                                   records (finished states, ledger ops) in one transaction
+
+Blocking work (the store, fsyncs, a synchronous plugin's transfer) runs in the lane's
+thread pool, never on the loop. Only a job claimed for the first time takes the road through
+the loop (:meth:`~contentdownload.jobs.worker.JobWorker.start_first_claim`): a job claimed
+before (a part may wait to be resumed, an older holder's part to be fenced) or with a
+record (revalidation, ``--resume-from``) runs the synchronous worker in the pool, as every
+job does with ``--transport sync``. A first attempt that does not complete goes on in the
+pool through the same pipeline (retries, backoff, the next candidate URL).
+
+``--workers`` bounds the transfers at once (a job past its transfer, finalizing or waiting
+for its record, does not count), ``--per-host`` the transfers per host, in the same
+:class:`~contentdownload.jobs.hosts.HostSlots` the threads use. A claimed job waiting for a
+transfer slot heartbeats its lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable, Sequence, TYPE_CHECKING
+
+from contentdownload.errors import DiskError
+from contentdownload.hooks.model import JobResult, Lease
+from contentdownload.jobs import ledger
+from contentdownload.jobs.planner import Plan, item_for_claim, remaining
+from contentdownload.jobs.worker import JobWorker, StoreLease, WorkItem
+from contentdownload.records.log import get_logger
+from contentdownload.transfer import durability, engine
+
+if TYPE_CHECKING:  # pragma: no cover
+    from contentdownload.jobs.runner import Run
+
+log = get_logger(__name__)
+
+#: The most claims taken in one transaction, and results recorded in one batch.
+BATCH = 64
+#: Claim about this many seconds of work at once (so a process never sits on jobs others could take).
+CLAIM_AHEAD_S = 1.0
+
+
+class FastLane:
+    """The event-loop lane of one process of a run (see the module); :meth:`drive` blocks until it is done."""
+
+    def __init__(self, run: "Run", worker: JobWorker, plan: Plan, store: Any, http: Any):
+        self.run, self.worker, self.plan, self.store, self.http = run, worker, plan, store, http
+        self.settings = run.settings
+        self.job_seconds = 0.0  # moving average of a transfer's duration (sizes the claims)
+        self.records = _Records(self)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def drive(self) -> None:
+        """Run the lane's loop until this process has nothing left to claim, the run is cancelled or its store lost."""
+        loop = engine.new_event_loop()
+        pool = ThreadPoolExecutor(max_workers=max(8, 2 * self.settings.workers), thread_name_prefix="contentdownload-lane")
+        loop.set_default_executor(pool)
+        try:
+            with durability.using(self.settings.durability):
+                loop.run_until_complete(self._main())
+        finally:
+            pool.shutdown(wait=True)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def in_thread(self, fn: Callable[..., Any], *args: Any) -> "asyncio.Future[Any]":
+        """``fn(*args)`` in the lane's pool, with this task's context (the durability level)."""
+        return asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, fn, *args)
+
+    async def _main(self) -> None:
+        self.transfers = asyncio.Semaphore(self.settings.workers)
+        self.http.engine = self.http.new_engine(per_host=self.run._per_host)
+        jobs: set[asyncio.Task[None]] = set()
+        try:
+            await self._claim_loop(jobs)
+            if jobs:
+                await asyncio.wait(set(jobs))
+            await self.records.drain()
+        finally:
+            engine_, self.http.engine = self.http.engine, None
+            await engine_.aclose()
+
+    async def _claim_loop(self, jobs: set["asyncio.Task[None]"]) -> None:
+        """Claim batches and start a task per job, keeping about :data:`CLAIM_AHEAD_S` of work claimed ahead."""
+        ahead = max(BATCH, 2 * self.settings.workers)
+        while not self.run.cancel.is_set():
+            if len(jobs) >= ahead // 2:
+                await asyncio.wait(set(jobs), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            seen = self.run._ended_count
+            claimed = await self.in_thread(self._claim, min(ahead - len(jobs), self._claim_size()))
+            if claimed is None:
+                return
+            if not claimed:  # another process holds what is left: wait for a job to end somewhere
+                await self.in_thread(self.run._await_job_end, seen, min(1.0, self.settings.lease_ttl / 4))
+                continue
+            for item, first_claim in claimed:
+                task = asyncio.ensure_future(self._job(item, first_claim))
+                jobs.add(task)
+                task.add_done_callback(jobs.discard)
+
+    def _claim_size(self) -> int:
+        workers = self.settings.workers
+        if self.job_seconds <= 0:
+            return workers
+        return max(workers, min(BATCH, int(workers * CLAIM_AHEAD_S / self.job_seconds)))
+
+    def _claim(self, limit: int) -> list[tuple[WorkItem, bool]] | None:
+        """Up to ``limit`` claims (``None``: nothing left), first claims marked streaming with their transfer op begun; in a thread."""
+        store = self.store
+        try:
+            claims = store.claim_many(self.run.owner, self.settings.lease_ttl, keys=self.plan.keys, limit=limit)
+            if not claims:
+                return None if not remaining(store, self.plan.keys) else []
+            claimed = [(item, claim.record.claims == 1 and _fresh(item)) for claim in claims for item in [item_for_claim(self.plan, claim)]]
+            first = [(item.key.key, item.epoch) for item, first_claim in claimed if first_claim]
+            store.batched(lambda: ([store.mark_streaming(key, epoch) for key, epoch in first], ledger.begin_transfers(store, first)))
+        except Exception as exc:  # the store's (or its disk's) failure: this process stops claiming
+            disk = DiskError.of(exc)
+            if disk is not None:
+                self.run._disk_down(disk)
+            else:
+                self.run._store_down(store, exc)
+            return None
+        return claimed
+
+    # -- one job ----------------------------------------------------------------------
+
+    async def _job(self, item: WorkItem, first_claim: bool) -> None:
+        """One job to its record; never raises."""
+        lease = StoreLease(self.store, item.key.key, item.epoch or 0, self.run.owner, self.settings.lease_ttl)
+        if not first_claim:
+            async with self._transfer_slot(lease):
+                await self.in_thread(self.run._process, self.worker, item, self.store)
+            self.run._notify_job_end()
+            return
+        self.run.jobs_on_loop += 1
+        try:
+            result = await self._first_claim(item)
+        except Exception as exc:
+            await self.in_thread(self.run._job_stopped, item, self.store, exc)
+            self.run._notify_job_end()
+            return
+        self.records.add(item, result)
+
+    async def _first_claim(self, item: WorkItem) -> JobResult:
+        job_run = self.worker.start_first_claim(item)
+        if isinstance(job_run, JobResult):
+            return job_run
+        async with self._transfer_slot(job_run.lease):
+            started = time.monotonic()
+            first = await self._first_attempt(job_run, item.job.urls[0])
+            self.job_seconds = 0.9 * self.job_seconds + 0.1 * (time.monotonic() - started) if self.job_seconds else time.monotonic() - started
+            if isinstance(first, JobResult):
+                return first
+            if first.stream.status != "complete":  # retries, backoff, other candidates: the pipeline, in a thread
+                return await self.in_thread(job_run.run, first)
+        return await self.in_thread(job_run.run, first)  # finalize, outside the transfer slot
+
+    async def _first_attempt(self, job_run: Any, url: str) -> Any:
+        slots = self.worker.host_gate(url)
+        await slots.acquire_async()
+        try:
+            return await job_run.first_attempt(self.in_thread)
+        finally:
+            slots.release()
+
+    @contextlib.asynccontextmanager
+    async def _transfer_slot(self, lease: Lease) -> AsyncIterator[None]:
+        """One of the ``--workers`` transfers; the lease heart-beaten while waiting for it."""
+        while True:
+            try:
+                await asyncio.wait_for(self.transfers.acquire(), timeout=self.settings.lease_ttl / 3)
+                break
+            except asyncio.TimeoutError:
+                await self.in_thread(lease.heartbeat)
+        try:
+            yield
+        finally:
+            self.transfers.release()
+
+    # -- records ----------------------------------------------------------------------
+
+    def record(self, batch: Sequence[tuple[WorkItem, JobResult]]) -> None:
+        """Record a batch of results (rows, then store records); in a thread. A failure stops the run as a job's would."""
+        try:
+            self.worker.record_many(batch)
+        except Exception as exc:
+            for item, _ in batch:
+                self.run._job_stopped(item, self.store, exc)
+        else:
+            for _, result in batch:
+                self.run._progress.done(result)
+        finally:
+            for _ in batch:
+                self.run._notify_job_end()
+
+
+def _fresh(item: WorkItem) -> bool:
+    """Whether a first claim can take the loop's road: nothing recorded to revalidate or adopt."""
+    return item.record is None and not item.revalidate and not item.adopt_from
+
+
+class _Records:
+    """Results waiting for their records: one batch is written while the next gathers (group commit)."""
+
+    def __init__(self, lane: FastLane):
+        self.lane = lane
+        self.pending: list[tuple[WorkItem, JobResult]] = []
+        self.writing: "asyncio.Task[None] | None" = None
+
+    def add(self, item: WorkItem, result: JobResult) -> None:
+        self.pending.append((item, result))
+        if self.writing is None:
+            self.writing = asyncio.ensure_future(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending[:BATCH * 4], self.pending[BATCH * 4:]
+                await self.lane.in_thread(self.lane.record, batch)
+        finally:
+            self.writing = None
+
+    async def drain(self) -> None:
+        while self.writing is not None:
+            await self.writing
