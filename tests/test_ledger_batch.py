@@ -172,7 +172,7 @@ def test_intents_and_transfers_of_a_batch_are_one_transaction_each(tmp_path):
     store.close()
 
 
-def test_assert_held_many_heartbeats_once_per_store_and_names_the_leases_lost(tmp_path, monkeypatch):
+def test_lost_of_heartbeats_once_per_store_and_names_the_leases_lost(tmp_path, monkeypatch):
     stores = [planned_store(tmp_path / "a.db", 3), planned_store(tmp_path / "b.db", 2)]
     leases = [StoreLease(store, c.key, c.epoch, "w", 60) for store in stores for c in store.claim_many("w", 60, None, 3)]
     lost = leases[1]
@@ -181,9 +181,9 @@ def test_assert_held_many_heartbeats_once_per_store_and_names_the_leases_lost(tm
     for store in stores:
         real = store.heartbeat_many
         monkeypatch.setattr(store, "heartbeat_many", lambda pairs, ttl, real=real: calls.append(len(pairs)) or real(pairs, ttl))
-    assert StoreLease.assert_held_many(leases) == {lost}
+    assert StoreLease.lost_of(leases) == {lost}
     assert sorted(calls) == [2, 3]
-    assert StoreLease.assert_held_many([lease for lease in leases if lease is not lost]) == set()
+    assert StoreLease.lost_of([lease for lease in leases if lease is not lost]) == set()
     for store in stores:
         store.close()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import attrs
 
@@ -137,6 +137,33 @@ class Lease:
 
     def assert_held(self) -> None:
         """Raise LeaseLostError when this worker no longer holds the job."""
+
+    @classmethod
+    def lost_of(cls, leases: "Sequence[Lease]") -> "set[Lease]":
+        """:meth:`assert_held` for each of ``leases`` (all of this class): the ones no longer held.
+
+        A subclass may ask for them all at once (the job store's: one transaction).
+        """
+        from contentdownload.errors import LeaseLostError
+
+        lost: set[Lease] = set()
+        for lease in leases:
+            try:
+                lease.assert_held()
+            except LeaseLostError:
+                lost.add(lease)
+        return lost
+
+
+def lost_leases(leases: "Iterable[Lease]") -> "set[Lease]":
+    """The leases among ``leases`` no longer held, asked together per kind of lease (:meth:`Lease.lost_of`)."""
+    kinds: dict[type, list[Lease]] = {}
+    for lease in leases:
+        kinds.setdefault(type(lease), []).append(lease)
+    lost: set[Lease] = set()
+    for kind, group in kinds.items():
+        lost |= kind.lost_of(group)
+    return lost
 
 
 NO_LEASE = Lease()

@@ -313,10 +313,12 @@ class _JobRun:
     def run(self, first: "FirstAttempt | None" = None) -> JobResult:
         """Every candidate in order until one ends the job; ``first``: the first candidate's first attempt, made already."""
         for index, url in enumerate(self.job.urls):
-            with self.host_slot(url):
-                if index == 0 and first is not None:
+            if index == 0 and first is not None:
+                # a complete first attempt is only finalized: it sends nothing, so it takes no connection slot
+                with self.host_slot(url) if first.stream.status != "complete" else contextlib.nullcontext():
                     outcome = self.candidate(first.cand, first.stream)
-                else:
+            else:
+                with self.host_slot(url):
                     outcome = self.candidate(_Candidate(url))
             if outcome is not None:
                 return outcome

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -144,13 +144,13 @@ class StoreLease(Lease):
             self.store.heartbeat(self.key, self.epoch, self.ttl)
             self._next = time.monotonic() + self.ttl / 3
 
-    @staticmethod
-    def assert_held_many(leases: Iterable["StoreLease"]) -> set["StoreLease"]:
+    @classmethod
+    def lost_of(cls, leases: Sequence[Lease]) -> set[Lease]:
         """:meth:`assert_held` for many leases: one ``heartbeat_many`` per store (and ttl); returns the leases lost."""
         groups: dict[tuple[int, float], list[StoreLease]] = {}
         for lease in leases:
             groups.setdefault((id(lease.store), lease.ttl), []).append(lease)
-        lost: set[StoreLease] = set()
+        lost: set[Lease] = set()
         for (_, ttl), group in groups.items():
             refused = group[0].store.heartbeat_many([(lease.key, lease.epoch) for lease in group], ttl)
             next_beat = time.monotonic() + ttl / 3
@@ -216,6 +216,8 @@ class JobWorker:
         self.progress = progress
         self.on_result = on_result
         self.on_results = on_results
+        # finalize intents of jobs finishing together, recorded in one transaction (group commit)
+        self._intents = durability.Committer(self._record_intents)
 
     # -- crash recovery -------------------------------------------------------------
 
@@ -273,6 +275,10 @@ class JobWorker:
             result = self._unsafe_paths(item, paths) or self._attempt(item, paths, lease)
         self._report_and_record(item, result)
         return result
+
+    def _record_intents(self, items: Sequence[tuple[str, int | None, Any]]) -> list[None]:
+        ledger.record_intents(self.store, items)
+        return [None] * len(items)
 
     # -- one job on the event-loop lane -------------------------------------------------
 
@@ -334,7 +340,7 @@ class JobWorker:
             item.job, item.key, paths, selections,
             record=item.record, lease=lease, progress=sink, expect=getattr(sink, "expect", None), cancel=self.cancel,
             job_key_answer=item.job_key_answer, options=options,
-            before_finalize=(lambda stream: ledger.record_intent(self.store, item.key.key, item.epoch, stream)) if self.leasing else None,
+            before_finalize=(lambda stream: self._intents.submit((item.key.key, item.epoch, stream))) if self.leasing else None,
             host_slot=(lambda url: self._host_slot(url, lease)) if self.host_gate else None,
         )
 

@@ -27,14 +27,21 @@ from contentdownload.transfer.urls import canonical_url, redact_url
 SCHEMA_VERSION = 1
 
 
+def _relative(path: Path, out_dir: Path) -> str:
+    """``path`` relative to ``out_dir`` when inside it (as given, else once both are resolved), else as it is."""
+    if path.is_absolute() and out_dir.is_absolute() and ".." not in path.parts and path.is_relative_to(out_dir):
+        return path.relative_to(out_dir).as_posix()
+    try:
+        return path.resolve().relative_to(out_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def result_row(result: JobResult, run_id: str, out_dir: Path) -> dict:
     """The manifest row of one job result (paths relative to ``out_dir`` when inside it)."""
     path = None
     if result.path is not None:
-        try:
-            path = Path(result.path).resolve().relative_to(out_dir.resolve()).as_posix()
-        except ValueError:
-            path = str(result.path)
+        path = _relative(Path(result.path), out_dir)
     try:
         identity = identity_key(result.job)[0]
     except UsageError:  # a bad input line has no usable URL

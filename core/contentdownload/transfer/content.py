@@ -86,11 +86,14 @@ def detect(head: bytes) -> str | None:
     return None
 
 
-def contradiction(expected: str | None, head: bytes) -> str | None:
-    """The detected media type when ``head`` contradicts the ``expected`` family, else ``None``."""
+def contradiction(expected: str | None, head: bytes, detected: str | None = None) -> str | None:
+    """The detected media type when ``head`` contradicts the ``expected`` family, else ``None``.
+
+    ``detected``: :func:`detect` of ``head``, when the caller has it already.
+    """
     if expected is None:
         return None
-    detected = detect(head)
+    detected = detected or detect(head)
     found = family_of(detected)
     if expected == PDF and found != PDF:
         return detected or "unknown"

@@ -121,10 +121,12 @@ class Committer:
     :meth:`submit` blocks until its item's batch is committed and returns its result (or
     raises what the batch raised). A batch is every item waiting when the committer is
     free, up to ``max_batch``; ``window`` seconds (default 0) it may wait for more.
+    ``counted``: its batch sizes are among :func:`commit_batches` (the part store's committers).
     """
 
-    def __init__(self, commit: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = MAX_BATCH, window: float = 0.0):
-        self.commit, self.max_batch, self.window = commit, max_batch, window
+    def __init__(self, commit: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = MAX_BATCH, window: float = 0.0,
+                 counted: bool = False):
+        self.commit, self.max_batch, self.window, self.counted = commit, max_batch, window, counted
         self._queue: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -163,7 +165,8 @@ class Committer:
                     slot.error = exc
             finally:
                 self.batches.append(len(batch))
-                _all_batches.append(len(batch))
+                if self.counted:
+                    _all_batches.append(len(batch))
                 for slot in batch:
                     slot.done.set()
 
@@ -178,7 +181,7 @@ def committer(key: Any, commit: Callable[[Sequence[Any]], Sequence[Any]]) -> Com
     with _committers_lock:
         found = _committers.get(key)
         if found is None:
-            found = _committers[key] = Committer(commit)
+            found = _committers[key] = Committer(commit, counted=True)
         return found
 
 

@@ -43,7 +43,7 @@ import attrs
 
 from contentdownload.clock import boot_id
 from contentdownload.errors import Cancelled, DiskError, LeaseLostError, StagingError, UnsafePathError, UsageError
-from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths
+from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths, lost_leases
 from contentdownload.records.log import get_logger
 from contentdownload.transfer import content, durability
 from contentdownload.transfer.blocks import BufferPool, Hasher, Stage, start_writeback, write_all
@@ -607,7 +607,7 @@ def _content_problem(fd: int, request: PromoteRequest, promotion: _Promotion) ->
     promotion.verified_by = tuple(dict.fromkeys(verified))
     head = os.pread(fd, content.SNIFF_BYTES, 0)
     promotion.detected_type = content.detect(head)
-    found = content.contradiction(request.expected, head)
+    found = content.contradiction(request.expected, head, promotion.detected_type)
     if found is not None:
         promotion.detected_type = found
         log.warning("the body is not what the job expects", expected=request.expected, detected=found, final=str(request.paths.final))
@@ -889,10 +889,15 @@ class PartStore:
         return promotions
 
     def _commit(self, ready: list[_Promotion], level: durability.Durability) -> list[_Promotion]:
-        """Rename each verified part (fenced), fsync each folder once (durable mode), drop the sidecars."""
+        """Rename each verified part (fenced), fsync each folder once (durable mode), drop the sidecars.
+
+        The leases of the batch are asserted together right before its renames (one store
+        transaction for a job store's leases); a lost one's part is not renamed.
+        """
         folders: dict[Path, None] = {}
+        lost = lost_leases(promotion.request.lease for promotion in ready)
         for promotion in ready:
-            if self._rename(promotion, level):
+            if self._rename(promotion, level, held=promotion.request.lease not in lost):
                 folders[promotion.request.paths.final.parent] = None
         if self.durable:
             for folder in folders:
@@ -938,8 +943,8 @@ class PartStore:
             return "size_mismatch"
         return ""
 
-    def _rename(self, promotion: _Promotion, level: durability.Durability) -> bool:
-        """The fenced rename: parents checked, lease asserted, then rename from the epoch's own part path."""
+    def _rename(self, promotion: _Promotion, level: durability.Durability, *, held: bool) -> bool:
+        """The fenced rename: parents checked, then (the lease ``held``) rename from the epoch's own part path."""
         request = promotion.request
         paths = request.paths
         try:
@@ -950,7 +955,8 @@ class PartStore:
             promotion.reason = exc.reason
             return False
         try:
-            request.lease.assert_held()
+            if not held:
+                raise LeaseLostError(f"the lease of {paths.final.name} was taken over; not promoted")
             _at("before_rename", paths)
             os.rename(paths.part, paths.final)
         except LeaseLostError as exc:
