@@ -8,7 +8,8 @@ downloads the whole list into an empty folder; the clients take turns (interleav
 repeats), and the ratio is the median of the per-repeat ratios against `wget -i`. The CPU
 milliseconds per file (user + system of the client and its children) are printed too.
 ``--cases`` runs the two standard cases, 2,000 x 50 KB and 10,000 x 1 KB, instead of
-one. Target: contentdownload (default settings) >= 1.0x `wget -i`.
+one. Target: contentdownload (default settings) >= 1.0x `wget -i`. ``--transport sync`` (worker
+threads through requests) is measured too, to show what the event-loop lane buys.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
 def clients_for(urls: Path, workers: int) -> dict[str, Any]:
     clients: dict[str, Any] = {
         "contentdownload": lambda out: [sys.executable, "-m", "contentdownload", "run", str(urls), "--out", str(out), "--no-progress"],
+        "contentdownload --transport sync": lambda out: [sys.executable, "-m", "contentdownload", "run", str(urls), "--out", str(out),
+                                                         "--no-progress", "--transport", "sync"],
     }
     if shutil.which("wget"):
         clients["wget -i"] = lambda out: ["wget", "-q", "-i", str(urls), "-P", str(out)]
@@ -120,7 +123,7 @@ def run_case(files: int, size: int, workers: int, repeat: int) -> float | None:
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in clients}
             for r in range(repeat):
                 for name, make in clients.items():  # interleaved, so machine noise hits every client alike
-                    out = work / f"out-{r}-{name.split()[0]}"
+                    out = work / f"out-{r}-{'-'.join(name.split()).replace('/', '')}"
                     out.mkdir()
                     times[name].append(timed(make(out), work))
                     got = sum(1 for p in out.iterdir() if p.suffix == ".bin")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from contentdownload.hooks.model import HOOKS, Job, JobKeyContext
+from contentdownload.hooks.model import ASYNC_HOOKS, HOOKS, Job, JobKeyContext
 from contentdownload.hooks.specs import HOOKSPEC_VERSION
 from contentdownload.machinery.runtime import Runtime
 
@@ -29,6 +29,7 @@ def _wrap(hook):
 job_key = _wrap("job_key")
 resume_decision = _wrap("resume_decision")
 stream_io = _wrap("stream_io")
+stream_io_async = _wrap("stream_io_async")
 finalize = _wrap("finalize")
 """
 
@@ -81,11 +82,15 @@ def test_tracer_wrapper_sees_every_call_and_changes_no_result(server, tmp_path):
     assert traced == plain and len(plain) == 3
     assert all(outcome == "downloaded" for outcome, *_ in plain.values())
     calls = [line.split() for line in trace.read_text().splitlines()]
-    for hook, result in (("job_key", "JobKey"), ("resume_decision", "ResumeDecision"), ("stream_io", "StreamResult"), ("finalize", "FinalizeResult")):
+    for hook, result in (("job_key", "JobKey"), ("resume_decision", "ResumeDecision"), ("finalize", "FinalizeResult")):
         assert [c[2] for c in calls if c[0] == hook] == [result] * 3, hook
+    # On the event-loop lane a transfer is asked of stream_io_async first (its result: the coroutine); every
+    # transfer it hands over (none of these three) would be a stream_io call too.
+    assert [c[2] for c in calls if c[0] == "stream_io_async"] == ["coroutine"] * 3
+    assert [c[2] for c in calls if c[0] == "stream_io"] == []
     # A plugin that only wraps a hook is listed with its hooks but never asked as a chain member.
     listed = {p["name"]: p for p in json.loads(run_cli("plugins", "list", "--json", env=_env(root), cwd=tmp_path).stdout)["plugins"]}
-    assert listed["acme_tracer"]["status"] == "active" and tuple(listed["acme_tracer"]["hooks"]) == HOOKS
+    assert listed["acme_tracer"]["status"] == "active" and set(listed["acme_tracer"]["hooks"]) == {*HOOKS, *ASYNC_HOOKS}
 
 
 def test_wrapper_only_plugin_is_not_a_chain_member(third_party):

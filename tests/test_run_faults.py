@@ -46,9 +46,12 @@ class FaultyStore:
         return faulty
 
 
-def _runtime(tmp_path: Path) -> Runtime:
+def _runtime(tmp_path: Path, **settings) -> Runtime:
     return Runtime.from_options(config_path=None, cli=FlagLayer(source="cli"), environ={},
-                                run_overrides={"workers": 2, "progress": False, "lease_ttl": 30.0})
+                                run_overrides={"workers": 2, "progress": False, "lease_ttl": 30.0, **settings})
+
+#: How each transport claims: the event-loop lane in batches, worker threads one job at a time.
+CLAIMS = [pytest.param("auto", "claim_many", id="lane"), pytest.param("sync", "claim", id="threads")]
 
 
 def _jobs(server, tmp_path: Path, n: int = 10) -> tuple[Path, dict[str, str]]:
@@ -62,8 +65,8 @@ def _jobs(server, tmp_path: Path, n: int = 10) -> tuple[Path, dict[str, str]]:
     return jobs, files
 
 
-def _run(tmp_path: Path, jobs: Path, factory=open_job_store):
-    report = Run(_runtime(tmp_path), tmp_path / "out", read_jobs(str(jobs)), store_factory=factory).execute()
+def _run(tmp_path: Path, jobs: Path, factory=open_job_store, **settings):
+    report = Run(_runtime(tmp_path, **settings), tmp_path / "out", read_jobs(str(jobs)), store_factory=factory).execute()
     summary = io.StringIO()
     print_summary(report, summary)
     return report, summary.getvalue()
@@ -74,20 +77,22 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("error", [StoreError("database is locked"), RuntimeError("driver bug")], ids=["store-error", "other-error"])
-def test_a_fault_in_claim_stops_the_run_with_jobs_left_then_a_rerun_finishes(server, tmp_path, monkeypatch, capsys, error):
+@pytest.mark.parametrize("transport, claim", CLAIMS)
+def test_a_fault_in_claim_stops_the_run_with_jobs_left_then_a_rerun_finishes(server, tmp_path, monkeypatch, capsys, error, transport, claim):
     monkeypatch.chdir(tmp_path)
     jobs, files = _jobs(server, tmp_path)
     faulty = {}
+    nth = 4 if claim == "claim" else 2  # the lane claims a batch (two workers' worth) at a time
 
     def factory(runtime, ws):
-        faulty["store"] = FaultyStore(open_job_store(runtime, ws), "claim", 4, error)
+        faulty["store"] = FaultyStore(open_job_store(runtime, ws), claim, nth, error)
         return faulty["store"]
 
-    report, summary = _run(tmp_path, jobs, factory)
-    assert faulty["store"].calls >= 4
+    report, summary = _run(tmp_path, jobs, factory, transport=transport)
+    assert faulty["store"].calls >= nth
     assert report.exit_code == 1
     finished = sum(1 for r in report.results if r.outcome == "downloaded")
-    assert finished <= 3 and report.left == 10 - finished and report.planned == 10
+    assert finished <= (3 if claim == "claim" else 2) and report.left == 10 - finished and report.planned == 10
     assert report.error and "jobs.db" in report.error and "unavailable" in report.error
     assert f"{report.left} of 10 planned jobs left" in summary
     metrics = json.loads((tmp_path / "out" / "manifest.metrics.json").read_text())
@@ -156,7 +161,8 @@ def test_a_signal_stops_a_read_blocked_on_a_stalled_server(server, tmp_path, sig
     assert list((out / ".contentdownload" / "staging").glob("*.part")), "the part is kept"
 
 
-def test_a_full_disk_met_by_a_worker_process_stops_the_whole_run(server, tmp_path):
+@pytest.mark.parametrize("transport, claim", CLAIMS)
+def test_a_full_disk_met_by_a_worker_process_stops_the_whole_run(server, tmp_path, transport, claim):
     import errno
 
     jobs, _ = _jobs(server, tmp_path, n=12)
@@ -168,10 +174,11 @@ def test_a_full_disk_met_by_a_worker_process_stops_the_whole_run(server, tmp_pat
         store = open_job_store(runtime, ws)
         if os.getpid() == parent:
             return store
-        return FaultyStore(store, "claim", 1, OSError(errno.ENOSPC, "No space left on device"))
+        return FaultyStore(store, claim, 1, OSError(errno.ENOSPC, "No space left on device"))
 
     runtime = Runtime.from_options(config_path=None, cli=FlagLayer(source="cli"), environ={},
-                                   run_overrides={"workers": 1, "processes": 2, "progress": False, "lease_ttl": 30.0})
+                                   run_overrides={"workers": 1, "processes": 2, "progress": False, "lease_ttl": 30.0,
+                                                  "transport": transport})
     report = Run(runtime, tmp_path / "out", read_jobs(str(jobs)), store_factory=factory).execute()
     assert report.metrics["processes"] == 2
     assert report.error is not None and report.error.startswith("disk_full: no space left under "), report.error

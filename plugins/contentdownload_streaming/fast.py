@@ -3,16 +3,16 @@
 It takes a fresh download (offset 0) whose URL the worker's client lets its event-loop
 engine fetch (:meth:`~contentdownload.transfer.http.HttpClient.engine_for`: no proxy,
 cookies, netrc credentials or pacing in the way), sends the request ``stream_io`` would
-send, and, for a ``200`` with a ``Content-Length`` within ``max_bytes``, the job's size
-and one checkpoint, no content coding, writes the body to the part through the part store
-exactly as ``stream_io`` does (same sidecar, digests, speed limits, effects, progress and
-result fields). A status that ends the attempt as ``failed`` (``404``, ``403``, ``410``...) is
+send, and, for a ``200`` with a ``Content-Length`` within ``max_bytes`` and the job's size,
+no content coding, writes the body to the part through the part store exactly as
+``stream_io`` does (same sidecar, digests, speed limits, checkpoints every
+``checkpoint_bytes``, effects, progress and result fields). A status that ends the attempt as ``failed`` (``404``, ``403``, ``410``...) is
 answered here too, as ``stream_io`` would, without a body read or a second request.
 Everything else goes to the plugin's own ``stream_io``, which the dispatcher runs in a
 thread when the coroutine ends with ``None``: a resume or a revalidation, redirects,
-retryable statuses (``429``, ``5xx``: the client's retries and ``Retry-After``), an encoded,
-unsized or long body, and a request that got no response (which ``stream_io`` sends again
-with its retries).
+retryable statuses (``429``, ``5xx``: the client's retries; a ``Retry-After`` pauses the host
+at the pacer first), an encoded or unsized body, and a request that got no response (which
+``stream_io`` sends again with its retries).
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from typing import Any, Awaitable
+from urllib.parse import urlsplit
 
 from contentdownload import StreamContext, StreamResult, hookimpl
-from contentdownload.errors import TooSlowError, TransportError, UnsafePathError
+from contentdownload.errors import DiskError, TooSlowError, TransportError, UnsafePathError
 from contentdownload.transfer.engine import Engine, Exchange
-from contentdownload.transfer.http import content_encoding, content_length
+from contentdownload.transfer.http import PAUSE_STATUSES, content_encoding, content_length, parse_retry_after
 from contentdownload.transfer.parts import BodyOutcome, Part
 from contentdownload.transfer.status import TRANSPORT_ERRORS, classify
 
@@ -59,6 +60,8 @@ class _Fast:
                                                                          attempt.guard.timeout(read, body=False)))
         except (TransportError, ValueError):
             return None  # nothing written: the dispatcher hands the decision to stream_io, in a thread
+        if exchange.status in PAUSE_STATUSES:  # the host's pause, as the client's retry would note it, before stream_io asks again
+            _pause_host(ctx.http, exchange)
         if _final_failure(exchange.status):  # a 404, 403, 410...: nothing to retry or follow, no body read
             exchange.abandon()
             attempt.took(exchange)
@@ -76,7 +79,7 @@ class _Fast:
         total = content_length(exchange)
         if exchange.status != 200 or content_encoding(exchange) is not None or total is None:
             return None
-        if total > options.checkpoint_bytes or (options.max_bytes is not None and total > options.max_bytes):
+        if options.max_bytes is not None and total > options.max_bytes:
             return None
         return total if size is None or total == size else None
 
@@ -107,6 +110,7 @@ class _Fast:
             waited[0] = guard.timeout(read_timeout)
             return waited[0]
 
+        checkpoint_every, since = max(int(ctx.options.chunk_size), int(ctx.options.checkpoint_bytes)), 0
         guard.start_body()
         blocks: Any = exchange.chunks(timeout=wait)
         async with contextlib.aclosing(blocks):
@@ -118,10 +122,24 @@ class _Fast:
                         return taken
                     if ctx.progress is not None:
                         ctx.progress(taken)
+                    since += taken
+                    if since >= checkpoint_every:  # fsynced in a thread, then the sidecar's count (as Part.receive does)
+                        part.checkpoint(background=True)
+                        since = 0
             except TRANSPORT_ERRORS as exc:
+                disk = DiskError.of(exc)
+                if disk is not None:  # the part's disk, not the connection: the run stops, nothing is asked again
+                    raise disk from exc
                 slow = await _slow(guard, waited[0] != read_timeout) if isinstance(exc, TimeoutError) else None
                 return BodyOutcome(error=slow or exc)
         return BodyOutcome()
+
+
+def _pause_host(http: Any, exchange: Exchange) -> None:
+    """A ``429``/``503`` with ``Retry-After``: the host's pacer pauses it (capped as the client caps it)."""
+    delay = parse_retry_after(exchange.headers.get("Retry-After"))
+    if delay is not None:
+        http.pacer.pause(urlsplit(exchange.url).hostname, min(delay, http.max_retry_after))
 
 
 def _final_failure(status: int) -> bool:

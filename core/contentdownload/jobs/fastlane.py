@@ -36,7 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Sequence, TYPE_CHECKING
 
-from contentdownload.errors import DiskError
+from contentdownload.errors import Cancelled, DiskError
 from contentdownload.hooks.model import JobResult, Lease
 from contentdownload.jobs import ledger
 from contentdownload.jobs.planner import Plan, item_for_claim, remaining
@@ -61,7 +61,7 @@ class FastLane:
     def __init__(self, run: "Run", worker: JobWorker, plan: Plan, store: Any, http: Any):
         self.run, self.worker, self.plan, self.store, self.http = run, worker, plan, store, http
         self.settings = run.settings
-        self.job_seconds = 0.0  # moving average of a transfer's duration (sizes the claims)
+        self.job_seconds = 0.0  # moving average of a job's time on the lane (sizes the claims)
         self.records = _Records(self)
 
     # -- the loop ---------------------------------------------------------------------
@@ -98,13 +98,13 @@ class FastLane:
 
     async def _claim_loop(self, jobs: set["asyncio.Task[None]"]) -> None:
         """Claim batches and start a task per job, keeping about :data:`CLAIM_AHEAD_S` of work claimed ahead."""
-        ahead = max(BATCH, 2 * self.settings.workers)
         while not self.run.cancel.is_set():
-            if len(jobs) >= ahead // 2:
+            room = self._room(len(jobs))
+            if room <= 0:
                 await asyncio.wait(set(jobs), return_when=asyncio.FIRST_COMPLETED)
                 continue
             seen = self.run._ended_count
-            claimed = await self.in_thread(self._claim, min(ahead - len(jobs), self._claim_size()))
+            claimed = await self.in_thread(self._claim, room)
             if claimed is None:
                 return
             if not claimed:  # another process holds what is left: wait for a job to end somewhere
@@ -115,11 +115,13 @@ class FastLane:
                 jobs.add(task)
                 task.add_done_callback(jobs.discard)
 
-    def _claim_size(self) -> int:
+    def _room(self, in_flight: int) -> int:
+        """How many jobs to claim now (0: wait): the transfers' worth until one has ended, then about
+        :data:`CLAIM_AHEAD_S` of work beyond them, in batches of at least half that (at most :data:`BATCH`)."""
         workers = self.settings.workers
-        if self.job_seconds <= 0:
-            return workers
-        return max(workers, min(BATCH, int(workers * CLAIM_AHEAD_S / self.job_seconds)))
+        ahead = 0 if self.job_seconds <= 0 else min(BATCH, int(workers * CLAIM_AHEAD_S / self.job_seconds))
+        room = workers + ahead - in_flight
+        return room if room >= max(1, ahead // 2) else 0
 
     def _claim(self, limit: int) -> list[tuple[WorkItem, bool]] | None:
         """Up to ``limit`` claims (``None``: nothing left), first claims marked streaming with their transfer op begun; in a thread."""
@@ -143,17 +145,26 @@ class FastLane:
     # -- one job ----------------------------------------------------------------------
 
     async def _job(self, item: WorkItem, first_claim: bool) -> None:
-        """One job to its record; never raises."""
-        lease = StoreLease(self.store, item.key.key, item.epoch or 0, self.run.owner, self.settings.lease_ttl)
-        if not first_claim:
-            async with self._transfer_slot(lease):
-                await self.in_thread(self.run._process, self.worker, item, self.store)
-            self.run._notify_job_end()
-            return
-        self.run.jobs_on_loop += 1
+        """One job to its record; never raises. Its time sizes the claims (a moving average)."""
+        started = time.monotonic()
         try:
+            await self._one_job(item, first_claim)
+        finally:
+            took = time.monotonic() - started
+            self.job_seconds = 0.9 * self.job_seconds + 0.1 * took if self.job_seconds else took
+
+    async def _one_job(self, item: WorkItem, first_claim: bool) -> None:
+        lease = StoreLease(self.store, item.key.key, item.epoch or 0, self.run.owner, self.settings.lease_ttl)
+        try:
+            if not first_claim:
+                async with self._transfer_slot(lease):
+                    await self.in_thread(self.run._process, self.worker, item, self.store)
+                self.run._notify_job_end()
+                return
+            with self.run._lock:
+                self.run.jobs_on_loop += 1
             result = await self._first_claim(item)
-        except Exception as exc:
+        except Exception as exc:  # as a worker thread's job would: interrupted, taken over, the store or the disk
             await self.in_thread(self.run._job_stopped, item, self.store, exc)
             self.run._notify_job_end()
             return
@@ -163,33 +174,42 @@ class FastLane:
         job_run = self.worker.start_first_claim(item)
         if isinstance(job_run, JobResult):
             return job_run
-        async with self._transfer_slot(job_run.lease):
-            started = time.monotonic()
-            first = await self._first_attempt(job_run, item.job.urls[0])
-            self.job_seconds = 0.9 * self.job_seconds + 0.1 * (time.monotonic() - started) if self.job_seconds else time.monotonic() - started
-            if isinstance(first, JobResult):
-                return first
-            if first.stream.status != "complete":  # retries, backoff, other candidates: the pipeline, in a thread
-                return await self.in_thread(job_run.run, first)
-        return await self.in_thread(job_run.run, first)  # finalize, outside the transfer slot
+        part_claim = self.worker.part_claim(item)  # the epoch's part lock: how a later epoch tells this writer is alive
+        await self.in_thread(part_claim.__enter__)
+        try:
+            async with self._transfer_slot(job_run.lease):
+                attempt = await self._first_attempt(job_run, item.job.urls[0])
+                if isinstance(attempt, JobResult):
+                    return attempt
+                if attempt.stream.status != "complete":  # retries, backoff, other candidates: the pipeline, in a thread
+                    return await self.in_thread(job_run.run, attempt)
+            return await self.in_thread(job_run.run, attempt)  # finalize, outside the transfer slot
+        finally:
+            part_claim.__exit__(None, None, None)
 
     async def _first_attempt(self, job_run: Any, url: str) -> Any:
         slots = self.worker.host_gate(url)
-        await slots.acquire_async()
+        await self._waiting(slots.acquire_async, job_run.lease)
         try:
             return await job_run.first_attempt(self.in_thread)
         finally:
             slots.release()
 
+    async def _waiting(self, acquire: Callable[[], Any], lease: Lease) -> None:
+        """``await acquire()``, heart-beating ``lease`` every third of its ttl meanwhile; ``Cancelled`` when the run is."""
+        while True:
+            if self.run.cancel.is_set():
+                raise Cancelled("the run was interrupted while the job waited for a transfer slot")
+            try:
+                await asyncio.wait_for(acquire(), timeout=self.settings.lease_ttl / 3)
+                return
+            except asyncio.TimeoutError:
+                await self.in_thread(lease.heartbeat)
+
     @contextlib.asynccontextmanager
     async def _transfer_slot(self, lease: Lease) -> AsyncIterator[None]:
         """One of the ``--workers`` transfers; the lease heart-beaten while waiting for it."""
-        while True:
-            try:
-                await asyncio.wait_for(self.transfers.acquire(), timeout=self.settings.lease_ttl / 3)
-                break
-            except asyncio.TimeoutError:
-                await self.in_thread(lease.heartbeat)
+        await self._waiting(self.transfers.acquire, lease)
         try:
             yield
         finally:

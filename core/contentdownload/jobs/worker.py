@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import attrs
 
-from contentdownload.errors import Cancelled, UnsafePathError
+from contentdownload.errors import Cancelled, LeaseLostError, UnsafePathError
 from contentdownload.transfer.files import file_matches, sha256_file
 from contentdownload.jobs import ledger
 from contentdownload.transfer.urls import redact_url
@@ -294,13 +294,27 @@ class JobWorker:
         paths = self.ws.stage_paths(item.relative_path, item.key.key, epoch=item.epoch)
         return self._unsafe_paths(item, paths) or self._job_run(item, paths, lease)
 
+    def part_claim(self, item: WorkItem) -> Any:
+        """The context holding ``item``'s epoch of its part (:meth:`PartStore.claim`)."""
+        return PartStore(self.ws.staging, root=self.ws.out).claim(item.key.key, item.epoch or 0, self.cancel)
+
     def record_many(self, done: Sequence[tuple[WorkItem, JobResult]]) -> None:
-        """Hand on and record a batch of results: their manifest rows first (one fsync), then their store records (one transaction)."""
+        """Hand on and record a batch of results: their manifest rows first (one fsync), then their store records (one transaction).
+
+        A job whose lease was taken over meanwhile is left to its new owner (as a worker
+        thread's job is); the others are recorded.
+        """
         for _, result in done:
             log_outcome(result)
         if self.on_results is not None:
             self.on_results([result for _, result in done])
-        self.store.batched(lambda: [self._record(item, result) for item, result in done])
+        self.store.batched(lambda: [self._record_held(item, result) for item, result in done])
+
+    def _record_held(self, item: WorkItem, result: JobResult) -> None:
+        try:
+            self._record(item, result)
+        except LeaseLostError as exc:
+            log.warning("lease taken over by another worker; not recording", job_key=item.key.key, error=str(exc))
 
     def _unsafe_paths(self, item: WorkItem, paths: Any) -> JobResult | None:
         """A failed result when a staging path of the job is a planted symlink."""
