@@ -67,3 +67,28 @@ def test_hosts_have_their_own_slots():
     assert hosts("http://a.example/x") is hosts("http://A.EXAMPLE:80/y")
     assert hosts("http://a.example/x").acquire(timeout=0)
     assert hosts("http://b.example/x").acquire(timeout=0)
+
+
+def test_a_waiting_thread_gets_its_turn_while_tasks_keep_waiting():
+    slots = Slots(1)
+    got = threading.Event()
+
+    async def main():
+        await slots.acquire_async()
+        tasks = [asyncio.ensure_future(slots.acquire_async()) for _ in range(3)]
+        await asyncio.sleep(0)
+        thread = threading.Thread(target=lambda: slots.acquire(timeout=30) and got.set())
+        thread.start()
+        while not slots._threads:  # the thread is waiting too
+            await asyncio.sleep(0.001)
+        slots.release()  # both wait: this turn is the thread's
+        assert await asyncio.get_running_loop().run_in_executor(None, got.wait, 30)
+        thread.join()
+        assert not any(task.done() for task in tasks)
+        slots.release()  # and the next is a task's
+        done, _ = await asyncio.wait(tasks, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1
+        for task in tasks:
+            task.cancel()
+
+    asyncio.run(main())

@@ -41,16 +41,15 @@ from contentdownload.hooks.model import JobResult, Lease
 from contentdownload.jobs import ledger
 from contentdownload.jobs.planner import Plan, item_for_claim, remaining
 from contentdownload.jobs.worker import JobWorker, StoreLease, WorkItem
-from contentdownload.records.log import get_logger
 from contentdownload.transfer import durability, engine
 
 if TYPE_CHECKING:  # pragma: no cover
     from contentdownload.jobs.runner import Run
 
-log = get_logger(__name__)
-
-#: The most claims taken in one transaction, and results recorded in one batch.
+#: The most claims taken in one transaction.
 BATCH = 64
+#: The most results recorded in one batch (their rows with one fsync, their records in one transaction).
+RECORD_BATCH = 256
 #: Claim about this many seconds of work at once (so a process never sits on jobs others could take).
 CLAIM_AHEAD_S = 1.0
 
@@ -93,8 +92,8 @@ class FastLane:
                 await asyncio.wait(set(jobs))
             await self.records.drain()
         finally:
-            engine_, self.http.engine = self.http.engine, None
-            await engine_.aclose()
+            running, self.http.engine = self.http.engine, None
+            await running.aclose()
 
     async def _claim_loop(self, jobs: set["asyncio.Task[None]"]) -> None:
         """Claim batches and start a task per job, keeping about :data:`CLAIM_AHEAD_S` of work claimed ahead."""
@@ -131,8 +130,8 @@ class FastLane:
             if not claims:
                 return None if not remaining(store, self.plan.keys) else []
             claimed = [(item, claim.record.claims == 1 and _fresh(item)) for claim in claims for item in [item_for_claim(self.plan, claim)]]
-            first = [(item.key.key, item.epoch) for item, first_claim in claimed if first_claim]
-            store.batched(lambda: ([store.mark_streaming(key, epoch) for key, epoch in first], ledger.begin_transfers(store, first)))
+            starting = [(item.key.key, item.epoch) for item, first_claim in claimed if first_claim]
+            store.batched(lambda: ([store.mark_streaming(key, epoch) for key, epoch in starting], ledger.begin_transfers(store, starting)))
         except Exception as exc:  # the store's (or its disk's) failure: this process stops claiming
             disk = DiskError.of(exc)
             if disk is not None:
@@ -253,7 +252,7 @@ class _Records:
     async def _write(self) -> None:
         try:
             while self.pending:
-                batch, self.pending = self.pending[:BATCH * 4], self.pending[BATCH * 4:]
+                batch, self.pending = self.pending[:RECORD_BATCH], self.pending[RECORD_BATCH:]
                 await self.lane.in_thread(self.lane.record, batch)
         finally:
             self.writing = None

@@ -14,18 +14,24 @@ from urllib.parse import urlsplit
 
 
 class Slots:
-    """``limit`` slots, taken by threads (:meth:`acquire`) and by event-loop tasks (:meth:`acquire_async`); FIFO for tasks."""
+    """``limit`` slots, taken by threads (:meth:`acquire`) and by event-loop tasks (:meth:`acquire_async`; FIFO), neither starved."""
 
     def __init__(self, limit: int):
         self._free = int(limit)
         self._cond = threading.Condition()
-        self._tasks: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()  # the tasks waiting, as the futures they await
+        self._threads = 0  # threads waiting
+        self._threads_next = False  # whose turn it is when threads and tasks both wait
 
     def acquire(self, timeout: float | None = None) -> bool:
         """Take a slot, waiting up to ``timeout`` seconds (``None``: as long as it takes); whether one was taken."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._free > 0, timeout):
-                return False
+            self._threads += 1
+            try:
+                if not self._cond.wait_for(lambda: self._free > 0, timeout):
+                    return False
+            finally:
+                self._threads -= 1
             self._free -= 1
             return True
 
@@ -36,23 +42,24 @@ class Slots:
                 self._free -= 1
                 return
             waiter = asyncio.get_running_loop().create_future()
-            self._tasks.append(waiter)
+            self._waiters.append(waiter)
         try:
             await waiter
         except asyncio.CancelledError:
             with self._cond:
-                if waiter in self._tasks:
-                    self._tasks.remove(waiter)
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
                     raise
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed over just as the task was cancelled
             raise
 
     def release(self) -> None:
-        """Give a slot back: to the longest-waiting task first, else to a thread or the pool."""
+        """Give a slot back: to the longest-waiting task or to a waiting thread, in turns when both wait, else to the pool."""
         with self._cond:
-            if self._tasks:
-                waiter = self._tasks.popleft()
+            self._threads_next = not self._threads_next
+            if self._waiters and not (self._threads and self._threads_next):
+                waiter = self._waiters.popleft()
                 waiter.get_loop().call_soon_threadsafe(self._hand_over, waiter)
                 return
             self._free += 1
@@ -69,7 +76,6 @@ class HostSlots:
     """The :class:`Slots` of each host (``limit`` each), by the URL's host name."""
 
     def __init__(self, limit: int):
-        self.limit = limit
         self._lock = threading.Lock()
         self._hosts: dict[str, Slots] = defaultdict(lambda: Slots(limit))
 

@@ -420,12 +420,14 @@ class _JobRun:
                              effects=Effects(), progress=self.progress())
 
     def in_client(self, fn: Callable[[StreamContext], Any]) -> Callable[[StreamContext], Any]:
-        """``fn(ctx)`` with this job's retry-wait and response callbacks in force in the calling thread, its client's retries counted."""
+        """``fn(ctx)`` (a ``stream_io``) with this job's retry-wait and response callbacks in force in the calling thread,
+        the client's retries counted as attempts; ``Cancelled`` first when the run is interrupted."""
         client = self.p.http if isinstance(self.p.http, HttpClient) else None
         if client is None:
             return fn
 
         def call(ctx: StreamContext) -> Any:
+            _check_cancel(self.cancel)  # handed over from the loop after Ctrl-C aborted it: no new request
             retries_before = client.retries_made()
             try:
                 with client.waiting(self.on_wait, self.on_response):
