@@ -162,7 +162,7 @@ def test_intents_and_transfers_of_a_batch_are_one_transaction_each(tmp_path):
     streams = {c.key: StreamResult(status="complete", url=f"https://example.org/{c.key}", total_size=10, sha256=f"{i:064x}")
                for i, c in enumerate(claims)}
     ledger.record_intents(store, [(c.key, c.epoch, streams[c.key]) for c in claims])
-    ledger.end_transfers(store, [(c.key, result(i, tmp_path)) for i, c in enumerate(claims)])
+    store.batched(lambda: [ledger.end_transfer(store, c.key, result(i, tmp_path)) for i, c in enumerate(claims)])
     assert begun == ["BEGIN IMMEDIATE"] * 3
     for i, claim in enumerate(claims):
         intent = ledger.finalize_intent(store, claim.key, f"{i:064x}")

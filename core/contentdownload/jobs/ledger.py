@@ -53,11 +53,6 @@ def begin_transfers(store: Any, pairs: Iterable[tuple[str, int | None]]) -> None
     in_one_transaction(store, [partial(begin_transfer, store, key, epoch) for key, epoch in pairs])
 
 
-def end_transfers(store: Any, results: Iterable[tuple[str, JobResult]]) -> None:
-    """:func:`end_transfer` for each ``(key, result)``, in one transaction."""
-    in_one_transaction(store, [partial(end_transfer, store, key, result) for key, result in results])
-
-
 # -- finalize intent ------------------------------------------------------------------
 
 
