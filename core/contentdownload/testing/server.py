@@ -13,7 +13,7 @@ Bodies always come from files on disk and are sent with ``os.sendfile``, so the 
 up with a client over loopback even for files of several GiB. Every request is recorded
 (:attr:`LoopbackServer.requests`) and summarised per path (:meth:`LoopbackServer.stats`).
 
-Only the standard library is used. Example::
+Only the standard library is used (and the package's own stdlib-only header map). Example::
 
     from contentdownload.testing.server import Fault, LoopbackServer
 
@@ -58,6 +58,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+from contentdownload.transfer.headers import HeaderFields
+
 __all__ = [
     "DEFAULT_LAST_MODIFIED",
     "Fault",
@@ -83,40 +85,14 @@ _NOT_FOUND_BODY = b"<html><head><title>404 Not Found</title></head><body><h1>Not
 # --------------------------------------------------------------------------------------------
 
 
-class HeaderMap(Mapping[str, str]):
+class HeaderMap(HeaderFields):
     """Read-only request headers with case-insensitive lookups.
 
     Iteration yields the names as the client sent them. A header sent more than once is
     joined with ``", "``.
     """
 
-    __slots__ = ("_items",)
-
-    def __init__(self, pairs: Any = ()) -> None:
-        items: dict[str, tuple[str, str]] = {}
-        source = pairs.items() if isinstance(pairs, Mapping) else pairs
-        for name, value in source:
-            key = name.lower()
-            if key in items:
-                items[key] = (items[key][0], f"{items[key][1]}, {value}")
-            else:
-                items[key] = (name, value)
-        self._items = items
-
-    def __getitem__(self, name: str) -> str:
-        return self._items[name.lower()][1]
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return (original for original, _ in self._items.values())
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __repr__(self) -> str:
-        return f"HeaderMap({dict(self.items())!r})"
+    __slots__ = ()
 
 
 @dataclass(frozen=True)

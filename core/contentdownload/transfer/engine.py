@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -38,6 +38,7 @@ from contentdownload.errors import (
     EngineProtocolError,
     EngineReadTimeout,
 )
+from contentdownload.transfer.headers import HeaderFields
 from contentdownload.version import __version__
 
 #: Body bytes buffered before the connection stops reading (and resumes at :data:`LOW_WATER`).
@@ -55,44 +56,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # pragma: no cover - depends on the platform
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-class ResponseHeaders(Mapping[str, str]):
-    """A response's header fields, case-insensitive; a repeated field's values are joined with ``", "`` (as requests does)."""
-
-    __slots__ = ("_fields", "_joined")
-
-    def __init__(self, fields: list[tuple[str, str]]):
-        self._fields = fields
-        joined: dict[str, tuple[str, str]] = {}
-        for name, value in fields:
-            key = name.lower()
-            seen = joined.get(key)
-            joined[key] = (name, value) if seen is None else (seen[0], f"{seen[1]}, {value}")
-        self._joined = joined
-
-    def __getitem__(self, name: str) -> str:
-        return self._joined[name.lower()][1]
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._joined
-
-    def __iter__(self) -> Iterator[str]:
-        return (name for name, _ in self._joined.values())
-
-    def __len__(self) -> int:
-        return len(self._joined)
-
-    def items(self) -> Any:
-        """``(name, value)`` per field name, repeated fields joined."""
-        return list(self._joined.values())
-
-    def raw(self) -> list[tuple[str, str]]:
-        """The fields as received, in order, repeats kept."""
-        return list(self._fields)
-
-    def __repr__(self) -> str:
-        return f"ResponseHeaders({dict(self.items())!r})"
 
 
 def _wait(loop: asyncio.AbstractEventLoop, future: asyncio.Future, timeout: float | None, error: Callable[[], BaseException]) -> Any:
@@ -292,7 +255,7 @@ class Exchange:
         self._engine, self._conn, self.url = engine, conn, url
         self.status: int = conn.status
         self.reason: str = conn.reason_bytes.decode("latin-1")
-        self.headers = ResponseHeaders(conn.fields)
+        self.headers = HeaderFields(conn.fields)
         self._done = False
 
     @property
