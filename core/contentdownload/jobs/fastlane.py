@@ -129,7 +129,8 @@ class FastLane:
             claims = store.claim_many(self.run.owner, self.settings.lease_ttl, keys=self.plan.keys, limit=limit)
             if not claims:
                 return None if not remaining(store, self.plan.keys) else []
-            claimed = [(item, claim.record.claims == 1 and _fresh(item)) for claim in claims for item in [item_for_claim(self.plan, claim)]]
+            items = [(item_for_claim(self.plan, claim), claim.record.claims == 1) for claim in claims]
+            claimed = [(item, first_claim and _fresh(item)) for item, first_claim in items]
             starting = [(item.key.key, item.epoch) for item, first_claim in claimed if first_claim]
             store.batched(lambda: ([store.mark_streaming(key, epoch) for key, epoch in starting], ledger.begin_transfers(store, starting)))
         except Exception as exc:  # the store's (or its disk's) failure: this process stops claiming
@@ -153,9 +154,9 @@ class FastLane:
             self.job_seconds = 0.9 * self.job_seconds + 0.1 * took if self.job_seconds else took
 
     async def _one_job(self, item: WorkItem, first_claim: bool) -> None:
-        lease = StoreLease(self.store, item.key.key, item.epoch or 0, self.run.owner, self.settings.lease_ttl)
         try:
             if not first_claim:
+                lease = StoreLease(self.store, item.key.key, item.epoch or 0, self.run.owner, self.settings.lease_ttl)
                 async with self._transfer_slot(lease):
                     await self.in_thread(self.run._process, self.worker, item, self.store)
                 self.run._notify_job_end()

@@ -421,13 +421,12 @@ class _JobRun:
 
     def in_client(self, fn: Callable[[StreamContext], Any]) -> Callable[[StreamContext], Any]:
         """``fn(ctx)`` (a ``stream_io``) with this job's retry-wait and response callbacks in force in the calling thread,
-        the client's retries counted as attempts; ``Cancelled`` first when the run is interrupted."""
+        the client's retries counted as attempts."""
         client = self.p.http if isinstance(self.p.http, HttpClient) else None
         if client is None:
             return fn
 
         def call(ctx: StreamContext) -> Any:
-            _check_cancel(self.cancel)  # handed over from the loop after Ctrl-C aborted it: no new request
             retries_before = client.retries_made()
             try:
                 with client.waiting(self.on_wait, self.on_response):
@@ -459,9 +458,13 @@ class _JobRun:
         if isinstance(decision, JobResult):
             return decision
         sctx = self.stream_context(cand, paths, decision)
+
+        def in_thread(fn: Callable[[StreamContext], Any], ctx: StreamContext) -> Awaitable[Any]:
+            _check_cancel(self.cancel)  # handed over after Ctrl-C aborted the loop's request: no new one
+            return to_thread(self.in_client(fn), ctx)
+
         try:
-            answer = await self.dispatcher.call_stream_async(
-                self.selections["stream_io"], sctx, to_thread=lambda fn, ctx: to_thread(self.in_client(fn), ctx))
+            answer = await self.dispatcher.call_stream_async(self.selections["stream_io"], sctx, to_thread=in_thread)
         except (StageFailed, NoPluginAnsweredError) as exc:
             stream = self.stream_failed(exc, cand, sctx)
             return FirstAttempt(cand=cand, stream=stream) if stream is not None else self.failed("no_plugin", cand.url)

@@ -275,16 +275,17 @@ class Run:
         if self.settings.transport == "auto" and self.leasing:
             threads = [threading.Thread(target=self._lane, args=(worker, plan, store, http), name="contentdownload-lane", daemon=True)]
         else:
-            threads = [
-                threading.Thread(target=self._work, args=(worker, plan, store), name=f"worker-{i}", daemon=True)
-                for i in range(min(self.settings.workers, max(1, len(plan.items))))
-            ]
+            threads = self._worker_threads(worker, plan, store, min(self.settings.workers, max(1, len(plan.items))))
         for t in threads:
             t.start()
         for t in threads:
             while t.is_alive():
                 t.join(timeout=0.2)
                 self._send_results()
+
+    def _worker_threads(self, worker: JobWorker, plan: Plan, store: Any, count: int) -> list[threading.Thread]:
+        """``count`` worker threads (not started), each claiming and processing jobs until none is left."""
+        return [threading.Thread(target=self._work, args=(worker, plan, store), name=f"worker-{i}", daemon=True) for i in range(count)]
 
     def _worker(self, store: Any, http: HttpClient) -> JobWorker:
         options = transfer_options(self.settings)
@@ -306,8 +307,7 @@ class Run:
         except Exception as exc:  # a bug of the lane must not cost the run: the threads do the rest
             log.error("the event-loop lane failed; worker threads go on with the jobs left",
                       error=f"{type(exc).__name__}: {exc}", exc_info=True)
-            threads = [threading.Thread(target=self._work, args=(worker, plan, store), name=f"worker-{i}", daemon=True)
-                       for i in range(self.settings.workers)]
+            threads = self._worker_threads(worker, plan, store, self.settings.workers)
             for t in threads:
                 t.start()
             for t in threads:

@@ -288,7 +288,7 @@ class JobWorker:
         The job must be leased, marked streaming and its transfer op begun (the lane does
         that for a whole batch of claims at once). A first claim has nothing to recover
         (no earlier holder renamed a part or recorded an intent) and no older part to fence
-        or adopt, and its epoch's part path is its own: no part lock is taken.
+        or adopt; the lane still holds its epoch's part lock (:meth:`part_claim`) while it runs.
         """
         lease = StoreLease(self.store, item.key.key, item.epoch or 0, self.owner, self.lease_ttl)
         paths = self.ws.stage_paths(item.relative_path, item.key.key, epoch=item.epoch)
