@@ -7,7 +7,10 @@ import sys
 import textwrap
 
 from contentdownload.jobs.workspace import Workspace
-from contentdownload.transfer.locks import PartLock
+import pytest
+
+from contentdownload.errors import UnsafePathError
+from contentdownload.transfer.locks import ByteLock, PartLock
 from contentdownload.transfer.parts import PartStore, Sidecar
 from helpers import cli_env
 
@@ -74,3 +77,21 @@ def test_a_lock_file_removed_by_its_holder_is_not_held_by_a_waiter(tmp_path):
     assert not path.exists()
     assert second.acquire() and path.exists() and not PartLock(path).acquire()
     second.release(remove=True)
+
+
+def test_a_byte_lock_is_exclusive_between_two_opens_of_one_process_and_leaves_no_file_per_name(tmp_path):
+    """Two holders in one process conflict as two processes do, so a thread past its lease is seen alive by the next epoch."""
+    table = tmp_path / "epochs.locks"
+    first, again, other = ByteLock(table, "k.1"), ByteLock(table, "k.1"), ByteLock(table, "k.2")
+    assert first.acquire() and not again.acquire() and other.acquire()
+    first.release()
+    assert again.acquire()
+    again.release(), other.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epochs.locks"]
+
+
+def test_a_byte_lock_refuses_a_planted_symlink_for_its_file(tmp_path):
+    (tmp_path / "elsewhere").write_bytes(b"")
+    (tmp_path / "epochs.locks").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UnsafePathError):
+        ByteLock(tmp_path / "epochs.locks", "k.1").acquire()

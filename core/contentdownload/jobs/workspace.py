@@ -23,7 +23,8 @@ from contentdownload.transfer.parts import check_staging
 
 HIDDEN = ".contentdownload"
 #: Files in staging: ``KEY[.EPOCH].part``, its sidecar ``.part.json`` (written through
-#: ``.part.json.tmp``), a copy being adopted ``.part.adopt``, and the epoch's ``KEY.EPOCH.lock``.
+#: ``.part.json.tmp``), a copy being adopted ``.part.adopt``, and the epoch's ``KEY.EPOCH.lock`` (where
+#: the platform has no open file description locks; else one shared ``epochs.locks``).
 #: A part fenced off from an earlier owner of its job is ``KEY.EPOCH.fenced`` until gc removes it.
 STAGING_SUFFIXES = (".part.json.tmp", ".part.json", ".part.adopt", ".part", ".lock", ".fenced")
 

@@ -48,7 +48,7 @@ from contentdownload.records.log import get_logger
 from contentdownload.transfer import content, durability
 from contentdownload.transfer.blocks import BufferPool, Hasher, Stage, start_writeback, write_all
 from contentdownload.transfer.digests import BodyHasher, ServerDigest
-from contentdownload.transfer.locks import PartLock
+from contentdownload.transfer.locks import ByteLock, PartLock, epoch_lock
 from contentdownload.transfer.urls import identity_url, redact_url
 from contentdownload.transfer.validators import Overlap, OverlapMismatch, resume_start
 
@@ -631,7 +631,7 @@ def _sha256_of(fd: int) -> str:
     return digest.hexdigest()
 
 
-def _wait_for(lock: PartLock, key: str, cancel: threading.Event | None) -> None:
+def _wait_for(lock: PartLock | ByteLock, key: str, cancel: threading.Event | None) -> None:
     """Acquire ``lock``, waiting while another process holds it (and giving up on ``cancel``)."""
     waited = False
     while True:
@@ -770,9 +770,9 @@ class PartStore:
     def part_path(self, key: str, epoch: int) -> Path:
         return self.staging / f"{key}.{epoch}.part"
 
-    def lock_path(self, key: str, epoch: int) -> Path:
+    def epoch_lock(self, key: str, epoch: int) -> PartLock | ByteLock:
         """The lock a worker holds on its epoch's part for the whole job."""
-        return self.staging / f"{key}.{epoch}.lock"
+        return epoch_lock(self.staging, f"{key}.{epoch}")
 
     def older_parts(self, key: str, epoch: int) -> list[tuple[int, Path]]:
         """Parts of earlier epochs of ``key``, newest first (none before the first claim's epoch 1: the folder is not listed)."""
@@ -796,7 +796,7 @@ class PartStore:
         promote it. The epoch's lock is held by someone else only when another process
         counts epochs apart from this one (each with a store of its own): then this waits.
         """
-        lock = PartLock(self.lock_path(key, epoch))
+        lock = self.epoch_lock(key, epoch)
         _wait_for(lock, key, cancel)
         try:
             self._fence_older(key, epoch)
@@ -823,7 +823,7 @@ class PartStore:
     def _fence_older(self, key: str, epoch: int) -> None:
         own = self.part_path(key, epoch)
         for tag, part in self.older_parts(key, epoch):
-            lock = PartLock(self.lock_path(key, tag))
+            lock = self.epoch_lock(key, tag)
             if not lock.acquire(0.0):
                 self._quarantine(part, key, tag)
                 continue
