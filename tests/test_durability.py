@@ -7,6 +7,7 @@ import os
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -66,6 +67,20 @@ def test_the_committer_commits_what_waits_together_in_one_batch():
         t.join()
     assert len(committed) == 1 and sorted(committed[0]) == [0, 1, 2, 3]  # a full batch goes at once, not after the window
     assert sorted(results) == [0, 1, 2, 3] and committer.batches == [4]
+
+
+def test_a_part_store_batch_stays_open_for_its_window_after_its_first_item(monkeypatch, tmp_path):
+    """An item arriving after the staging folder's committer took the first one still joins its batch within the window."""
+    committed: list[list[str]] = []
+    monkeypatch.setattr(durability, "BATCH_WINDOW_S", 1.0)
+    committer = durability.committer((tmp_path, "window"), lambda items: committed.append(list(items)) or items)
+    first = threading.Thread(target=committer.submit, args=("a",))
+    first.start()
+    while committer._thread is None or committer._queue.qsize():  # until the committer has taken "a"
+        time.sleep(0.001)
+    assert committer.submit("b") == "b"
+    first.join()
+    assert committed == [["a", "b"]] and committer.batches == [2]
 
 
 def test_an_error_in_a_batch_reaches_every_job_of_it():

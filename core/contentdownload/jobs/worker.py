@@ -217,7 +217,7 @@ class JobWorker:
         self.on_result = on_result
         self.on_results = on_results
         # finalize intents of jobs finishing together, recorded in one transaction (group commit)
-        self._intents = durability.Committer(self._record_intents)
+        self._intents = durability.Committer(self._record_intents, window=durability.BATCH_WINDOW_S)
 
     # -- crash recovery -------------------------------------------------------------
 

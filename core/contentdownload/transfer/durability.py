@@ -9,7 +9,8 @@ What each survives:
   the rename, then the folder durable, then the record), but the renames of jobs that
   finish together are done by one committer per staging folder, which fsyncs each
   folder once for the whole batch instead of once per file (group commit: a batch is
-  whatever waits while the previous one is written, up to :data:`MAX_BATCH`). The
+  whatever waits while the previous one is written, or arrives within
+  :data:`BATCH_WINDOW_S` of its first, up to :data:`MAX_BATCH`). The
   parts themselves are fsynced by the workers, in parallel.
 - ``none``: nothing is fsynced (parts, sidecars, folders), and no early writeback is
   asked for (it only prepares the final fsync). Survives a crash of the
@@ -30,6 +31,7 @@ import contextvars
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -39,6 +41,10 @@ LEVELS: tuple[str, ...] = ("file", "batch", "none")
 DEFAULT = "batch"
 #: The most promotions one batch holds.
 MAX_BATCH = 256
+#: How long a batch of the part store's committers stays open after its first item for
+#: more to join: a job's record waits this much longer, a batch of jobs finishing within it
+#: shares one lease check, one folder fsync and one store transaction.
+BATCH_WINDOW_S = 0.005
 
 
 _fsync: Callable[[int], None] | None = None  # None: os.fsync, looked up at each call
@@ -120,7 +126,7 @@ class Committer:
 
     :meth:`submit` blocks until its item's batch is committed and returns its result (or
     raises what the batch raised). A batch is every item waiting when the committer is
-    free, up to ``max_batch``; ``window`` seconds (default 0) it may wait for more.
+    free, and what arrives within ``window`` seconds (default 0) of its first item, up to ``max_batch``.
     ``counted``: its batch sizes are among :func:`commit_batches` (the part store's committers).
     """
 
@@ -146,9 +152,11 @@ class Committer:
 
     def _take(self) -> list[_Slot]:
         batch = [self._queue.get()]
+        closes = time.monotonic() + self.window
         while len(batch) < self.max_batch:
+            left = closes - time.monotonic()
             try:
-                batch.append(self._queue.get(timeout=self.window) if self.window > 0 else self._queue.get_nowait())
+                batch.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
             except queue.Empty:
                 break
         return batch
@@ -181,7 +189,7 @@ def committer(key: Any, commit: Callable[[Sequence[Any]], Sequence[Any]]) -> Com
     with _committers_lock:
         found = _committers.get(key)
         if found is None:
-            found = _committers[key] = Committer(commit, counted=True)
+            found = _committers[key] = Committer(commit, window=BATCH_WINDOW_S, counted=True)
         return found
 
 
