@@ -80,7 +80,11 @@ def test_two_hundred_files_with_faults(server, tmp_path):
         assert n == sum(1 for r in rows if r["outcome"] == outcome), outcome
     assert metrics["outcomes"]["resumed"] >= 1
     assert metrics["streaming.resume_decisions_made"] >= 200
-    assert (out / "logs" / "download.log").read_text().count("streaming_resume_decision") >= 200
+    assert metrics["resume_decisions_logged"] >= 200
+    logged = [json.loads(line) for line in (out / "logs" / "download.log").read_text().splitlines()]
+    decisions = [e for e in logged if e["event"] == "streaming_resume_decision"]  # at INFO: all but a new job's plain start
+    assert decisions and all(e["mode"] != "fresh" or e["reason"] != "no_part" for e in decisions)
+    assert sum(e["mode"] == "resume" for e in decisions) >= metrics["outcomes"]["resumed"]
 
     # Add two permanent failures: exit code 1 exactly then, the rest still done.
     server.add_status("/gone/missing.pdf", 404)

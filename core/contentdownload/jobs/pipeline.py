@@ -359,7 +359,8 @@ class _JobRun:
         self.note("resume_decision", answer)
         decision = answer.result
         self.decisions.append(decision.mode)
-        log.info(
+        plain = decision.mode == "fresh" and decision.reason == "no_part"  # every new job's: DEBUG, cheap on large runs
+        (log.debug if plain else log.info)(
             "streaming_resume_decision",
             plugin=answer.plugin, fallback=answer.fallback, mode=decision.mode, reason=decision.reason,
             url=redact_url(cand.url), offset=decision.offset, attempt=rctx.attempt, job_key=self.job_key.key,
