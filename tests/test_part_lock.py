@@ -95,3 +95,15 @@ def test_a_byte_lock_refuses_a_planted_symlink_for_its_file(tmp_path):
     (tmp_path / "epochs.locks").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(UnsafePathError):
         ByteLock(tmp_path / "epochs.locks", "k.1").acquire()
+
+
+def test_a_first_claim_takes_its_lock_without_waiting_and_leaves_any_other_claim_to_claim(tmp_path):
+    ws = Workspace.open(tmp_path / "out")
+    parts = PartStore(ws.staging, root=ws.out)
+    lock = parts.claim_first("k", 1)
+    assert lock is not None and parts.claim_first("k", 1) is None  # held: the caller goes through claim(), which waits
+    assert parts.claim_first("k", 2) is None  # older epochs may need fencing: never on the fast road
+    lock.release(remove=True)
+    again = parts.claim_first("k", 1)
+    assert again is not None
+    again.release(remove=True)

@@ -174,9 +174,7 @@ class FastLane:
         job_run = self.worker.start_first_claim(item)
         if isinstance(job_run, JobResult):
             return job_run
-        part_claim = self.worker.part_claim(item)  # the epoch's part lock: how a later epoch tells this writer is alive
-        await self.in_thread(part_claim.__enter__)
-        try:
+        async with self._part_held(item):  # the epoch's part lock: how a later epoch tells this writer is alive
             async with self._transfer_slot(job_run.lease):
                 attempt = await self._first_attempt(job_run, item.job.urls[0])
                 if isinstance(attempt, JobResult):
@@ -184,6 +182,21 @@ class FastLane:
                 if attempt.stream.status != "complete":  # retries, backoff, other candidates: the pipeline, in a thread
                     return await self.in_thread(job_run.run, attempt)
             return await self.in_thread(job_run.run, attempt)  # finalize, outside the transfer slot
+
+    @contextlib.asynccontextmanager
+    async def _part_held(self, item: WorkItem) -> AsyncIterator[None]:
+        """Hold ``item``'s epoch lock: taken on the loop when it is free at once (nothing to fence at a first claim), else in a thread."""
+        lock = self.worker.first_part_lock(item)
+        if lock is not None:
+            try:
+                yield
+            finally:
+                lock.release(remove=True)
+            return
+        part_claim = self.worker.part_claim(item)
+        await self.in_thread(part_claim.__enter__)
+        try:
+            yield
         finally:
             part_claim.__exit__(None, None, None)
 

@@ -298,6 +298,10 @@ class JobWorker:
         """The context holding ``item``'s epoch of its part (:meth:`PartStore.claim`)."""
         return PartStore(self.ws.staging, root=self.ws.out).claim(item.key.key, item.epoch or 0, self.cancel)
 
+    def first_part_lock(self, item: WorkItem) -> Any:
+        """A first claim's epoch lock taken at once without blocking, or ``None`` (then :meth:`part_claim`, in a thread)."""
+        return PartStore(self.ws.staging, root=self.ws.out).claim_first(item.key.key, item.epoch or 0)
+
     def record_many(self, done: Sequence[tuple[WorkItem, JobResult]]) -> None:
         """Hand on and record a batch of results: their manifest rows first (one fsync), then their store records (one transaction).
 

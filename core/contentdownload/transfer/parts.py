@@ -804,6 +804,18 @@ class PartStore:
         finally:
             lock.release(remove=True)
 
+    def claim_first(self, key: str, epoch: int) -> PartLock | ByteLock | None:
+        """The lock of a first claim's epoch taken without waiting, or ``None`` (another holder has it, or older epochs may exist).
+
+        A first claim has no older epoch to fence, so nothing here can block: an event loop
+        may call it. On ``None``, :meth:`claim` does the whole claim (and waits). The lock is
+        released with ``release(remove=True)``.
+        """
+        if epoch > 1:
+            return None
+        lock = self.epoch_lock(key, epoch)
+        return lock if lock.acquire(0.0) else None
+
     @contextlib.contextmanager
     def exclusive(self, key: str, cancel: threading.Event | None = None) -> Iterator[None]:
         """Hold the one part of job ``key`` when there are no epochs (no leases, or no store).
