@@ -41,9 +41,9 @@ def planned_store(db: Path, n: int = N):
 
 
 def write_transactions(store) -> list[str]:
-    """The write transactions this thread's connection of a SQLite store begins from now on."""
+    """The write transactions a SQLite store begins from now on (all on its writer connection)."""
     begun: list[str] = []
-    store._thread_conn().set_trace_callback(lambda sql: begun.append(sql) if sql == "BEGIN IMMEDIATE" else None)
+    store._writer_conn().set_trace_callback(lambda sql: begun.append(sql) if sql == "BEGIN IMMEDIATE" else None)
     return begun
 
 

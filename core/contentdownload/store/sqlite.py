@@ -86,6 +86,21 @@ class _Local(threading.local):
     conn: sqlite3.Connection | None = None
     keysets: dict | None = None
     pid: int = 0
+    writing: bool = False  # inside a write transaction: on the process's writer connection
+
+
+class _Writer:
+    """The connection every write transaction of this process runs on, one at a time (under the write lock).
+
+    One connection for the writes keeps SQLite's page cache warm: a connection finds the
+    pages another connection changed stale and reads them again, so writes spread over
+    every thread's connection read the same pages over and over.
+    """
+
+    def __init__(self) -> None:
+        self.conn: sqlite3.Connection | None = None
+        self.keysets: dict = {}
+        self.pid = 0
 
 
 class SQLiteStore(SqlJobStore):
@@ -114,6 +129,7 @@ class SQLiteStore(SqlJobStore):
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._writer = _Writer()
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise StoreError(f"the SQLite job store needs SQLite {'.'.join(map(str, MIN_SQLITE))} or newer; "
                              f"this Python has {sqlite3.sqlite_version}")
@@ -182,7 +198,15 @@ class SQLiteStore(SqlJobStore):
                     raise
                 time.sleep(0.01)
 
+    def _writer_conn(self) -> sqlite3.Connection:
+        writer = self._writer
+        if writer.conn is None or writer.pid != os.getpid():  # a forked child never reuses its parent's connection
+            writer.conn, writer.keysets, writer.pid = self._connect(), {}, os.getpid()
+        return writer.conn
+
     def _thread_conn(self) -> sqlite3.Connection:
+        if self._local.writing:
+            return self._writer_conn()
         conn = self._local.conn
         if conn is None or self._local.pid != os.getpid():  # a forked child never reuses its parent's connection
             conn = self._connect()
@@ -205,7 +229,11 @@ class SQLiteStore(SqlJobStore):
         if not write or self._open_batch() is not None:  # a batch holds the lock already
             return super()._run(fn, write=write, keys=keys, durable=durable)
         with self._write_lock:
-            return super()._run(fn, write=True, keys=keys, durable=durable)
+            self._local.writing = True
+            try:
+                return super()._run(fn, write=True, keys=keys, durable=durable)
+            finally:
+                self._local.writing = False
 
     def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -240,6 +268,7 @@ class SQLiteStore(SqlJobStore):
             except sqlite3.Error:
                 pass
         self._local = _Local()
+        self._writer = _Writer()
 
     # -- schema -----------------------------------------------------------------------
 
@@ -293,6 +322,8 @@ class SQLiteStore(SqlJobStore):
         return conn.total_changes - before
 
     def _keyset_cache(self, conn: sqlite3.Connection) -> dict:
+        if conn is self._writer.conn:
+            return self._writer.keysets
         if self._local.keysets is None:
             self._local.keysets = {}
         return self._local.keysets
