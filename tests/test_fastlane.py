@@ -100,3 +100,25 @@ def test_if_the_lane_fails_worker_threads_finish_the_run(server, tmp_path, monke
     report = _run(tmp_path, jobs)
     assert calls and report.exit_code == 0 and _on_disk(tmp_path / "out") == files
     assert report.metrics["jobs_on_loop"] == 0 and len(_rows(tmp_path / "out")) == 12
+
+
+def test_a_refused_body_going_on_to_the_next_url_stays_within_workers(server, tmp_path):
+    """A finalize that refuses the first URL's body (HTML for a PDF) goes on to the next candidate inside the transfer slot."""
+    server.add_file("/m/login.pdf", b"<!doctype html><html>please log in</html>")
+    good = b"%PDF-1.4\n" + os.urandom(4000)
+    server.add_file("/m/paper.pdf", good)
+    server.add_fault("/m/paper.pdf", Fault.delay(0.5))
+    others = {}
+    for i in range(3):
+        data = b"%PDF-1.4\n" + os.urandom(3000 + i)
+        server.add_file(f"/m/other{i}.pdf", data)
+        server.add_fault(f"/m/other{i}.pdf", Fault.delay(0.5))
+        others[f"other{i}.pdf"] = hashlib.sha256(data).hexdigest()
+    jobs = tmp_path / "jobs.txt"
+    lines = [json.dumps({"urls": [server.url("/m/login.pdf"), server.url("/m/paper.pdf")], "filename": "paper.pdf"})]
+    lines += [json.dumps({"url": server.url(f"/m/{name}")}) for name in others]
+    jobs.write_text("\n".join(lines) + "\n")
+    report = _run(tmp_path, jobs, workers=1)
+    assert report.exit_code == 0
+    assert _on_disk(tmp_path / "out") == {**others, "paper.pdf": hashlib.sha256(good).hexdigest()}
+    assert server.most_at_once == 1  # --workers 1: never two transfers at once

@@ -22,7 +22,7 @@ job does with ``--transport sync``. A first attempt that does not complete goes 
 pool through the same pipeline (retries, backoff, the next candidate URL).
 
 ``--workers`` bounds the transfers at once (a job past its transfer, finalizing or waiting
-for its record, does not count), ``--per-host`` the transfers per host, in the same
+for its record, does not count, unless a refused body could send it on to another of its URLs), ``--per-host`` the transfers per host, in the same
 :class:`~contentdownload.jobs.hosts.HostSlots` the threads use. A claimed job waiting for a
 transfer slot heartbeats its lease.
 """
@@ -179,7 +179,8 @@ class FastLane:
                 attempt = await self._first_attempt(job_run, item.job.urls[0])
                 if isinstance(attempt, JobResult):
                     return attempt
-                if attempt.stream.status != "complete":  # retries, backoff, other candidates: the pipeline, in a thread
+                if attempt.stream.status != "complete" or len(item.job.urls) > 1:
+                    # retries, backoff, or a refused body's next candidate: more transfers, within the slot
                     return await self.in_thread(job_run.run, attempt)
             return await self.in_thread(job_run.run, attempt)  # finalize, outside the transfer slot
 

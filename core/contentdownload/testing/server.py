@@ -802,6 +802,8 @@ class LoopbackServer:
         self._mounts: list[tuple[str, Path]] = []
         self._faults: dict[str, collections.deque[list[Any]]] = {}
         self._records: list[_Rec] = []
+        self._answering = 0  # requests being answered now
+        self._most_at_once = 0
         self._record = record_requests
         self._errors: list[BaseException] = []
         self._conns: set[socket.socket] = set()
@@ -1262,13 +1264,22 @@ class LoopbackServer:
             return self._ended.wait_for(predicate, timeout)
 
     def _request_ended(self) -> None:
+        with self._lock:
+            self._answering -= 1
         with self._ended:
             self._ended.notify_all()
+
+    @property
+    def most_at_once(self) -> int:
+        """The most requests being answered at the same time since the start (or :meth:`reset_stats`)."""
+        with self._lock:
+            return self._most_at_once
 
     def reset_stats(self) -> None:
         """Forget the recorded requests (and so every counter)."""
         with self._lock:
             self._records.clear()
+            self._most_at_once = self._answering
 
     def etag(self, path: str, gzip: bool = False) -> str | None:
         """The ETag currently served for ``path`` (the gzip variant's with ``gzip=True``)."""
@@ -1299,8 +1310,10 @@ class LoopbackServer:
     def _begin(self, method: str, target: str, headers: Any) -> _Rec:
         raw_path = target.split("?", 1)[0] if target.startswith("/") else (urlsplit(target).path or "/")
         rec = _Rec(method, unquote(raw_path, errors="surrogateescape"), raw_path, target, HeaderMap(headers.items()))
-        if self._record:
-            with self._lock:
+        with self._lock:
+            self._answering += 1
+            self._most_at_once = max(self._most_at_once, self._answering)
+            if self._record:
                 self._records.append(rec)
         return rec
 
