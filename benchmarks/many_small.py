@@ -1,6 +1,6 @@
 """Many small files: files per second of `contentdownload run` against `wget -i`, `aria2c -i -j 8`, `curl -Z`.
 
-    python benchmarks/many_small.py [--files 2000] [--size 51200] [--workers 8] [--repeat 3] [--cases]
+    python benchmarks/many_small.py [--files 2000] [--size 51200] [--workers 8] [--repeat 3] [--cases] [--base DIR]
 
 The corpus is served over loopback by nginx when it is installed (so the server is not
 what is measured), else by the package's test server in its own process. Each client
@@ -10,6 +10,8 @@ milliseconds per file (user + system of the client and its children) are printed
 ``--cases`` runs the two standard cases, 2,000 x 50 KB and 10,000 x 1 KB, instead of
 one. Target: contentdownload (default settings) >= 1.0x `wget -i`. ``--transport sync`` (worker
 threads through requests) is measured too, to show what the event-loop lane buys.
+``--base DIR`` adds ``contentdownload~base``: the same run with the code of another checkout
+(its ``core/`` and ``plugins/``), so a change is measured against what it changes, side by side.
 """
 
 from __future__ import annotations
@@ -73,11 +75,14 @@ http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
     return proc, f"http://127.0.0.1:{port}", name
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (user + system, the client with its children) of one run of ``cmd``."""
+def timed(cmd: list[str], cwd: Path, code: Path | None = None) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system, the client with its children) of one run of ``cmd``
+    (``code``: the checkout whose ``core/`` and ``plugins/`` it imports first)."""
     started = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         env = dict(os.environ)
+        if code is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(code / "core"), str(code / "plugins"), env.get("PYTHONPATH", "")])
         if env.get("PYTHONPATH"):  # absolute, so the client imports this checkout from the benchmark's folder too
             env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p)
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -90,12 +95,15 @@ def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
     return elapsed, usage.ru_utime + usage.ru_stime
 
 
-def clients_for(urls: Path, workers: int) -> dict[str, Any]:
+def clients_for(urls: Path, workers: int, base_code: Path | None = None) -> dict[str, Any]:
+    run = [sys.executable, "-m", "contentdownload", "run", str(urls), "--no-progress", "--out"]
     clients: dict[str, Any] = {
-        "contentdownload": lambda out: [sys.executable, "-m", "contentdownload", "run", str(urls), "--out", str(out), "--no-progress"],
+        "contentdownload": lambda out: [*run, str(out)],
         "contentdownload --transport sync": lambda out: [sys.executable, "-m", "contentdownload", "run", str(urls), "--out", str(out),
                                                          "--no-progress", "--transport", "sync"],
     }
+    if base_code is not None:
+        clients["contentdownload~base"] = lambda out: [*run, str(out)]
     if shutil.which("wget"):
         clients["wget -i"] = lambda out: ["wget", "-q", "-i", str(urls), "-P", str(out)]
     if shutil.which("aria2c"):
@@ -107,7 +115,7 @@ def clients_for(urls: Path, workers: int) -> dict[str, Any]:
     return clients
 
 
-def run_case(files: int, size: int, workers: int, repeat: int) -> float | None:
+def run_case(files: int, size: int, workers: int, repeat: int, base_code: Path | None = None) -> float | None:
     """One case: every client ``repeat`` times, interleaved; prints the table, returns the median ratio to wget."""
     with tempfile.TemporaryDirectory(prefix="cd-bench-") as tmp:
         work = Path(tmp)
@@ -119,13 +127,13 @@ def run_case(files: int, size: int, workers: int, repeat: int) -> float | None:
         try:
             urls = work / "urls.txt"
             urls.write_text("".join(f"{base}/f{i:05d}.bin\n" for i in range(files)))
-            clients = clients_for(urls, workers)
+            clients = clients_for(urls, workers, base_code)
             times: dict[str, list[tuple[float, float]]] = {name: [] for name in clients}
             for r in range(repeat):
                 for name, make in clients.items():  # interleaved, so machine noise hits every client alike
                     out = work / f"out-{r}-{'-'.join(name.split()).replace('/', '')}"
                     out.mkdir()
-                    times[name].append(timed(make(out), work))
+                    times[name].append(timed(make(out), work, base_code if name.endswith("~base") else None))
                     got = sum(1 for p in out.iterdir() if p.suffix == ".bin")
                     if got != files:
                         raise RuntimeError(f"{name} downloaded {got} of {files} files")
@@ -146,6 +154,9 @@ def run_case(files: int, size: int, workers: int, repeat: int) -> float | None:
         return None
     ratio = statistics.median(w0 / w for (w, _), (w0, _) in zip(times["contentdownload"], wget))
     print(f"contentdownload / wget -i = {ratio:.2f} (target >= {TARGET}): {'PASS' if ratio >= TARGET else 'FAIL'}")
+    if "contentdownload~base" in times:
+        change = statistics.median(b / w for (w, _), (b, _) in zip(times["contentdownload"], times["contentdownload~base"]))
+        print(f"contentdownload vs contentdownload~base: {change:.2f}x the speed (median of the rounds' ratios)")
     return ratio
 
 
@@ -156,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8, help="parallel transfers of aria2c and curl")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cases", action="store_true", help="run 2,000 x 50 KB and 10,000 x 1 KB")
+    parser.add_argument("--base", type=Path, default=None, help="another checkout, run as contentdownload~base")
     args = parser.parse_args(argv)
     cases = [(2000, 50 * 1024), (10000, 1024)] if args.cases else [(args.files, args.size)]
-    ratios = [run_case(files, size, args.workers, args.repeat) for files, size in cases]
+    base = args.base.resolve() if args.base else None
+    ratios = [run_case(files, size, args.workers, args.repeat, base) for files, size in cases]
     return 0 if all(r is None or r >= TARGET for r in ratios) else 1
 
 
