@@ -33,12 +33,13 @@ BYTE_LOCKS = "epochs.locks"
 _OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
 
 
-class PartLock:
-    """An exclusive lock on ``path``; ``acquire(timeout)`` (``False`` when another holder kept it), ``release``."""
+class _Lock:
+    """``acquire(timeout)`` by tries of ``_try`` (``True``: locked, ``False``: held elsewhere, ``None``: try again at once)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
+    fd: int | None = None
+
+    def _try(self) -> bool | None:
+        raise NotImplementedError
 
     def acquire(self, timeout: float = 0.0) -> bool:
         """Take the lock, waiting up to ``timeout`` seconds; ``False`` when another holder kept it that long."""
@@ -47,14 +48,22 @@ class PartLock:
             got = self._try()
             if got:
                 return True
-            if got is None:  # the file locked was removed by its holder: lock the one there now
+            if got is None:
                 continue
             if time.monotonic() >= deadline:
                 return False
             time.sleep(POLL_S)
 
+
+class PartLock(_Lock):
+    """An exclusive lock on ``path``; ``acquire(timeout)`` (``False`` when another holder kept it), ``release``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
     def _try(self) -> bool | None:
-        """``True``: locked; ``False``: another holder has it; ``None``: the file was removed meanwhile."""
+        """``True``: locked; ``False``: another holder has it; ``None``: the file was removed meanwhile (by its holder)."""
         fd = _open_lock_file(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,22 +99,13 @@ class PartLock:
         return False
 
 
-class ByteLock:
+class ByteLock(_Lock):
     """An exclusive lock on the byte of ``name`` in the shared lock file ``table`` (see the module); as :class:`PartLock`."""
 
     def __init__(self, table: Path, name: str):
         self.table = table
         self.offset = int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big") >> 1
         self.fd: int | None = None
-
-    def acquire(self, timeout: float = 0.0) -> bool:
-        """Take the lock, waiting up to ``timeout`` seconds; ``False`` when another holder kept it that long."""
-        deadline = time.monotonic() + timeout
-        while not self._try():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(POLL_S)
-        return True
 
     def _try(self) -> bool:
         fd = _open_lock_file(self.table)
