@@ -286,6 +286,13 @@ def hash_prefix(fd: int, length: int, *digests: Any) -> None:
 # -- a part -----------------------------------------------------------------------------
 
 
+def _given_back(done: Callable[[], None] | None, outcome: "BodyOutcome") -> "BodyOutcome":
+    """``outcome``, once ``done`` (the block not appended) is called."""
+    if done is not None:
+        done()
+    return outcome
+
+
 @attrs.frozen(kw_only=True)
 class BodyOutcome:
     """How :meth:`Part.receive` ended: ``error`` (a transport error that stopped it), ``too_large``,
@@ -424,26 +431,29 @@ class Part:
                 if heartbeat is not None:
                     heartbeat()
 
-    def take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None = None) -> BodyOutcome | int:
+    def take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None = None,
+             done: Callable[[], None] | None = None) -> BodyOutcome | int:
         """Check, then append one received block, as :meth:`receive` does for each (for a caller reading the body itself).
 
         The bytes appended (``effects`` told), or the :class:`BodyOutcome` that ends the body
-        (past ``max_bytes``, or an overlap mismatch: the part was discarded).
+        (past ``max_bytes``, or an overlap mismatch: the part was discarded). ``done`` is
+        called once nothing reads ``data`` any more (written and hashed, maybe later in the
+        hash thread; at once when it is not appended), so the caller may reuse its buffer.
         """
-        return self._take(data, effects, max_bytes, None)
+        return self._take(data, effects, max_bytes, done)
 
     def _take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None,
               done: Callable[[], None] | None) -> BodyOutcome | int:
         """Check, then write one received block: the bytes appended (past the overlap), or a :class:`BodyOutcome` when the body must stop here."""
         if max_bytes is not None and self.position + len(data) - (self.overlap.pending if self.overlap else 0) > max_bytes:
             self.discard()
-            return BodyOutcome(too_large=True)
+            return _given_back(done, BodyOutcome(too_large=True))
         try:
             data = self._past_overlap(data)
         except OverlapMismatch:
             log.warning("the bytes re-read before the resume offset differ: the origin changed", part=self.paths.part.name)
             self.discard()
-            return BodyOutcome(overlap_mismatch=True)
+            return _given_back(done, BodyOutcome(overlap_mismatch=True))
         effects.wrote(len(data))
         if data:
             self._write(data, done)
