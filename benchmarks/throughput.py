@@ -39,7 +39,12 @@ Each output's SHA-256 is checked after the run (outside the timing). Peak RSS is
 child's ``ru_maxrss`` (``os.wait4``), CPU its user + system time (the Python clients'
 include interpreter start-up). The table gives medians, MiB/s, the median over the rounds
 of the ratio of curl's time to the client's in the same round, and the best run of each
-(less disturbed by other load on the machine). Targets: ``cli-none`` >= 1.0x curl,
+(less disturbed by other load on the machine). For the CLI clients, ``1 byte s`` is the
+same command's time for a one-byte file in the same round (start-up, planning, the job
+store, the records: what the run costs besides the body), and ``body vs curl`` the ratio
+of curl's time to the rest. The clients run from compiled byte code (``PYTHONPYCACHEPREFIX``
+in the work folder, even where ``PYTHONDONTWRITEBYTECODE`` is set), as an installed
+package does. Targets: ``cli-none`` >= 1.0x curl,
 ``cli-batch`` (the default) >= 0.9x, peak RSS < 100 MB.
 
 Measured (1 GiB from nginx, 2 cores shared with other work, medians of ratios to curl)
@@ -66,6 +71,7 @@ from pathlib import Path
 from contentdownload.transfer.files import sha256_file
 
 FILE_NAME = "payload.bin"
+TINY_NAME = "tiny.bin"  # one byte: what a CLI run costs besides the body
 BLOCK = 1 << 20
 
 
@@ -253,7 +259,7 @@ def one_run(client: str, url: str, out: Path, base: Path | None = None) -> tuple
         level = name.removeprefix("cli-")
         _, code, seconds, rss, cpu = run_child([sys.executable, "-m", "contentdownload", "run", url, "-P", str(out.parent / name),
                                                 "--durability", level, "-q", "--no-progress"], env)
-        (out.parent / name / FILE_NAME).rename(out)
+        (out.parent / name / url.rsplit("/", 1)[-1]).rename(out)
     else:
         stdout, code, _, rss, cpu = run_child([sys.executable, __file__, "--child", client.partition("~")[0], url, str(out)], env)
         seconds = json.loads(stdout.strip().splitlines()[-1])["elapsed"] if code == 0 else float("nan")
@@ -292,14 +298,17 @@ def pick_clients(names: str) -> list[str]:
 
 
 def run_rounds(clients: list[str], url: str, work: Path, expected: str, repeat: int, settle: float,
-               base: Path | None = None) -> tuple[dict, dict, dict]:
-    """Every client once per round, rounds interleaved; (times, peak RSS, CPU) per client."""
+               base: Path | None = None) -> tuple[dict, dict, dict, dict]:
+    """Every client once per round, rounds interleaved; (times, peak RSS, CPU, a CLI's time for one byte) per client."""
     outdir = work / "out"
     times: dict[str, list[float]] = {c: [] for c in clients}
     rss: dict[str, int] = {c: 0 for c in clients}
     cpu: dict[str, list[float]] = {c: [] for c in clients}
+    startup: dict[str, list[float]] = {c: [] for c in clients if is_cli(c)}
     one_run("curl" if "curl" in clients else clients[0], url, work / "warmup.bin")  # page cache warm
     (work / "warmup.bin").unlink(missing_ok=True)
+    for client in startup:  # byte-code compiled once, as an installed package has it
+        one_run(client, tiny_url(url), work / "warmup.bin", base)
     for round_no in range(repeat):
         for client in clients:
             shutil.rmtree(outdir, ignore_errors=True)
@@ -314,9 +323,19 @@ def run_rounds(clients: list[str], url: str, work: Path, expected: str, repeat: 
             times[client].append(seconds)
             rss[client] = max(rss[client], peak)
             cpu[client].append(used)
+            if client in startup:
+                startup[client].append(one_run(client, tiny_url(url), outdir / "tiny.bin", base)[0])
             print(f"  round {round_no + 1} {client:<16} {seconds:7.3f} s", flush=True)
     shutil.rmtree(outdir, ignore_errors=True)
-    return times, rss, cpu
+    return times, rss, cpu, startup
+
+
+def is_cli(client: str) -> bool:
+    return client.partition("~")[0].partition("@")[0] in (*CLI_LEVELS, "cli")
+
+
+def tiny_url(url: str) -> str:
+    return url.rsplit("/", 1)[0] + "/" + TINY_NAME
 
 
 def ratio_to_curl(times: dict[str, list[float]], client: str) -> float | None:
@@ -326,14 +345,19 @@ def ratio_to_curl(times: dict[str, list[float]], client: str) -> float | None:
     return statistics.median(c / t for c, t in zip(times["curl"], times[client]))
 
 
-def report(size: int, times: dict, rss: dict, cpu: dict) -> None:
+def report(size: int, times: dict, rss: dict, cpu: dict, startup: dict) -> None:
     print()
-    print(f"{'client':<16} {'median s':>9} {'MiB/s':>8} {'vs curl':>8} {'best s':>7} {'peak RSS MB':>12} {'CPU s':>6}  runs (s)")
+    print(f"{'client':<16} {'median s':>9} {'MiB/s':>8} {'vs curl':>8} {'best s':>7} {'peak RSS MB':>12} {'CPU s':>6} "
+          f"{'1 byte s':>8} {'body vs curl':>12}  runs (s)")
     for client, runs in times.items():
         median = statistics.median(runs)
         ratio = ratio_to_curl(times, client)
+        start, body = "-", "-"
+        if client in startup and "curl" in times:  # the time besides start-up, planning and records, against curl's
+            start = f"{statistics.median(startup[client]):.2f}"
+            body = f"{statistics.median(c / max(t - s, 1e-6) for c, t, s in zip(times['curl'], runs, startup[client])):.2f}x"
         print(f"{client:<16} {median:9.3f} {size / 2**20 / median:8.1f} {f'{ratio:.2f}x' if ratio else '-':>8} {min(runs):7.3f} "
-              f"{rss[client] / 1e6:12.1f} {statistics.median(cpu[client]):6.2f}  {' '.join(f'{t:.2f}' for t in runs)}")
+              f"{rss[client] / 1e6:12.1f} {statistics.median(cpu[client]):6.2f} {start:>8} {body:>12}  {' '.join(f'{t:.2f}' for t in runs)}")
     print()
     targets = (("cli-none", "the CLI, --durability none, SHA-256", 1.0), ("cli-batch", "the CLI, the default durability, SHA-256", 0.9))
     for client in times:
@@ -380,16 +404,20 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (work, serve):
         folder.chmod(0o755)  # nginx workers run as an unprivileged user
     expected = make_payload(serve / FILE_NAME, size)
+    (serve / TINY_NAME).write_bytes(b"x")
+    (serve / TINY_NAME).chmod(0o644)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the clients run from compiled byte code, as an installed package does
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(work / "pycache"))
     server = Server(kind, serve, work).start()
     print(f"{size / 2**20:.0f} MiB over loopback from {kind}; {args.repeat} runs per client; {os.cpu_count()} CPUs", flush=True)
     try:
-        times, rss, cpu = run_rounds(clients, f"{server.base_url}/{FILE_NAME}", work, expected, args.repeat, args.settle,
+        times, rss, cpu, startup = run_rounds(clients, f"{server.base_url}/{FILE_NAME}", work, expected, args.repeat, args.settle,
                                      args.base.resolve() if args.base else None)
     finally:
         server.stop()
-    report(size, times, rss, cpu)
+    report(size, times, rss, cpu, startup)
     if args.json:
-        print(json.dumps({"size": size, "server": kind, "times": times, "peak_rss": rss, "cpu": cpu}, indent=2))
+        print(json.dumps({"size": size, "server": kind, "times": times, "peak_rss": rss, "cpu": cpu, "one_byte": startup}, indent=2))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

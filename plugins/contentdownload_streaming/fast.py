@@ -127,6 +127,7 @@ class _Fast:
                     if since >= checkpoint_every:  # fsynced in a thread, then the sidecar's count (as Part.receive does)
                         part.checkpoint(background=True)
                         since = 0
+                part.flush()  # the writer thread's last writes (a full disk is raised here)
             except TRANSPORT_ERRORS as exc:
                 disk = DiskError.of(exc)
                 if disk is not None:  # the part's disk, not the connection: the run stops, nothing is asked again
