@@ -308,7 +308,7 @@ def run_rounds(clients: list[str], url: str, work: Path, expected: str, repeat: 
     one_run("curl" if "curl" in clients else clients[0], url, work / "warmup.bin")  # page cache warm
     (work / "warmup.bin").unlink(missing_ok=True)
     for client in startup:  # byte-code compiled once, as an installed package has it
-        one_run(client, tiny_url(url), work / "warmup.bin", base)
+        one_byte(client, url, outdir, base)
     for round_no in range(repeat):
         for client in clients:
             shutil.rmtree(outdir, ignore_errors=True)
@@ -324,7 +324,7 @@ def run_rounds(clients: list[str], url: str, work: Path, expected: str, repeat: 
             rss[client] = max(rss[client], peak)
             cpu[client].append(used)
             if client in startup:
-                startup[client].append(one_run(client, tiny_url(url), outdir / "tiny.bin", base)[0])
+                startup[client].append(one_byte(client, url, outdir, base))
             print(f"  round {round_no + 1} {client:<16} {seconds:7.3f} s", flush=True)
     shutil.rmtree(outdir, ignore_errors=True)
     return times, rss, cpu, startup
@@ -334,8 +334,12 @@ def is_cli(client: str) -> bool:
     return client.partition("~")[0].partition("@")[0] in (*CLI_LEVELS, "cli")
 
 
-def tiny_url(url: str) -> str:
-    return url.rsplit("/", 1)[0] + "/" + TINY_NAME
+def one_byte(client: str, url: str, outdir: Path, base: Path | None) -> float:
+    """The seconds ``client`` takes for a one-byte file from the same server, into a folder of its own."""
+    folder = outdir / "one-byte"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return one_run(client, url.rsplit("/", 1)[0] + "/" + TINY_NAME, folder / TINY_NAME, base)[0]
 
 
 def ratio_to_curl(times: dict[str, list[float]], client: str) -> float | None:

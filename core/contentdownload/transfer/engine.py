@@ -312,11 +312,16 @@ class _Connection(asyncio.BufferedProtocol):
             self._pause()
 
     def _unstarve(self) -> None:
-        if self.starved and self._left and not self.closed:
-            self.starved = False
-            self._next_block()
-            if not self.starved:
-                self._resume()
+        """A block was given back: reading goes on (into a block taken while starved, if one was)."""
+        if not self.starved or not self._left or self.closed:
+            return
+        if self._current is None:
+            assert self._pool is not None
+            self._current = self._pool.take()
+            if self._current is None:  # none free after all: the pool tells again when one is
+                return
+        self.starved = False
+        self._resume()
 
     def _received_into_block(self, nbytes: int) -> None:
         current, pool = self._current, self._pool
