@@ -359,7 +359,7 @@ class Part:
         return data
 
     def _write(self, data: bytes | memoryview, done: Callable[[], None] | None = None) -> None:
-        """Append ``data``: written whole and hashed (``done`` once both are done), by :meth:`receive`'s writer while it runs."""
+        """Append ``data``: written whole and hashed (``done`` once both are done), by the writer thread while one runs."""
         self.position += len(data)
         if self._writer is not None:
             self._writer.feed(data, done)
