@@ -47,8 +47,25 @@ in the work folder, even where ``PYTHONDONTWRITEBYTECODE`` is set), as an instal
 package does. Targets: ``cli-none`` >= 1.0x curl,
 ``cli-batch`` (the default) >= 0.9x, peak RSS < 100 MB.
 
-Measured (1 GiB from nginx, 2 cores shared with other work, medians of ratios to curl)
-are in ``benchmarks/README.md``.
+Measured (1 GiB from nginx, 2 cores shared with two other heavy workloads, so single runs
+vary by 2x; 5 interleaved rounds, medians of ratios to curl -o):
+
+- ``cli-none`` 0.61x, ``cli-batch`` 0.66x, wget 0.83x; against the code before blocks were
+  received straight from the socket and written by a thread of their own (``~base``),
+  ``cli-batch`` ran 1.26x as fast, ``cli-none`` 0.89x (its CPU the same, 3.7 s). Peak RSS
+  60 MB. Of a CLI run, 0.5 to 0.7 s is what a one-byte file costs too (interpreter start,
+  imports, planning, the job store, the records); without it the body runs at 0.74x
+  (none) and 0.77x (batch) of curl's whole time.
+- Chunk size, on the event loop: a ``cli-none`` run took 2.7 s of CPU with 256 KiB blocks,
+  3.5 s with 1 MiB blocks (``cli-none@1M``; larger blocks fall out of the CPU caches between the socket
+  copy, the write and the hash), so the default stays 256 KiB.
+- Where the time goes (py-spy, ``--durability none``): the loop thread is in ``read``
+  (the socket copy) and the writes about evenly, the hash thread is idle most of the
+  time; with 64 KiB ``bytes`` per read the loop also blocked on the hash queue and
+  spent a fifth of its samples in ``data_received``, both gone with reused blocks. curl
+  itself is CPU-bound in the kernel here (1.7 s of system time per GiB), so on two
+  busy cores a client that also hashes can match it only when the write, the hash and
+  the socket copy run on separate cores.
 """
 
 from __future__ import annotations
