@@ -1,9 +1,10 @@
-"""Single-file throughput over loopback: contentdownload (durable and plain part stores) against curl and wget.
+"""Single-file throughput over loopback: contentdownload (the CLI, the synchronous pipeline) against curl, wget and aria2c.
 
     python benchmarks/throughput.py                    # 1 GiB, 5 repeats
     python benchmarks/throughput.py --size 256M --repeat 3
     python benchmarks/throughput.py --server loopback  # the package's server instead of nginx
-    python benchmarks/throughput.py --clients streaming@64K,streaming@256K,streaming@1M,streaming@4M,curl
+    python benchmarks/throughput.py --clients cli-none@256K,cli-none@1M,cli-none@4M,curl
+    python benchmarks/throughput.py --clients cli-none,cli-batch,curl --base ../other-checkout  # before/after
 
 The file is served by nginx when it is installed (sendfile, one worker), else by
 ``python -m contentdownload.testing.server --root DIR`` in its own process, so the server
@@ -12,8 +13,15 @@ the other, rounds interleaved; between runs the output is removed, the page cach
 back (``sync``) and the disk given ``--settle`` seconds, so no run pays for the previous
 one's dirty pages.
 
-Clients (``NAME@SIZE`` runs a pipeline client with that ``chunk_size``):
+Clients (``NAME@SIZE`` runs a client with that ``chunk_size``, the block a body is read
+into; ``NAME~base`` runs a contentdownload client with the code of the ``--base``
+checkout, its ``core`` and ``plugins`` first on ``PYTHONPATH``, so two versions take turns
+in one run):
 
+- ``cli-none``, ``cli-batch``, ``cli-file``: ``python -m contentdownload run URL -P DIR
+  --durability LEVEL -q --no-progress`` timed from outside: what users run, the whole
+  product (start-up, planning, the job store, the event-loop lane, the part store,
+  SHA-256, the manifest); ``batch`` is the default durability, ``none`` no fsync at all;
 - ``streaming``: :class:`contentdownload.jobs.pipeline.Pipeline` with the streaming plugin
   pinned for every transfer hook: the part store's ``durable`` mode (checkpoints,
   writeback started while receiving, fsync of the part before the rename and of the
@@ -21,8 +29,7 @@ Clients (``NAME@SIZE`` runs a pipeline client with that ``chunk_size``):
   file, SHA-256 included;
 - ``legacy``: the same with the legacy plugin: the ``plain`` part store (no fsync, no
   sidecar), i.e. durability off, SHA-256 still computed;
-- ``cli``: ``python -m contentdownload get URL -o FILE -q`` timed from outside: the whole
-  product (start-up, job store, manifest, durable part store);
+- ``cli``: ``python -m contentdownload get URL -o FILE -q`` timed from outside;
 - ``requests``: a plain ``requests`` loop, ``iter_content(1 MiB)``, write and SHA-256;
 - ``curl -o`` and ``wget -O`` when installed (they do not hash; curl reports its own
   ``time_total``, wget is timed from outside); ``aria2c -x1`` when installed, else
@@ -32,8 +39,33 @@ Each output's SHA-256 is checked after the run (outside the timing). Peak RSS is
 child's ``ru_maxrss`` (``os.wait4``), CPU its user + system time (the Python clients'
 include interpreter start-up). The table gives medians, MiB/s, the median over the rounds
 of the ratio of curl's time to the client's in the same round, and the best run of each
-(less disturbed by other load on the machine). Targets: ``legacy`` (durability off)
->= 1.0x curl, ``streaming`` (the default, durable) >= 0.9x, peak RSS < 100 MB.
+(less disturbed by other load on the machine). For the CLI clients, ``1 byte s`` is the
+same command's time for a one-byte file in the same round (start-up, planning, the job
+store, the records: what the run costs besides the body), and ``body vs curl`` the ratio
+of curl's time to the rest. The clients run from compiled byte code (``PYTHONPYCACHEPREFIX``
+in the work folder, even where ``PYTHONDONTWRITEBYTECODE`` is set), as an installed
+package does. Targets: ``cli-none`` >= 1.0x curl,
+``cli-batch`` (the default) >= 0.9x, peak RSS < 100 MB.
+
+Measured (1 GiB from nginx, 2 cores shared with two other heavy workloads, so single runs
+vary by 2x; 5 interleaved rounds, medians of ratios to curl -o):
+
+- ``cli-none`` 0.61x, ``cli-batch`` 0.66x, wget 0.83x; against the code before blocks were
+  received straight from the socket and written by a thread of their own (``~base``),
+  ``cli-batch`` ran 1.26x as fast, ``cli-none`` 0.89x (its CPU the same, 3.7 s). Peak RSS
+  60 MB. Of a CLI run, 0.5 to 0.7 s is what a one-byte file costs too (interpreter start,
+  imports, planning, the job store, the records); without it the body runs at 0.74x
+  (none) and 0.77x (batch) of curl's whole time.
+- Chunk size, on the event loop: a ``cli-none`` run took 2.7 s of CPU with 256 KiB blocks,
+  3.5 s with 1 MiB blocks (``cli-none@1M``; larger blocks fall out of the CPU caches between the socket
+  copy, the write and the hash), so the default stays 256 KiB.
+- Where the time goes (py-spy, ``--durability none``): the loop thread is in ``read``
+  (the socket copy) and the writes about evenly, the hash thread is idle most of the
+  time; with 64 KiB ``bytes`` per read the loop also blocked on the hash queue and
+  spent a fifth of its samples in ``data_received``, both gone with reused blocks. curl
+  itself is CPU-bound in the kernel here (1.7 s of system time per GiB), so on two
+  busy cores a client that also hashes can match it only when the write, the hash and
+  the socket copy run on separate cores.
 """
 
 from __future__ import annotations
@@ -56,6 +88,7 @@ from pathlib import Path
 from contentdownload.transfer.files import sha256_file
 
 FILE_NAME = "payload.bin"
+TINY_NAME = "tiny.bin"  # one byte: what a CLI run costs besides the body
 BLOCK = 1 << 20
 
 
@@ -212,10 +245,10 @@ class Server:
                 self.proc.wait()
 
 
-def run_child(argv: list[str]) -> tuple[str, int, float, int, float]:
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[str, int, float, int, float]:
     """Run ``argv``; returns (stdout, exit code, wall seconds, peak RSS in bytes, CPU seconds) of that child alone."""
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
@@ -226,8 +259,10 @@ def run_child(argv: list[str]) -> tuple[str, int, float, int, float]:
     return stdout, proc.returncode, wall, rss, usage.ru_utime + usage.ru_stime
 
 
-def one_run(client: str, url: str, out: Path) -> tuple[float, int, float]:
+def one_run(client: str, url: str, out: Path, base: Path | None = None) -> tuple[float, int, float]:
     """Time one client; returns (seconds, peak RSS bytes, CPU seconds of the whole process). Raises on a failed download."""
+    name = client.partition("~")[0].partition("@")[0]
+    env = client_env(client, base)
     if client == "curl":
         stdout, code, _, rss, cpu = run_child(["curl", "-sS", "--fail", "-o", str(out), "-w", "%{time_total}", url])
         seconds = float(stdout.strip()) if code == 0 else float("nan")
@@ -235,10 +270,15 @@ def one_run(client: str, url: str, out: Path) -> tuple[float, int, float]:
         _, code, seconds, rss, cpu = run_child(["wget", "-q", "-O", str(out), url])
     elif client == "aria2c":
         _, code, seconds, rss, cpu = run_child(["aria2c", "-q", "-x1", "--allow-overwrite=true", "-d", str(out.parent), "-o", out.name, url])
-    elif client == "cli":
-        _, code, seconds, rss, cpu = run_child([sys.executable, "-m", "contentdownload", "get", url, "-o", str(out), "-q"])
+    elif name == "cli":
+        _, code, seconds, rss, cpu = run_child([sys.executable, "-m", "contentdownload", "get", url, "-o", str(out), "-q"], env)
+    elif name in CLI_LEVELS:
+        level = name.removeprefix("cli-")
+        _, code, seconds, rss, cpu = run_child([sys.executable, "-m", "contentdownload", "run", url, "-P", str(out.parent / name),
+                                                "--durability", level, "-q", "--no-progress"], env)
+        (out.parent / name / url.rsplit("/", 1)[-1]).rename(out)
     else:
-        stdout, code, _, rss, cpu = run_child([sys.executable, __file__, "--child", client, url, str(out)])
+        stdout, code, _, rss, cpu = run_child([sys.executable, __file__, "--child", client.partition("~")[0], url, str(out)], env)
         seconds = json.loads(stdout.strip().splitlines()[-1])["elapsed"] if code == 0 else float("nan")
     if code != 0:
         raise RuntimeError(f"{client} exited with {code}")
@@ -246,6 +286,21 @@ def one_run(client: str, url: str, out: Path) -> tuple[float, int, float]:
 
 
 TOOLS = ("curl", "wget", "aria2c")
+CLI_LEVELS = ("cli-none", "cli-batch", "cli-file")
+
+
+def client_env(client: str, base: Path | None) -> dict[str, str]:
+    """The environment of a contentdownload client: ``~base`` takes the code of the ``base`` checkout, ``@SIZE`` a chunk size."""
+    env = dict(os.environ)
+    spec, _, tree = client.partition("~")
+    if tree:
+        if base is None:
+            raise SystemExit(f"{client}: give --base DIR")
+        env["PYTHONPATH"] = os.pathsep.join([str(base / "core"), str(base / "plugins"), env.get("PYTHONPATH", "")])
+    _, _, size = spec.partition("@")
+    if size:
+        env["CONTENTDOWNLOAD_CHUNK_SIZE"] = str(parse_size(size))
+    return env
 
 
 def pick_clients(names: str) -> list[str]:
@@ -259,31 +314,49 @@ def pick_clients(names: str) -> list[str]:
     return clients
 
 
-def run_rounds(clients: list[str], url: str, work: Path, expected: str, repeat: int, settle: float) -> tuple[dict, dict, dict]:
-    """Every client once per round, rounds interleaved; (times, peak RSS, CPU) per client."""
+def run_rounds(clients: list[str], url: str, work: Path, expected: str, repeat: int, settle: float,
+               base: Path | None = None) -> tuple[dict, dict, dict, dict]:
+    """Every client once per round, rounds interleaved; (times, peak RSS, CPU, a CLI's time for one byte) per client."""
     outdir = work / "out"
     times: dict[str, list[float]] = {c: [] for c in clients}
     rss: dict[str, int] = {c: 0 for c in clients}
     cpu: dict[str, list[float]] = {c: [] for c in clients}
+    startup: dict[str, list[float]] = {c: [] for c in clients if is_cli(c)}
     one_run("curl" if "curl" in clients else clients[0], url, work / "warmup.bin")  # page cache warm
     (work / "warmup.bin").unlink(missing_ok=True)
+    for client in startup:  # byte-code compiled once, as an installed package has it
+        one_byte(client, url, outdir, base)
     for round_no in range(repeat):
         for client in clients:
             shutil.rmtree(outdir, ignore_errors=True)
             outdir.mkdir(parents=True)
-            out = outdir / f"{client.replace('@', '-')}.bin"
+            out = outdir / f"{client.replace('@', '-').replace('~', '-')}.bin"
             os.sync()
             time.sleep(settle)  # let the disk finish what the previous run left (e.g. discards)
-            seconds, peak, used = one_run(client, url, out)
+            seconds, peak, used = one_run(client, url, out, base)
             got = sha256_file(out)
             if got != expected:
                 raise SystemExit(f"{client} wrote wrong bytes (sha256 {got})")
             times[client].append(seconds)
             rss[client] = max(rss[client], peak)
             cpu[client].append(used)
+            if client in startup:
+                startup[client].append(one_byte(client, url, outdir, base))
             print(f"  round {round_no + 1} {client:<16} {seconds:7.3f} s", flush=True)
     shutil.rmtree(outdir, ignore_errors=True)
-    return times, rss, cpu
+    return times, rss, cpu, startup
+
+
+def is_cli(client: str) -> bool:
+    return client.partition("~")[0].partition("@")[0] in (*CLI_LEVELS, "cli")
+
+
+def one_byte(client: str, url: str, outdir: Path, base: Path | None) -> float:
+    """The seconds ``client`` takes for a one-byte file from the same server, into a folder of its own."""
+    folder = outdir / "one-byte"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return one_run(client, url.rsplit("/", 1)[0] + "/" + TINY_NAME, folder / TINY_NAME, base)[0]
 
 
 def ratio_to_curl(times: dict[str, list[float]], client: str) -> float | None:
@@ -293,22 +366,32 @@ def ratio_to_curl(times: dict[str, list[float]], client: str) -> float | None:
     return statistics.median(c / t for c, t in zip(times["curl"], times[client]))
 
 
-def report(size: int, times: dict, rss: dict, cpu: dict) -> None:
+def report(size: int, times: dict, rss: dict, cpu: dict, startup: dict) -> None:
     print()
-    print(f"{'client':<16} {'median s':>9} {'MiB/s':>8} {'vs curl':>8} {'best s':>7} {'peak RSS MB':>12} {'CPU s':>6}  runs (s)")
+    print(f"{'client':<16} {'median s':>9} {'MiB/s':>8} {'vs curl':>8} {'best s':>7} {'peak RSS MB':>12} {'CPU s':>6} "
+          f"{'1 byte s':>8} {'body vs curl':>12}  runs (s)")
     for client, runs in times.items():
         median = statistics.median(runs)
         ratio = ratio_to_curl(times, client)
+        start, body = "-", "-"
+        if client in startup and "curl" in times:  # the time besides start-up, planning and records, against curl's
+            start = f"{statistics.median(startup[client]):.2f}"
+            body = f"{statistics.median(c / max(t - s, 1e-6) for c, t, s in zip(times['curl'], runs, startup[client])):.2f}x"
         print(f"{client:<16} {median:9.3f} {size / 2**20 / median:8.1f} {f'{ratio:.2f}x' if ratio else '-':>8} {min(runs):7.3f} "
-              f"{rss[client] / 1e6:12.1f} {statistics.median(cpu[client]):6.2f}  {' '.join(f'{t:.2f}' for t in runs)}")
+              f"{rss[client] / 1e6:12.1f} {statistics.median(cpu[client]):6.2f} {start:>8} {body:>12}  {' '.join(f'{t:.2f}' for t in runs)}")
     print()
-    targets = (("legacy", "plain part store (durability off), SHA-256", 1.0), ("streaming", "durable part store (the default), SHA-256", 0.9))
-    for client, what, target in targets:
-        ratio = ratio_to_curl(times, client) if client in times else None
-        if ratio is not None:
-            verdict = "met" if ratio >= target else "MISSED"
-            print(f"{client:<10} vs curl -o: {ratio:.2f}x median of ratios ({what}; target >= {target}x: {verdict}); "
+    targets = (("cli-none", "the CLI, --durability none, SHA-256", 1.0), ("cli-batch", "the CLI, the default durability, SHA-256", 0.9))
+    for client in times:
+        target = next(((what, value) for name, what, value in targets if client.partition("@")[0] == name), None)
+        ratio = ratio_to_curl(times, client)
+        if target is not None and ratio is not None:
+            verdict = "met" if ratio >= target[1] else "MISSED"
+            print(f"{client:<14} vs curl -o: {ratio:.2f}x median of ratios ({target[0]}; target >= {target[1]}x: {verdict}); "
                   f"peak RSS {rss[client] / 1e6:.1f} MB (target < 100 MB)")
+    if any("~" in client for client in times):
+        for client in (c for c in times if "~" not in c and f"{c}~base" in times):
+            change = statistics.median(b / t for b, t in zip(times[f"{client}~base"], times[client]))
+            print(f"{client:<14} vs {client}~base: {change:.2f}x the speed (median of the rounds' ratios)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1G", help="payload size, e.g. 1G, 256M (default 1G)")
     parser.add_argument("--repeat", type=int, default=5, help="runs per client (default 5)")
     parser.add_argument("--server", choices=("auto", "nginx", "loopback"), default="auto")
-    parser.add_argument("--clients", default="streaming,legacy,cli,requests,curl,wget,aria2c",
-                        help="comma-separated; NAME@SIZE gives a pipeline client that chunk_size")
+    parser.add_argument("--clients", default="cli-none,cli-batch,streaming,legacy,curl,wget,aria2c",
+                        help="comma-separated; NAME@SIZE gives a client that chunk_size, NAME~base the --base checkout's code")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="another checkout of contentdownload (its core/ and plugins/) for the NAME~base clients")
     parser.add_argument("--workdir", type=Path, default=None, help="where the payload and outputs go (default: a temp folder)")
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds to wait after the write-back before each run (default 2)")
@@ -340,15 +425,20 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (work, serve):
         folder.chmod(0o755)  # nginx workers run as an unprivileged user
     expected = make_payload(serve / FILE_NAME, size)
+    (serve / TINY_NAME).write_bytes(b"x")
+    (serve / TINY_NAME).chmod(0o644)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the clients run from compiled byte code, as an installed package does
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(work / "pycache"))
     server = Server(kind, serve, work).start()
     print(f"{size / 2**20:.0f} MiB over loopback from {kind}; {args.repeat} runs per client; {os.cpu_count()} CPUs", flush=True)
     try:
-        times, rss, cpu = run_rounds(clients, f"{server.base_url}/{FILE_NAME}", work, expected, args.repeat, args.settle)
+        times, rss, cpu, startup = run_rounds(clients, f"{server.base_url}/{FILE_NAME}", work, expected, args.repeat, args.settle,
+                                     args.base.resolve() if args.base else None)
     finally:
         server.stop()
-    report(size, times, rss, cpu)
+    report(size, times, rss, cpu, startup)
     if args.json:
-        print(json.dumps({"size": size, "server": kind, "times": times, "peak_rss": rss, "cpu": cpu}, indent=2))
+        print(json.dumps({"size": size, "server": kind, "times": times, "peak_rss": rss, "cpu": cpu, "one_byte": startup}, indent=2))
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

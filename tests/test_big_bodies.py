@@ -136,3 +136,32 @@ def test_a_full_disk_in_the_writer_thread_is_raised_by_receive(tmp_path, monkeyp
     assert info.value.errno == errno.ENOSPC
     part.abandon()
     assert paths.part.stat().st_size == written[0]
+
+
+def test_a_stage_bounds_the_blocks_it_owns_and_never_blocks_on_the_caller_s():
+    """Blocks fed with their ``done`` are bounded by the caller's buffers: feeding them never waits on the thread
+    (an event loop must not); blocks fed without one wait once ``depth`` of them are queued."""
+    import threading
+
+    gate, seen = threading.Event(), []
+
+    def step(block, done):
+        gate.wait()
+        seen.append(block)
+        if done is not None:
+            done()
+
+    stage = blocks.Stage(step, threaded=True, name="test-stage", depth=2)
+    given_back = []
+    for i in range(10):  # the step is stuck: none of these may block
+        stage.feed(b"%d" % i, lambda i=i: given_back.append(i))
+    stage.feed(b"a")
+    stage.feed(b"b")  # both slots taken
+    third = threading.Thread(target=stage.feed, args=(b"c",))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive()  # waits for a slot
+    gate.set()
+    third.join()
+    stage.stop()
+    assert seen == [b"%d" % i for i in range(10)] + [b"a", b"b", b"c"] and given_back == list(range(10))

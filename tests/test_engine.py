@@ -326,23 +326,147 @@ def test_a_refused_connection():
     assert run(main()) == "connection_refused"
 
 
-def test_reading_pauses_above_the_high_water_mark(monkeypatch):
+def _chunked(data: bytes, piece: int = 64 << 10) -> bytes:
+    pieces = [data[i:i + piece] for i in range(0, len(data), piece)]
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(
+        b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+async def _until(predicate) -> None:
+    for _ in range(400):
+        if predicate():
+            return
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_reading_pauses_above_the_high_water_mark(monkeypatch, framing):
     monkeypatch.setattr(engine_module, "HIGH_WATER", 64 << 10)
     monkeypatch.setattr(engine_module, "LOW_WATER", 16 << 10)
     big = os.urandom(8 << 20)
+    reply = _chunked(big) if framing == "chunked" else ok(big)
 
     async def main():
-        async with Raw(lambda n, srv: ok(big)) as srv:
-            exchange = await make_engine().open(srv.url(), {})
+        async with Raw(lambda n, srv: reply) as srv:
+            exchange = await make_engine().open(srv.url(), {}, block_size=256 << 10)
             conn = exchange._conn
-            for _ in range(200):
-                if conn.paused:
-                    break
-                await asyncio.sleep(0.005)
-            assert conn.paused and conn.buffered < 4 << 20  # the rest waits in the kernel and the server
+            await _until(lambda: conn.paused or conn.starved)
+            assert (conn.paused or conn.starved) and conn.held < 4 << 20  # the rest waits in the kernel and the server
             return await body(exchange)
 
     assert run(main()) == big
+
+
+def test_a_sized_body_comes_in_reused_blocks_held_until_given_back(monkeypatch):
+    """Straight into blocks: a block held is never overwritten; with every block held, reading stops until one is given back."""
+    monkeypatch.setattr(engine_module, "HIGH_WATER", 128 << 10)  # two blocks of 64 KiB
+    big = os.urandom(2 << 20)
+
+    async def main():
+        async with Raw(lambda n, srv: ok(big)) as srv:
+            engine = make_engine()
+            held, copies = [], []
+            for _ in range(2):  # the second exchange reuses the connection and its blocks
+                exchange = await engine.open(srv.url(), {}, block_size=64 << 10)
+                async for data, give_back in exchange.blocks():
+                    copies.append(bytes(data))
+                    if give_back is None:  # parsed with the headers
+                        continue
+                    held.append((data, give_back, bytes(data)))
+                    if len(held) > 3:  # hold a few, then give back the oldest
+                        data, give_back, copy = held.pop(0)
+                        assert data == copy  # nothing was received into a block still held
+                        give_back()
+                    if sum(len(d) for d, _, _ in held) >= 128 << 10:
+                        await _until(lambda: exchange._conn.starved)
+                        assert exchange._conn.starved  # every block held: reading waits
+                        held.pop(0)[1]()
+                for data, give_back, copy in held:
+                    assert data == copy
+                    give_back()
+                held.clear()
+            assert exchange._conn._pool.count <= 3  # two, and at most one more asked for while starved
+            return b"".join(copies), srv.connections
+
+    data, connections = run(main())
+    assert data == big * 2 and connections == 1
+
+
+class _Transport:
+    """What a connection asks of its transport, recorded."""
+
+    def __init__(self):
+        self.paused, self.written = False, []
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def write(self, data):
+        self.written.append(data)
+
+    def close(self):
+        pass
+
+
+def test_bytes_delivered_while_every_block_is_held_are_kept_in_order(monkeypatch):
+    """A transport may still deliver bytes after reading was paused (TLS hands over what it already decrypted):
+    they go into one block past the limit, and reading resumes into that block, not a new one."""
+    monkeypatch.setattr(engine_module, "HIGH_WATER", 2 << 10)  # two blocks of 1 KiB
+    body = os.urandom(5 << 10)
+    wire = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+    def deliver(conn, data):
+        while data:
+            buffer = conn.get_buffer(-1)
+            n = min(len(buffer), len(data))
+            buffer[:n] = data[:n]
+            conn.buffer_updated(n)
+            data = data[n:]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        conn = engine_module._Connection(loop, ("http", "x", 80))
+        transport = _Transport()
+        conn.connection_made(transport)
+        conn.start(b"GET / HTTP/1.1\r\n\r\n", 1 << 10)
+        header_end = wire.index(b"\r\n\r\n") + 4
+        deliver(conn, wire[:header_end + 10])  # the headers and the body's first bytes, parsed
+        deliver(conn, wire[header_end + 10:header_end + 2058])  # two blocks: all held now
+        assert conn.starved and transport.paused
+        deliver(conn, wire[header_end + 2058:header_end + 2558])  # delivered anyway
+        got, held = [], []
+        for _ in range(3):  # the parsed bytes and the two full blocks; the bytes in the block past the limit stay
+            block = conn.take()
+            got.append(bytes(block[0]))
+            held.append(block[1])
+        for give_back in held:
+            if give_back is not None:
+                give_back()
+        await asyncio.sleep(0)  # the loop runs what the give-backs asked for
+        assert not conn.starved and not transport.paused
+        deliver(conn, wire[header_end + 2558:])
+        while (block := conn.take()) is not None:
+            got.append(bytes(block[0]))
+            if block[1] is not None:
+                block[1]()
+        return b"".join(got), conn.complete
+
+    assert run(main()) == (body, True)
+
+
+def test_bytes_after_a_sized_body_end_the_connection_s_reuse():
+    async def main():
+        async with Raw(lambda n, srv: ok(b"x" * 300_000) + b"HTTP/1.1 200 OK\r\n") as srv:
+            engine = make_engine()
+            first = await body(await engine.open(srv.url(), {}, block_size=64 << 10))
+            second = await body(await engine.open(srv.url(), {}))
+            return first, second, srv.connections
+
+    first, second, connections = run(main())
+    assert first == second == b"x" * 300_000 and connections == 2
 
 
 def test_https_with_the_run_s_ca_bundle(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -132,6 +133,7 @@ def both(tmp_path, loop, runtime, server, url: str, name: str, arm=lambda: None,
 BODY = os.urandom(80_000)
 SMALL = os.urandom(5_000)
 BIG = os.urandom(1_500_000)  # past one checkpoint: stream_io's
+HUGE = os.urandom((9 << 20) + 4321)  # hashed and written by threads of their own, checkpoints started by the writer
 
 
 def _lying_digest(server):
@@ -188,6 +190,8 @@ CASES = {
                              {"options": TransferOptions(chunk_size=16 << 10, checkpoint_bytes=1 << 20, timeout=(5.0, 1.0),
                                                          max_bytes=50_000)}), (), ()),
     "past one checkpoint": (lambda s: (s.add_file("/big.bin", BIG), {}), (), ()),
+    "huge": (lambda s: (s.add_file("/huge.bin", HUGE), {}), (), ()),
+    "huge cut": (lambda s: (s.add_file("/hugecut.bin", HUGE), {}), (Fault.cut_after((8 << 20) + 777),), ()),
 }
 
 
@@ -195,7 +199,7 @@ CASES = {
 ENGINE_ANSWERS = {"ok", "small", "empty", "no validators", "weak etag", "html for a pdf", "lying repr-digest", "matching digests",
                   "lying content-digest", "cut", "cut small", "cut before the body", "reset", "short body", "stall", "too slow",
                   "delay", "size given", "etag changed", "content changed", "range ignored", "signed",
-                  "past one checkpoint", "signature refused", "404", "410"}  # the last three: a final failure, no body read
+                  "past one checkpoint", "huge", "huge cut", "signature refused", "404", "410"}  # the last three: a final failure, no body read
 
 
 def _comparable(outcome: dict, ignore: tuple[str, ...]) -> dict:
@@ -260,6 +264,34 @@ def test_cancelled_from_progress_propagates_and_keeps_the_part(tmp_path, loop, r
             Async(loop, runtime, side).run(ctx)
     assert calls and ctx.paths.part.stat().st_size == ctx.effects.bytes_written == calls[0]
     assert json.loads(ctx.paths.sidecar.read_text())["committed"] == calls[0]
+    assert not ctx.paths.final.exists()
+
+
+def test_a_full_disk_met_by_the_writer_thread_is_a_disk_error_and_keeps_the_bytes_written(tmp_path, loop, runtime, server,
+                                                                                          monkeypatch):
+    from contentdownload.errors import DiskError
+    from contentdownload.transfer import blocks
+
+    url = server.add_file("/full.bin", HUGE)
+    real_write, written = os.write, [0]
+
+    def write(fd, data):
+        if written[0] >= 5 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, data)
+        written[0] += n
+        return n
+
+    with HttpClient(timeout=OPTIONS.timeout, retries=0) as http:
+        side = Side(tmp_path / "a", http)
+        ctx = side.context(url, "full.bin")
+        monkeypatch.setattr(blocks.os, "write", write)
+        with pytest.raises(DiskError) as raised:
+            Async(loop, runtime, side).run(ctx)
+        monkeypatch.undo()
+    assert raised.value.reason == "disk_full"
+    assert ctx.paths.part.stat().st_size == written[0] and ctx.paths.part.read_bytes() == HUGE[:written[0]]
+    assert json.loads(ctx.paths.sidecar.read_text())["committed"] <= written[0]  # never more than the file holds
     assert not ctx.paths.final.exists()
 
 

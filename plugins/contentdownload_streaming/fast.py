@@ -57,7 +57,8 @@ class _Fast:
         headers = {**ctx.http.session().headers, **attempt.headers}
         try:
             exchange = await self.engine.open(ctx.url, headers, timeout=(attempt.guard.timeout(connect, body=False),
-                                                                         attempt.guard.timeout(read, body=False)))
+                                                                         attempt.guard.timeout(read, body=False)),
+                                              block_size=ctx.options.chunk_size)
         except (TransportError, ValueError):
             return None  # nothing written: the dispatcher hands the decision to stream_io, in a thread
         if exchange.status in PAUSE_STATUSES:  # the host's pause, as the client's retry would note it, before stream_io asks again
@@ -112,12 +113,12 @@ class _Fast:
 
         checkpoint_every, since = max(int(ctx.options.chunk_size), int(ctx.options.checkpoint_bytes)), 0
         guard.start_body()
-        blocks: Any = exchange.chunks(timeout=wait)
+        blocks: Any = exchange.blocks(timeout=wait)
         async with contextlib.aclosing(blocks):
             try:
-                async for block in blocks:
+                async for block, give_back in blocks:  # a reused buffer, given back once written and hashed
                     guard.received(len(block))
-                    taken = part.take(block, ctx.effects, ctx.options.max_bytes)
+                    taken = part.take(block, ctx.effects, ctx.options.max_bytes, give_back)
                     if isinstance(taken, BodyOutcome):
                         return taken
                     if ctx.progress is not None:
@@ -126,6 +127,7 @@ class _Fast:
                     if since >= checkpoint_every:  # fsynced in a thread, then the sidecar's count (as Part.receive does)
                         part.checkpoint(background=True)
                         since = 0
+                part.flush()  # the writer thread's last writes (a full disk is raised here)
             except TRANSPORT_ERRORS as exc:
                 disk = DiskError.of(exc)
                 if disk is not None:  # the part's disk, not the connection: the run stops, nothing is asked again

@@ -61,6 +61,10 @@ class Stage:
     ``step`` calls it or hands it on. In a thread, the first error of ``step`` is kept:
     later blocks are skipped (their ``done`` called) and :meth:`raise_error`, :meth:`drain`
     or :meth:`stop` raises it in the caller's thread.
+
+    Memory: a block fed with a ``done`` is bounded by its caller (who has so many buffers
+    and waits for one to come back), so :meth:`feed` never blocks on it; at most ``depth``
+    blocks fed without one wait at once (:meth:`feed` blocks for the next).
     """
 
     def __init__(self, step: Callable[[Any, Done | None], None], threaded: bool, name: str, depth: int = DEPTH):
@@ -68,20 +72,24 @@ class Stage:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         if threaded:
-            self.queue: queue.Queue[tuple[Any, Done | None] | None] = queue.Queue(depth)
+            self.queue: queue.Queue[tuple[Any, Done | None, bool] | None] = queue.Queue()
+            self.slots = threading.BoundedSemaphore(depth)
             self.thread = threading.Thread(target=self._run, name=name, daemon=True)
             self.thread.start()
 
     def feed(self, block: bytes | memoryview, done: Done | None = None) -> None:
-        if self.thread is not None:
-            self.queue.put((block, done))
-        else:
+        if self.thread is None:
             self.step(block, done)
+            return
+        slot = done is None
+        if slot:
+            self.slots.acquire()
+        self.queue.put((block, done, slot))
 
     def _run(self) -> None:
         get, task_done = self.queue.get, self.queue.task_done
         while (item := get()) is not None:
-            block, done = item
+            block, done, slot = item
             try:
                 if self.error is None:
                     self.step(block, done)
@@ -91,6 +99,8 @@ class Stage:
             finally:
                 if done is not None:
                     done()
+                if slot:
+                    self.slots.release()
                 task_done()
         task_done()
 

@@ -9,10 +9,19 @@ keep-alive response's body was read to its end, and :meth:`Exchange.abandon` clo
 A request that finds a pooled connection closed by the server before any byte of the
 answer is sent once more on a new connection (what urllib3 does too).
 
+Reading: each connection is an :class:`asyncio.BufferedProtocol`. The status line and
+headers are read into one reused buffer and parsed there; a ``2xx`` body framed by one
+``Content-Length`` is then received straight into reused blocks of ``block_size`` bytes
+(:meth:`Engine.open`; no parser, no ``bytes`` object per read) and handed on as
+memoryviews with the function that gives the block back (:meth:`Exchange.blocks`), so a
+big body is copied once, from the socket to its block, whatever reads it next (a writer,
+a hash thread). Chunked bodies and bodies ending at close go through the parser.
+
 Timeouts: ``connect_timeout`` for the connection (and the TLS handshake), then
 ``read_timeout`` for the headers and between body blocks. Flow control: reading pauses
-while more than :data:`HIGH_WATER` body bytes wait to be consumed, and resumes once they
-are down to :data:`LOW_WATER`. Failures are the :class:`~contentdownload.errors.TransportError`
+while more than :data:`HIGH_WATER` body bytes wait to be consumed (or, straight into
+blocks, while every block of a connection's :data:`HIGH_WATER` worth is still held), and
+resumes once they are down to :data:`LOW_WATER` (once a block is given back). Failures are the :class:`~contentdownload.errors.TransportError`
 tree; a body shorter than its ``Content-Length`` or a chunked body cut mid-way raises
 :class:`~contentdownload.errors.EngineIncompleteBody`, never ends quietly.
 
@@ -23,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
+import threading
 from typing import Any, AsyncIterator, Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -42,8 +53,12 @@ from contentdownload.transfer.headers import HeaderFields
 from contentdownload.version import __version__
 
 #: Body bytes buffered before the connection stops reading (and resumes at :data:`LOW_WATER`).
-HIGH_WATER = 1 << 20
+HIGH_WATER = 8 << 20
 LOW_WATER = HIGH_WATER // 4
+#: The size of a body block read straight from the socket, unless :meth:`Engine.open` is given another.
+BLOCK_SIZE = 1 << 20
+#: The buffer the status line, headers and parsed bodies are read into, one per connection.
+READ_BUFFER = 256 << 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 PoolKey = tuple[str, str, int]
@@ -67,14 +82,97 @@ def _wait(loop: asyncio.AbstractEventLoop, future: asyncio.Future, timeout: floa
     return future
 
 
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: parses responses, buffers body blocks, pauses reading above the high-water mark."""
+Block = tuple["bytes | memoryview", "Callable[[], None] | None"]
+
+
+class _Buffer:
+    """One reused block: ``filled`` bytes received, the first ``taken`` of them handed on, ``held`` views not given back.
+
+    One byte more than ``size`` is there to read into: the first byte after a body that ends in the block.
+    """
+
+    __slots__ = ("view", "filled", "taken", "held", "retired")
+
+    def __init__(self, size: int):
+        self.view = memoryview(bytearray(size + 1))
+        self.filled = self.taken = self.held = 0
+        self.retired = False  # filled, or the body ended in it: back to the free list once nothing holds it
+
+
+class _Blocks:
+    """A connection's blocks of ``size`` bytes, at most ``limit``; given back from any thread (a hash thread).
+
+    :meth:`take` a free one (``None`` when all are held: ``on_free`` is then called, in the
+    loop, once one is given back).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int, limit: int, on_free: Callable[[], None]):
+        self.loop, self.size, self.limit, self.on_free = loop, size, limit, on_free
+        self.free: list[_Buffer] = []
+        self.count = 0
+        self.waiting = False
+        self.lock = threading.Lock()
+
+    def take(self, *, force: bool = False) -> _Buffer | None:
+        """A free block, or a new one while fewer than ``limit`` exist (or ``force``)."""
+        with self.lock:
+            if self.free:
+                return self.free.pop()
+            if self.count >= self.limit and not force:
+                self.waiting = True
+                return None
+            self.count += 1
+        return _Buffer(self.size)
+
+    def cut(self, buffer: _Buffer) -> Block:
+        """The bytes of ``buffer`` received since the last cut, and the function that gives them back."""
+        view = buffer.view[buffer.taken:buffer.filled]
+        buffer.taken = buffer.filled
+        with self.lock:
+            buffer.held += 1
+        return view, lambda: self._give(buffer)
+
+    def retire(self, buffer: _Buffer) -> None:
+        """Nothing more goes into ``buffer``: free once every view of it is given back."""
+        with self.lock:
+            buffer.retired = True
+            self._free_if_unheld(buffer)
+
+    def _give(self, buffer: _Buffer) -> None:
+        with self.lock:
+            buffer.held -= 1
+            wake = self._free_if_unheld(buffer) and self.waiting
+            if wake:
+                self.waiting = False
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                self.loop.call_soon_threadsafe(self.on_free)
+
+    def _free_if_unheld(self, buffer: _Buffer) -> bool:
+        if buffer.held or not buffer.retired:
+            return False
+        buffer.filled = buffer.taken = 0
+        buffer.retired = False
+        self.free.append(buffer)
+        return True
+
+    @property
+    def in_use(self) -> int:
+        """Bytes in blocks not free."""
+        return (self.count - len(self.free)) * self.size
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One HTTP/1.1 connection: parses responses, receives a sized body into blocks, pauses reading above the high-water mark."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey):
         self.loop, self.key = loop, key
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.used_before = False  # taken from the pool (so a failure before any byte may be a stale keep-alive)
+        self._read_buffer: memoryview | None = None
+        self._pool: _Blocks | None = None
+        self.block_size = BLOCK_SIZE
         self._reset()
 
     def _reset(self) -> None:
@@ -85,33 +183,61 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.got_bytes = False
         self.headers_done: asyncio.Future = self.loop.create_future()
-        self.blocks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
+        self.blocks: collections.deque[Block] = collections.deque()
+        self.buffered = 0  # parsed body bytes not taken yet
         self.received = 0
         self.complete = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future | None = None
-        self.paused = False
+        self.paused = False  # by the parsed bytes buffered
+        self.starved = False  # every block held
         self.active = False
+        self._sized: int | None = None  # the body's length, when it may go straight into blocks
+        self._left: int | None = None  # body bytes still to come straight into blocks (``None``: parsed)
+        self._current: _Buffer | None = None
 
-    # -- asyncio.Protocol ---------------------------------------------------------------
+    # -- asyncio.BufferedProtocol --------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._left:
+            current = self._current
+            if current is None:  # asked while starved (reading is paused): one block past the limit
+                assert self._pool is not None
+                current = self._current = self._pool.take(force=True)
+            assert current is not None and self._pool is not None
+            free = self._pool.size - current.filled
+            return current.view[current.filled:current.filled + (self._left + 1 if self._left <= free else free)]
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(READ_BUFFER))
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if not self.active:  # bytes nobody asked for: the connection cannot be trusted any more
             self.close()
             return
         self.got_bytes = True
+        if self._left is not None:
+            if self._left == 0:  # bytes after the body: this connection cannot be reused
+                self.keep_alive = False
+                self.close()
+                return
+            self._received_into_block(nbytes)
+            return
+        assert self._read_buffer is not None
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(self._read_buffer[:nbytes])
         except httptools.HttpParserError as exc:
             if self.complete:  # garbage after a finished response: only this connection's reuse is lost
                 self.keep_alive = False
             else:
                 self._fail(EngineProtocolError(f"bad response: {exc}"))
             self.close()
+            return
+        if self._sized is not None and not self.complete and self.error is None:
+            self._start_blocks(self._sized)
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -142,21 +268,87 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
+        self._sized = self._sized_length()
         if not self.headers_done.done():
             self.headers_done.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        self.blocks.append(body)
+        self.blocks.append((body, None))
         self.buffered += len(body)
         self.received += len(body)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+        if self.buffered > HIGH_WATER and not self.paused:
             self.paused = True
-            self.transport.pause_reading()
+            self._pause()
         self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
         self._wake()
+
+    # -- a body straight into blocks ------------------------------------------------------
+
+    def _sized_length(self) -> int | None:
+        """The body's length when it is a ``2xx`` framed by one ``Content-Length`` alone (what goes straight into blocks)."""
+        if not 200 <= self.status < 300 or self.status == 204:
+            return None
+        names = [name.lower() for name, _ in self.fields]
+        if names.count("content-length") != 1 or "transfer-encoding" in names:
+            return None
+        length = self.fields[names.index("content-length")][1].strip()
+        return int(length) if length.isdigit() else None
+
+    def _start_blocks(self, length: int) -> None:
+        """The headers (and maybe the body's first bytes) are parsed: the rest of the body goes straight into blocks."""
+        self._left = length - self.received
+        if self._pool is None or self._pool.size != self.block_size:
+            self._pool = _Blocks(self.loop, self.block_size, max(2, HIGH_WATER // self.block_size), self._unstarve)
+        self._next_block()
+
+    def _next_block(self) -> None:
+        assert self._pool is not None
+        self._current = self._pool.take()
+        if self._current is None and not self.starved:
+            self.starved = True
+            self._pause()
+
+    def _unstarve(self) -> None:
+        """A block was given back: reading goes on (into a block taken while starved, if one was)."""
+        if not self.starved or not self._left or self.closed:
+            return
+        if self._current is None:
+            assert self._pool is not None
+            self._current = self._pool.take()
+            if self._current is None:  # none free after all: the pool tells again when one is
+                return
+        self.starved = False
+        self._resume()
+
+    def _received_into_block(self, nbytes: int) -> None:
+        current, pool = self._current, self._pool
+        assert current is not None and pool is not None and self._left is not None
+        if nbytes > self._left:  # bytes after the body: this connection cannot be reused
+            nbytes = self._left
+            self.keep_alive = False
+        current.filled += nbytes
+        self.received += nbytes
+        self._left -= nbytes
+        if self._left == 0 or current.filled == pool.size:
+            self.blocks.append(pool.cut(current))
+            pool.retire(current)
+            self._current = None
+            if self._left == 0:
+                self.on_message_complete()
+                return
+            self._next_block()
+        self._wake()
+
+    def _pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if not self.paused and not self.starved and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     # -- the exchange's side ------------------------------------------------------------
 
@@ -194,28 +386,38 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def start(self, request: bytes) -> None:
-        """Send ``request`` on a connection ready for a new exchange."""
+    def start(self, request: bytes, block_size: int) -> None:
+        """Send ``request`` on a connection ready for a new exchange, its body to be read in blocks of ``block_size``."""
         self._reset()
         self.active = True
+        self.block_size = block_size
         assert self.transport is not None
         self.transport.write(request)
 
-    def take(self) -> bytes | None:
-        """The next buffered body block (``None`` when none is buffered); resumes reading once drained."""
-        if not self.blocks:
-            return None
-        block = self.blocks.popleft()
-        self.buffered -= len(block)
-        if self.paused and self.buffered <= LOW_WATER and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-        return block
+    def take(self) -> Block | None:
+        """The next body block and the function that gives it back (``None``: nothing to give back; ``None`` when none is buffered)."""
+        if self.blocks:
+            block = self.blocks.popleft()
+            if block[1] is None:
+                self.buffered -= len(block[0])
+                if self.paused and self.buffered <= LOW_WATER:
+                    self.paused = False
+                    self._resume()
+            return block
+        current = self._current
+        if current is not None and current.filled > current.taken and self._pool is not None:
+            return self._pool.cut(current)
+        return None
 
     def more(self, timeout: float | None) -> asyncio.Future:
         """A future done when a block, the end or a failure arrives (failing after ``timeout`` seconds)."""
         self.waiter = self.loop.create_future()
         return _wait(self.loop, self.waiter, timeout, lambda: EngineReadTimeout(f"no body bytes for {timeout:g} s"))
+
+    @property
+    def held(self) -> int:
+        """Body bytes received and not given back yet (parsed ones not taken, blocks not free)."""
+        return self.buffered + (self._pool.in_use if self._pool is not None else 0)
 
     @property
     def reusable(self) -> bool:
@@ -268,10 +470,14 @@ class Exchange:
         """Body bytes received so far."""
         return self._conn.received
 
-    async def chunks(self, *, timeout: Callable[[], float | None] | None = None) -> AsyncIterator[bytes]:
-        """The body as it arrives (de-chunked, not decoded), to its end; raises a :class:`~contentdownload.errors.TransportError`.
+    async def blocks(self, *, timeout: Callable[[], float | None] | None = None) -> AsyncIterator[Block]:
+        """The body as it arrives (de-chunked, not decoded), to its end, as ``(data, give_back)``; raises a
+        :class:`~contentdownload.errors.TransportError`.
 
-        ``timeout()`` gives the seconds to wait for each next block (default: the engine's read timeout).
+        ``data`` is a memoryview of a reused block when ``give_back`` is a function: call it (from
+        any thread) once nothing reads ``data`` any more; until then the block is not reused,
+        and reading pauses when all of the connection's blocks are held. ``timeout()`` gives the
+        seconds to wait for each next block (default: the engine's read timeout).
         """
         conn, engine = self._conn, self._engine
         try:
@@ -287,6 +493,16 @@ class Exchange:
                 await conn.more(timeout() if timeout is not None else engine.read_timeout)
         finally:
             self._finish()
+
+    async def chunks(self, *, timeout: Callable[[], float | None] | None = None) -> AsyncIterator[bytes | memoryview]:
+        """:meth:`blocks` for a reader done with each block before it asks for the next (each is given back then)."""
+        async with contextlib.aclosing(self.blocks(timeout=timeout)) as blocks:
+            async for data, give_back in blocks:
+                try:
+                    yield data
+                finally:
+                    if give_back is not None:
+                        give_back()
 
     def _finish(self) -> None:
         if not self._done:
@@ -322,10 +538,11 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self, url: str, headers: Mapping[str, str], *,
-                   timeout: tuple[float | None, float | None] | None = None) -> Exchange:
+                   timeout: tuple[float | None, float | None] | None = None, block_size: int = BLOCK_SIZE) -> Exchange:
         """Send a GET for ``url``; returns once the status line and headers are parsed.
 
         ``timeout``: (connect, read) seconds for this request instead of the engine's.
+        ``block_size``: the bytes of a block a sized body is received into (see :meth:`Exchange.blocks`).
         """
         connect, read = timeout if timeout is not None else (self.connect_timeout, self.read_timeout)
         key, target = _target(url)
@@ -333,7 +550,7 @@ class Engine:
         while True:
             conn = await self._acquire(key, connect)
             try:
-                conn.start(request)
+                conn.start(request, block_size)
                 await _wait(conn.loop, conn.headers_done, read, lambda: EngineReadTimeout(f"no response headers for {read:g} s"))
             except (EngineConnectionLost, EngineReadTimeout) as exc:
                 stale = conn.used_before and not conn.got_bytes and isinstance(exc, EngineConnectionLost)

@@ -286,6 +286,17 @@ def hash_prefix(fd: int, length: int, *digests: Any) -> None:
 # -- a part -----------------------------------------------------------------------------
 
 
+#: Fed to a part's writer thread: start a checkpoint once every byte before it is written.
+_CHECKPOINT = memoryview(b"")
+
+
+def _given_back(done: Callable[[], None] | None, outcome: "BodyOutcome") -> "BodyOutcome":
+    """``outcome``, once ``done`` (the block not appended) is called."""
+    if done is not None:
+        done()
+    return outcome
+
+
 @attrs.frozen(kw_only=True)
 class BodyOutcome:
     """How :meth:`Part.receive` ended: ``error`` (a transport error that stopped it), ``too_large``,
@@ -348,10 +359,17 @@ class Part:
         return data
 
     def _write(self, data: bytes | memoryview, done: Callable[[], None] | None = None) -> None:
-        """Append ``data``: written whole and hashed (``done`` once both are done), by :meth:`receive`'s writer while it runs."""
+        """Append ``data``: written whole and hashed (``done`` once both are done), by the writer thread while one runs."""
         self.position += len(data)
         if self._writer is not None:
             self._writer.feed(data, done)
+        else:
+            self._put(data, done)
+
+    def _write_step(self, data: bytes | memoryview, done: Callable[[], None] | None) -> None:
+        """The writer thread's step: a block (see :meth:`_put`), or :data:`_CHECKPOINT` (see :meth:`checkpoint`)."""
+        if data is _CHECKPOINT:
+            self._start_checkpoint(self._written)
         else:
             self._put(data, done)
 
@@ -390,12 +408,11 @@ class Part:
         writing and hashing overlap; a write error (a full disk) is raised here, and every
         block handed over is in the file when this returns.
         """
-        self._writer = Stage(self._put, self.hasher.thread is not None, "contentdownload-write")
+        self._writer = Stage(self._write_step, self.hasher.thread is not None, "contentdownload-write")
         try:
             return self._receive(source, effects, progress, max_bytes, checkpoint_every, heartbeat, errors, block_size)
         finally:
-            writer, self._writer = self._writer, None
-            writer.stop()
+            self.flush()
 
     def _receive(self, source: Any, effects: Effects, progress: Callable[[int], None] | None, max_bytes: int | None,
                  checkpoint_every: int | None, heartbeat: Callable[[], None] | None,
@@ -424,26 +441,44 @@ class Part:
                 if heartbeat is not None:
                     heartbeat()
 
-    def take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None = None) -> BodyOutcome | int:
+    def take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None = None,
+             done: Callable[[], None] | None = None) -> BodyOutcome | int:
         """Check, then append one received block, as :meth:`receive` does for each (for a caller reading the body itself).
 
         The bytes appended (``effects`` told), or the :class:`BodyOutcome` that ends the body
-        (past ``max_bytes``, or an overlap mismatch: the part was discarded).
+        (past ``max_bytes``, or an overlap mismatch: the part was discarded). ``done`` is
+        called once nothing reads ``data`` any more (written and hashed, maybe later in the
+        hash thread; at once when it is not appended), so the caller may reuse its buffer.
+        A big body (hashed in a thread) is written by a thread of its own, started here: a
+        write error is raised by a later call, and :meth:`flush` (or :meth:`close`) waits
+        for every byte taken to be in the file. Without a ``done``, the bytes of a few
+        blocks at most wait for the threads (this call blocks for the next).
         """
-        return self._take(data, effects, max_bytes, None)
+        if self._writer is None and self.hasher.thread is not None:
+            self._writer = Stage(self._write_step, True, "contentdownload-write")
+        taken = self._take(data, effects, max_bytes, done)
+        if self._writer is not None:
+            self._writer.raise_error()
+        return taken
+
+    def flush(self) -> None:
+        """Wait until every byte taken is written (the writer thread, if any, ended); raises the write's error."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.stop()
 
     def _take(self, data: bytes | memoryview, effects: Effects, max_bytes: int | None,
               done: Callable[[], None] | None) -> BodyOutcome | int:
         """Check, then write one received block: the bytes appended (past the overlap), or a :class:`BodyOutcome` when the body must stop here."""
         if max_bytes is not None and self.position + len(data) - (self.overlap.pending if self.overlap else 0) > max_bytes:
             self.discard()
-            return BodyOutcome(too_large=True)
+            return _given_back(done, BodyOutcome(too_large=True))
         try:
             data = self._past_overlap(data)
         except OverlapMismatch:
             log.warning("the bytes re-read before the resume offset differ: the origin changed", part=self.paths.part.name)
             self.discard()
-            return BodyOutcome(overlap_mismatch=True)
+            return _given_back(done, BodyOutcome(overlap_mismatch=True))
         effects.wrote(len(data))
         if data:
             self._write(data, done)
@@ -454,20 +489,31 @@ class Part:
     def checkpoint(self, *, background: bool = False) -> None:
         """Make the bytes so far durable, then record their count in the sidecar (durable mode; plain: nothing to do).
 
-        ``background``: fsync in a thread so the transfer goes on (skipped while one runs).
+        ``background``: fsync in a thread so the transfer goes on (skipped while one runs);
+        with a writer thread, that thread starts it once the bytes so far are written, so
+        this never waits for the writes.
         """
         if not self.store.durable or self.meta is None:
             return
-        if background and self._checkpoint is not None and self._checkpoint.is_alive():
+        writer = self._writer
+        if background and writer is not None and writer.thread is not None:
+            writer.feed(_CHECKPOINT)
+            return
+        if writer is not None:
+            writer.drain()  # every byte counted is in the file before it is synced
+        if background:
+            self._start_checkpoint(self._written)
             return
         self._wait_checkpoint()
-        if self._writer is not None:
-            self._writer.drain()  # every byte counted is in the file before it is synced
-        if not background:
-            self._sync(self.position, durable=True)
-            self._raise_checkpoint_error()
+        self._sync(self._written, durable=True)
+        self._raise_checkpoint_error()
+
+    def _start_checkpoint(self, position: int) -> None:
+        """Sync the first ``position`` bytes (all written) and record them, in a thread; skipped while one runs."""
+        if self._checkpoint is not None and self._checkpoint.is_alive():
             return
-        self._checkpoint = threading.Thread(target=self._sync, args=(self.position, True),
+        self._wait_checkpoint()
+        self._checkpoint = threading.Thread(target=self._sync, args=(position, True),
                                             name="contentdownload-checkpoint", daemon=True)
         self._checkpoint.start()
 
@@ -502,6 +548,7 @@ class Part:
 
         A complete part is committed without an fsync: :meth:`PartStore.promote` makes it durable.
         """
+        self.flush()
         self._wait_checkpoint()
         digest = self.hasher.hexdigest() if sha else (self.hasher.stop(), None)[1]
         if not self.closed:
@@ -513,6 +560,8 @@ class Part:
 
     def abandon(self) -> None:
         """Stop after an interruption: make what was written durable and recorded, keep the part for a resume."""
+        with contextlib.suppress(OSError):  # a failed write: what is in the file is recorded below
+            self.flush()
         self.hasher.stop()
         if self.closed:
             return
@@ -527,9 +576,8 @@ class Part:
 
     def discard(self) -> None:
         """Close and delete the part and its sidecar."""
-        if self._writer is not None:  # discarded while receiving: let the writer finish with the file first
-            with contextlib.suppress(OSError):
-                self._writer.drain()
+        with contextlib.suppress(OSError):  # discarded while receiving: let the writer finish with the file first
+            self.flush()
         self._wait_checkpoint()
         self.hasher.stop()
         self._close_fd()
