@@ -17,6 +17,8 @@ from contentdownload.machinery.runtime import Runtime
 from contentdownload.store import open_store
 
 from test_cost_bounds import Counting
+from contentdownload.testing.pg import create_database, fresh_postgres_dsn, postgres_dsn  # noqa: F401  (fixtures)
+from test_store_conformance import url  # noqa: F401  (fixture)
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 PAGE, PAGES = 40, 3
@@ -88,3 +90,26 @@ def test_a_rerun_of_finished_jobs_reads_no_manifest_and_records_them_a_page_at_a
     calls = counting[0].calls
     assert calls["batched"] <= PAGES and calls["lookup"] <= 2 * PAGES and calls["get"] == calls["records"] == 0, calls
     assert calls["plan"] <= PAGES and calls["claim_key"] == 0, calls
+
+
+def test_op_begin_many_answers_as_op_begin_one_by_one_would(url):
+    """On the three stores: new, pending (and set pending again), done, failed (set pending), a key twice;
+    the statuses and what is recorded match successive ``op_begin`` calls."""
+    from test_store_batch import planned_store
+
+    store = planned_store(url, 4)
+    try:
+        for op in ("pending", "done", "failed"):
+            store.op_begin(op, "k0000", "manifest", 0)
+        store.op_done("done", {"ok": True})
+        store.op_failed("failed", "gone")
+        ops = [("new", "k0001", "manifest", 0), ("pending", "k0000", "manifest", 3), ("done", "k0000", "manifest", 3),
+               ("failed", "k0000", "manifest", 3), ("new", "k0001", "manifest", 0)]
+        assert store.op_begin_many(ops) == ["new", "pending", "done", "failed", "pending"]
+        assert store.op_begin_many([]) == []
+        got = {op: store.op_get(op) for op in ("new", "pending", "done", "failed")}
+        assert {op: r["status"] for op, r in got.items()} == {"new": "pending", "pending": "pending", "done": "done", "failed": "pending"}
+        assert got["pending"]["epoch"] == got["failed"]["epoch"] == 3 and got["done"]["result"] == {"ok": True}
+        assert got["new"]["job_key"] == "k0001"
+    finally:
+        store.close()

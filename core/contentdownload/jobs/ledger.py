@@ -149,7 +149,7 @@ class ManifestLedger:
             else:
                 rows.append(result_row(result, self.run_id, self.out))
         begun = list(ops.items())
-        statuses = in_one_transaction(self.store, [partial(self.store.op_begin, op, r.job_key, "manifest", 0) for op, r in begun])
+        statuses = self.store.op_begin_many([(op, r.job_key, "manifest", 0) for op, r in begun])
         due = [(op, r, status != "failed" and self._rows_on_disk(op)) for (op, r), status in zip(begun, statuses) if status != "done"]
         self.manifest.write_many(rows + [result_row(r, self.run_id, self.out) for _, r, on_disk in due if not on_disk])
         in_one_transaction(self.store, [partial(self._done, op, r, on_disk) for op, r, on_disk in due])
