@@ -233,19 +233,20 @@ class Run:
         bad = [e for e in self.entries if isinstance(e, BadLine)]
         self._settle_many([JobResult(outcome="failed", job=Job(urls=(line.text or "-",), line=line.line),
                                      reason=f"bad_input: line {line.line}: {line.reason}") for line in bad], leasing=False)
-        settled = Tally()
+        settled = [0, 0, 0]  # jobs, failed, bytes
 
         def on_settled(results: list[JobResult]) -> None:
             self._settle_many(results, self.leasing)
-            settled.add_all(results)
+            settled[0] += len(results)
+            settled[1] += sum(r.outcome == "failed" for r in results)
+            settled[2] += sum(r.size or 0 for r in results)
 
         plan = plan_jobs(
             self.runtime, store, self.ws, jobs, on_settled=on_settled,
             revalidate=self.settings.revalidate, retry_failed=self.settings.retry_failed, resume_from=self.resume_from,
         )
         self._progress = Progress(total=len(plan.items) + plan.settled_count + len(bad), enabled=self.show_progress)
-        self._progress.done_many((), bad=len(bad))
-        self._progress.done_tally(settled)
+        self._progress.done_counts(settled[0] + len(bad), settled[1] + len(bad), settled[2])
         return plan
 
     def _drive(self, plan: Plan, store: Any, http: HttpClient) -> None:
