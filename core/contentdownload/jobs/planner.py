@@ -282,7 +282,7 @@ def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: boo
     """
     key = item.key.key
     path = Path(rec.path) if rec.path else None
-    ours = path is not None and (path == ws.out or ws.out in path.parents)
+    ours = path is not None and _inside(str(path), str(ws.out))
     visible = ours or (path is not None and ws.on_this_host(getattr(rec, "location", None)))  # another folder here
     if visible and not file_matches(path, rec.size, rec.sha256, rec.mtime_ns):
         log.warning("finished file is gone or changed, fetching it again", job_key=key, path=str(path))
@@ -294,6 +294,11 @@ def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: boo
             store.reopen(key)
         return attrs.evolve(item, record=record_of(rec), adopt_from=None)
     return _skipped(item, path, rec.size, rec.sha256, rec)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether the normalised absolute ``path`` is ``folder`` or lies under it (by its text: no walk up its parents)."""
+    return path == folder or path.startswith(os.path.join(folder, ""))
 
 
 @attrs.frozen

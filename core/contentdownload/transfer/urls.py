@@ -88,6 +88,7 @@ def canonical_url(url: str) -> str:
     return urlunsplit(_canonical_parts(url))
 
 
+@functools.lru_cache(maxsize=4096)  # a job's URL is checked when its line is read, then keyed: parsed once
 def _canonical_parts(url: str) -> tuple[str, str, str, str, str]:
     """The parts of :func:`canonical_url`: scheme, netloc, path, query and an empty fragment."""
     url = url.strip()
