@@ -89,7 +89,7 @@ def test_a_rerun_of_finished_jobs_reads_no_manifest_and_records_them_a_page_at_a
     assert len(server.requests) == requests_before and manifest_reads == []
     calls = counting[0].calls
     assert calls["batched"] <= PAGES and calls["lookup"] <= 2 * PAGES and calls["get"] == calls["records"] == 0, calls
-    assert calls["plan"] <= PAGES and calls["claim_key"] == 0, calls
+    assert calls["plan"] <= PAGES and calls["claim_key"] == 0 and calls["looked_up"] <= 2 * JOBS, calls
 
 
 def test_op_begin_many_answers_as_op_begin_one_by_one_would(url):

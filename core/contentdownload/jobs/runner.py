@@ -275,6 +275,8 @@ class Run:
         ``auto`` and jobs are leased, else in ``--workers`` threads. Either runs in threads of
         its own, so that this one answers signals and forwards a worker process's results.
         """
+        if not plan.items:
+            return  # planning settled every job: no lane, no threads, no claim
         worker = self._worker(store, http)
         self._queue = deque(plan.order) if not self.leasing else deque()
         if self.settings.transport == "auto" and self.leasing:
