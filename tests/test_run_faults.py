@@ -112,9 +112,9 @@ def test_a_store_fault_while_writing_a_manifest_row_leaves_the_job_for_a_rerun(s
     monkeypatch.chdir(tmp_path)
     jobs, files = _jobs(server, tmp_path)
 
-    def factory(runtime, ws):  # the second manifest row's ledger op fails
-        return FaultyStore(open_job_store(runtime, ws), "op_begin", 2, StoreError("connection lost"),
-                           when=lambda args: len(args) > 2 and args[2] == "manifest")
+    def factory(runtime, ws):  # the first manifest rows' ledger ops fail (begun together, a batch at a time)
+        return FaultyStore(open_job_store(runtime, ws), "op_begin_many", 1, StoreError("connection lost"),
+                           when=lambda args: any(op[2] == "manifest" for op in args[0]))
 
     report, summary = _run(tmp_path, jobs, factory)
     assert report.exit_code == 1 and report.left >= 1, summary

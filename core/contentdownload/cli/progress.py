@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -124,12 +124,12 @@ class Progress:
             if active is not None and active.slot is not None:
                 self._free(active.slot)
 
-    def done_many(self, results: Iterable[JobResult], bad: int = 0) -> None:
-        for result in results:
-            self.done(result)
+    def done_counts(self, files: int, failed: int, nbytes: int) -> None:
+        """Jobs ended before any was shown (planning settled them): ``files`` of them, ``failed``, their sizes."""
         with self._lock:
-            self.files += bad
-            self.failed += bad
+            self.files += files
+            self.failed += failed
+            self.done_bytes += nbytes
 
     def close(self) -> None:
         """Stop redrawing; the first line stays on screen with the final totals."""

@@ -124,7 +124,13 @@ class ManifestLedger:
 
     def __init__(self, store: Any, manifest: ManifestWriter, run_id: str, out: Path):
         self.store, self.manifest, self.run_id, self.out = store, manifest, run_id, out
-        self._on_disk = rows_on_disk(manifest.path)
+        self._on_disk: frozenset[str] | None = None  # read when first needed: a rerun of finished jobs never reads the manifest
+
+    def _rows_on_disk(self, op: str) -> bool:
+        """Whether the manifest holds the row of ``op`` already (read once, when a row not recorded done is first due)."""
+        if self._on_disk is None:
+            self._on_disk = rows_on_disk(self.manifest.path)
+        return op in self._on_disk
 
     def write(self, result: JobResult, *, leasing: bool) -> None:
         self.write_many([result], leasing=leasing)
@@ -143,8 +149,8 @@ class ManifestLedger:
             else:
                 rows.append(result_row(result, self.run_id, self.out))
         begun = list(ops.items())
-        statuses = in_one_transaction(self.store, [partial(self.store.op_begin, op, r.job_key, "manifest", 0) for op, r in begun])
-        due = [(op, r, status != "failed" and op in self._on_disk) for (op, r), status in zip(begun, statuses) if status != "done"]
+        statuses = self.store.op_begin_many([(op, r.job_key, "manifest", 0) for op, r in begun])
+        due = [(op, r, status != "failed" and self._rows_on_disk(op)) for (op, r), status in zip(begun, statuses) if status != "done"]
         self.manifest.write_many(rows + [result_row(r, self.run_id, self.out) for _, r, on_disk in due if not on_disk])
         in_one_transaction(self.store, [partial(self._done, op, r, on_disk) for op, r, on_disk in due])
 

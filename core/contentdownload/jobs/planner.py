@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -29,12 +29,14 @@ log = get_logger(__name__)
 
 @attrs.frozen
 class Plan:
-    """The result of planning: items to process (by key), results already known, and the keys of this run."""
+    """The result of planning: items to process (by key), results already known (those not handed to
+    ``on_settled``), how many jobs were settled in all, and the keys of this run."""
 
     items: Mapping[str, WorkItem]
     settled: Sequence[JobResult]
     keys: frozenset[str]
     order: Sequence[str]
+    settled_count: int = 0
 
 
 def _state(record: Any) -> str:
@@ -56,16 +58,19 @@ def plan_jobs(
     retry_failed: bool = False,
     resume_from: ManifestRecords | None = None,
     dry_run: bool = False,
+    on_settled: Callable[[list[JobResult]], None] | None = None,
 ) -> Plan:
     """Key and name every job, record them in ``store``, and sort out what needs doing.
 
     The list is read in pages of :data:`PLAN_PAGE` jobs; each page costs a few indexed
     lookups in the store (records by key, content identity and output name), never a read
     of the whole store or a listing of the output folder. ``dry_run``: change nothing in
-    the store, only classify.
+    the store, only classify. ``on_settled``: called with each page's settled results (kept out
+    of the plan, so memory follows the page even when every job of a long list is done).
     """
     items: dict[str, WorkItem] = {}
     settled: list[JobResult] = []
+    count = 0
     names = _StoreNames(store, ws, resume_from, keep_given=dry_run)
     for page in _pages(jobs):
         page_items, page_settled, planned, history = _key_page(runtime, store, page, names, resume_from, revalidate)
@@ -75,8 +80,12 @@ def plan_jobs(
         page_settled += _settle_from_manifest(store, ws, page_items, revalidate, dry_run)
         page_settled += _settle_from_store(store, ws, page_items, history.records, retry_failed, dry_run)
         items.update(page_items)
-        settled += page_settled
-    return Plan(items=items, settled=settled, keys=frozenset(items), order=list(items))
+        count += len(page_settled)
+        if on_settled is None:
+            settled += page_settled
+        elif page_settled:
+            on_settled(page_settled)
+    return Plan(items=items, settled=settled, keys=frozenset(items), order=list(items), settled_count=count)
 
 
 Page = Sequence[tuple[str, tuple[Job, str]]]  # (identity, (job, canonical URL)) in list order
@@ -176,7 +185,7 @@ def _key_page(
     relatives = names.assign(page, known, bases)
     answers, settled = _answers(runtime, page, relatives)
     asked = [a.result.key for a in answers if a is not None] + [identity for identity, _ in page]
-    history = _History.of([*known, *store.lookup(keys=asked, names=relatives)])
+    history = _History.of([*known, *_unseen(store, known, bases, asked, relatives)])
     items: dict[str, WorkItem] = {}
     planned = []
     by_key = resume_from.by_key if resume_from else {}
@@ -193,8 +202,17 @@ def _key_page(
             job_key_answer=answer, revalidate=revalidate,
             adopt_from=prior.path if prior is not None and prior.path else None,
         )
-        planned.append(PlannedJob(key=key.key, scheme=key.scheme, payload=job_payload(job, relative, identity)))
+        if key.key not in history.records:  # a job on record is planned already
+            planned.append(PlannedJob(key=key.key, scheme=key.scheme, payload=job_payload(job, relative, identity)))
     return items, settled, planned, history
+
+
+def _unseen(store: Any, known: Sequence[Any], asked_names: Sequence[str], keys: Sequence[str], names: Sequence[str]) -> list[Any]:
+    """The records of ``keys`` and ``names`` the page's first lookup (``known``, by identity and ``asked_names``) did not find."""
+    found = {rec.key for rec in known}
+    folded = {name.casefold() for name in asked_names}
+    return store.lookup(keys=[key for key in dict.fromkeys(keys) if key not in found],
+                        names=[name for name in names if name.casefold() not in folded])
 
 
 def _answers(runtime: Any, page: Page, relatives: Sequence[str]) -> tuple[list[Any], list[JobResult]]:
@@ -264,7 +282,7 @@ def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: boo
     """
     key = item.key.key
     path = Path(rec.path) if rec.path else None
-    ours = path is not None and (path == ws.out or ws.out in path.parents)
+    ours = path is not None and _inside(str(path), str(ws.out))
     visible = ours or (path is not None and ws.on_this_host(getattr(rec, "location", None)))  # another folder here
     if visible and not file_matches(path, rec.size, rec.sha256, rec.mtime_ns):
         log.warning("finished file is gone or changed, fetching it again", job_key=key, path=str(path))
@@ -276,6 +294,11 @@ def _finalized(store: Any, ws: Workspace, item: WorkItem, rec: Any, dry_run: boo
             store.reopen(key)
         return attrs.evolve(item, record=record_of(rec), adopt_from=None)
     return _skipped(item, path, rec.size, rec.sha256, rec)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether the normalised absolute ``path`` is ``folder`` or lies under it (by its text: no walk up its parents)."""
+    return path == folder or path.startswith(os.path.join(folder, ""))
 
 
 @attrs.frozen

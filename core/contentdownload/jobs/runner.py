@@ -37,7 +37,7 @@ from contentdownload.jobs import fastlane
 from contentdownload.jobs.hosts import HostSlots
 from contentdownload.jobs.pipeline import Pipeline
 from contentdownload.jobs.processes import Channel, Children, process_count
-from contentdownload.jobs.planner import Plan, item_for_claim, plan_jobs, remaining, finished_elsewhere
+from contentdownload.jobs.planner import PLAN_PAGE, Plan, item_for_claim, plan_jobs, remaining, finished_elsewhere
 from contentdownload.jobs.rebuild import damaged, rebuild_from_manifest
 from contentdownload.cli.progress import Progress
 from contentdownload.store import open_store
@@ -229,19 +229,24 @@ class Run:
             log.info(line)  # the report carries the line (the CLI prints it)
 
     def _plan(self, store: Any, jobs: Sequence[Job]) -> Plan:
-        """Plan the jobs into the store and record what is settled already (and the bad input lines)."""
+        """Plan the jobs into the store and record what is settled already (and the bad input lines), page by page."""
+        bad = [e for e in self.entries if isinstance(e, BadLine)]
+        self._settle_many([JobResult(outcome="failed", job=Job(urls=(line.text or "-",), line=line.line),
+                                     reason=f"bad_input: line {line.line}: {line.reason}") for line in bad], leasing=False)
+        settled = [0, 0, 0]  # jobs, failed, bytes
+
+        def on_settled(results: list[JobResult]) -> None:
+            self._settle_many(results, self.leasing)
+            settled[0] += len(results)
+            settled[1] += sum(r.outcome == "failed" for r in results)
+            settled[2] += sum(r.size or 0 for r in results)
+
         plan = plan_jobs(
-            self.runtime, store, self.ws, jobs,
+            self.runtime, store, self.ws, jobs, on_settled=on_settled,
             revalidate=self.settings.revalidate, retry_failed=self.settings.retry_failed, resume_from=self.resume_from,
         )
-        bad = [e for e in self.entries if isinstance(e, BadLine)]
-        for line in bad:
-            self._settle(JobResult(outcome="failed", job=Job(urls=(line.text or "-",), line=line.line),
-                                   reason=f"bad_input: line {line.line}: {line.reason}"), leasing=False)
-        for result in plan.settled:
-            self._settle(result, self.leasing)
-        self._progress = Progress(total=len(plan.items) + len(plan.settled) + len(bad), enabled=self.show_progress)
-        self._progress.done_many(plan.settled, bad=len(bad))
+        self._progress = Progress(total=len(plan.items) + plan.settled_count + len(bad), enabled=self.show_progress)
+        self._progress.done_counts(settled[0] + len(bad), settled[1] + len(bad), settled[2])
         return plan
 
     def _drive(self, plan: Plan, store: Any, http: HttpClient) -> None:
@@ -270,6 +275,8 @@ class Run:
         ``auto`` and jobs are leased, else in ``--workers`` threads. Either runs in threads of
         its own, so that this one answers signals and forwards a worker process's results.
         """
+        if not plan.items:
+            return  # planning settled every job: no lane, no threads, no claim
         worker = self._worker(store, http)
         self._queue = deque(plan.order) if not self.leasing else deque()
         if self.settings.transport == "auto" and self.leasing:
@@ -609,6 +616,14 @@ class Run:
         """Log and record an outcome the worker did not produce (input errors, planning, a crash)."""
         log_outcome(result)
         self._emit(result, leasing)
+
+    def _settle_many(self, results: Sequence[JobResult], leasing: bool) -> None:
+        """:meth:`_settle` for many outcomes: their rows and ledger ops in batches of a planning page."""
+        for start in range(0, len(results), PLAN_PAGE):
+            page = results[start:start + PLAN_PAGE]
+            for result in page:
+                log_outcome(result)
+            self._emit_many(page, leasing)
 
     def _emit_many(self, results: Sequence[JobResult], leasing: bool) -> None:
         """Record a batch of outcomes: their manifest rows with one fsync, each counted as :meth:`_emit` does."""

@@ -190,7 +190,8 @@ class ManifestWriter:
             if self._fd >= 0:
                 fd, self._fd = self._fd, -1
                 try:
-                    os.fsync(fd)
+                    if self._synced < self._written:  # every row written is synced already: nothing to flush
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
 

@@ -193,6 +193,12 @@ class JobStore(abc.ABC):
     def op_begin(self, op_key: str, job_key: str, kind: str, epoch: int) -> str:
         """Start an operation; returns its status before: ``new``, ``pending``, ``done`` (skip it) or ``failed``."""
 
+    def op_begin_many(self, ops: Sequence[tuple[str, str, str, int]]) -> list[str]:
+        """:meth:`op_begin` for each ``(op_key, job_key, kind, epoch)``, in one transaction; the statuses in order."""
+        if len(ops) <= 1:
+            return [self.op_begin(*op) for op in ops]
+        return self.batched(lambda: [self.op_begin(*op) for op in ops])
+
     @abc.abstractmethod
     def op_done(self, op_key: str, result: dict | None = None) -> None: ...
 
@@ -929,7 +935,11 @@ class SqlJobStore(JobStore):
     # -- the operation ledger ---------------------------------------------------------
 
     def op_begin(self, op_key: str, job_key: str, kind: str, epoch: int) -> str:
-        def begin(conn: Any) -> str:
+        return self._run(lambda conn: self._begin_op(conn, op_key, job_key, kind, epoch), write=True, durable=False)
+
+    def _begin_op(self, conn: Any, op_key: str, job_key: str, kind: str, epoch: int, status: str | None = None) -> str:
+        """:meth:`op_begin` on ``conn``; ``status``: the operation's, when the caller has read it (locked) already."""
+        if status is None:
             inserted = self._fetchall(conn, self.q(
                 "INSERT INTO operations (op_key, job_key, kind, status, epoch, created_at, updated_at) "
                 "VALUES (?, ?, ?, 'pending', ?, cd_now(), cd_now()) ON CONFLICT (op_key) DO NOTHING RETURNING op_key"),
@@ -938,13 +948,33 @@ class SqlJobStore(JobStore):
                 return "new"
             rows = self._fetchall(conn, self.q(f"SELECT status FROM operations WHERE op_key = ?{self.for_update}"), (op_key,))
             status = rows[0][0]
-            if status in ("pending", "failed"):
-                conn.execute(self.q(
-                    "UPDATE operations SET status = 'pending', epoch = ?, updated_at = cd_now() WHERE op_key = ?"),
-                    (int(epoch), op_key))
-            return status
+        if status in ("pending", "failed"):
+            conn.execute(self.q(
+                "UPDATE operations SET status = 'pending', epoch = ?, updated_at = cd_now() WHERE op_key = ?"),
+                (int(epoch), op_key))
+        return status
 
-        return self._run(begin, write=True, durable=False)
+    def op_begin_many(self, ops: Sequence[tuple[str, str, str, int]]) -> list[str]:
+        """The statuses of all ``ops`` read in one statement per chunk (locked, in key order), then only the
+        operations not on record inserted one by one: a rerun's ops, all done, cost no statement each."""
+        def begin(conn: Any) -> list[str]:
+            known = self._op_statuses(conn, sorted({op[0] for op in ops}))
+            statuses = []
+            for op_key, job_key, kind, epoch in ops:
+                status = self._begin_op(conn, op_key, job_key, kind, epoch, known.get(op_key))
+                known[op_key] = "done" if status == "done" else "pending"
+                statuses.append(status)
+            return statuses
+
+        return self._run(begin, write=True, durable=False) if ops else []
+
+    def _op_statuses(self, conn: Any, op_keys: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for start in range(0, len(op_keys), LOOKUP_CHUNK):
+            chunk = op_keys[start:start + LOOKUP_CHUNK]
+            sql = self.q(f"SELECT op_key, status FROM operations WHERE op_key IN ({', '.join('?' * len(chunk))}){self.for_update}")
+            found.update((op_key, status) for op_key, status in self._fetchall(conn, sql, chunk))
+        return found
 
     def _op_set(self, op_key: str, sql: str, params: tuple) -> None:
         def update(conn: Any) -> None:

@@ -35,6 +35,10 @@ _QUERY_SAFE = _PATH_SAFE | frozenset("?")
 _HEX = re.compile(rb"[0-9A-Fa-f]{2}")
 
 
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
+
+
 def _normalise_component(text: str, safe: frozenset[str]) -> str:
     raw = text.encode("utf-8", "surrogatepass")
     out: list[str] = []
@@ -50,6 +54,11 @@ def _normalise_component(text: str, safe: frozenset[str]) -> str:
         out.append(char if byte < 0x80 and char in safe else f"%{byte:02X}")
         i += 1
     return "".join(out)
+
+
+def _normalised(text: str, safe: frozenset[str], plain: re.Pattern) -> str:
+    """:func:`_normalise_component`, with no work for a component of safe characters only (the usual one)."""
+    return text if plain.fullmatch(text) else _normalise_component(text, safe)
 
 
 @functools.lru_cache(maxsize=4096)  # a job list names few hosts; IDNA encoding costs as much as the rest of a URL
@@ -76,30 +85,36 @@ def _without_dot_segments(path: str) -> str:
 
 def canonical_url(url: str) -> str:
     """Return the canonical form of an http(s) URL; raise :class:`UsageError` for anything else."""
-    shown = redact_url(url.strip())
+    return urlunsplit(_canonical_parts(url))
+
+
+@functools.lru_cache(maxsize=4096)  # a job's URL is checked when its line is read, then keyed: parsed once
+def _canonical_parts(url: str) -> tuple[str, str, str, str, str]:
+    """The parts of :func:`canonical_url`: scheme, netloc, path, query and an empty fragment."""
+    url = url.strip()
     try:
-        parts = urlsplit(url.strip())
+        parts = urlsplit(url)
     except ValueError as exc:
-        raise UsageError(f"malformed URL {shown!r}: {exc}") from None
+        raise UsageError(f"malformed URL {redact_url(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ALLOWED_SCHEMES:
-        raise UsageError(f"unsupported URL scheme {parts.scheme or '(none)'!r} in {shown!r}: only http and https")
+        raise UsageError(f"unsupported URL scheme {parts.scheme or '(none)'!r} in {redact_url(url)!r}: only http and https")
     if not parts.hostname:
-        raise UsageError(f"URL has no host: {shown!r}")
+        raise UsageError(f"URL has no host: {redact_url(url)!r}")
     host = _ascii_host(parts.hostname)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     try:
         port = parts.port
     except ValueError:
-        raise UsageError(f"invalid port in URL: {shown!r}") from None
+        raise UsageError(f"invalid port in URL: {redact_url(url)!r}") from None
     netloc = host if port in (None, DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     if parts.username is not None:
         userinfo = parts.username + (f":{parts.password}" if parts.password is not None else "")
         netloc = f"{userinfo}@{netloc}"
-    path = _without_dot_segments(_normalise_component(parts.path or "/", _PATH_SAFE))
-    query = _normalise_component(parts.query, _QUERY_SAFE)
-    return urlunsplit((scheme, netloc, path, query, ""))
+    path = _without_dot_segments(_normalised(parts.path or "/", _PATH_SAFE, _PLAIN_PATH))
+    query = _normalised(parts.query, _QUERY_SAFE, _PLAIN_QUERY)
+    return scheme, netloc, path, query, ""
 
 
 #: signature parameter -> the parameters of its scheme (lower case), dropped with it.
@@ -141,12 +156,13 @@ def _param_name(pair: str) -> str:
 
 def identity_url(url: str) -> str:
     """The canonical URL without credentials and without presigned-URL signing parameters."""
-    parts = urlsplit(canonical_url(url))
-    netloc = parts.netloc.rpartition("@")[2]
-    pairs = [pair for pair in parts.query.split("&") if pair]
-    drop = signing_params([_param_name(pair) for pair in pairs])
-    query = "&".join(pair for pair in pairs if _param_name(pair) not in drop)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    scheme, netloc, path, query, _ = _canonical_parts(url)
+    netloc = netloc.rpartition("@")[2]
+    if query:
+        pairs = [pair for pair in query.split("&") if pair]
+        drop = signing_params([_param_name(pair) for pair in pairs])
+        query = "&".join(pair for pair in pairs if _param_name(pair) not in drop)
+    return urlunsplit((scheme, netloc, path, query, ""))
 
 
 #: Query parameters that sign a URL or carry a credential (AWS SigV4/v2, GCS, Azure SAS,
