@@ -31,9 +31,11 @@ def _runtime() -> Runtime:
 
 
 def _statements(store) -> list[str]:
-    """The SQL statements this thread's connection to ``store`` runs from now on (each row of an ``executemany`` counts)."""
+    """The SQL statements this thread's connections to ``store`` (its reads, and the process's writer) run from now on
+    (each row of an ``executemany`` counts)."""
     seen: list[str] = []
     store._thread_conn().set_trace_callback(seen.append)
+    store._writer_conn().set_trace_callback(seen.append)
     return seen
 
 

@@ -109,6 +109,7 @@ def test_the_summary_counts_the_throttling_every_worker_process_met(server, tmp_
     jobs.write_text("".join(server.add_file(f"/t{i:02}.pdf", PDF + bytes([i])) + "\n" for i in range(12)))
     for i in range(12):
         server.add_fault(f"/t{i:02}.pdf", Fault.status(503, retry_after=0))
+        server.add_fault(f"/t{i:02}.pdf", Fault.delay(0.3))  # jobs long enough that one process never claims them all at once
     proc = run_cli("run", str(jobs), "--out", str(tmp_path / "out"), "--processes", "2", "--workers", "2",
                    "--json", "-q", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
