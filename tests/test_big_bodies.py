@@ -165,3 +165,34 @@ def test_a_stage_bounds_the_blocks_it_owns_and_never_blocks_on_the_caller_s():
     third.join()
     stage.stop()
     assert seen == [b"%d" % i for i in range(10)] + [b"a", b"b", b"c"] and given_back == list(range(10))
+
+
+def test_a_block_queued_behind_a_failed_write_never_lands_in_its_place(tmp_path, monkeypatch):
+    """A failed write (a full disk) ends the part's writes: a block already queued behind it is not written
+    once the error was raised in the caller (the disk may have room again by then), so the file and the
+    count the sidecar records stay the body's first bytes."""
+    import json
+    import threading
+
+    body = os.urandom(4 << 20)
+    paths, part = _open(tmp_path, 30 << 20, mode="durable")
+    real_write, failed = os.write, []
+
+    def write(fd, data):
+        if fd == part.fd and not failed:
+            failed.append(1)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(blocks.os, "write", write)
+    first_failed = threading.Event()
+    part.take(memoryview(body)[: 1 << 20], Effects(), done=first_failed.set)  # given back once its write failed
+    first_failed.wait()
+    with pytest.raises(OSError) as info:
+        part.take(memoryview(body)[1 << 20: 2 << 20], Effects(), done=lambda: None)  # queued, then the error is raised
+    assert info.value.errno == errno.ENOSPC
+    part.abandon()
+    on_disk = paths.part.read_bytes()
+    assert on_disk == body[: len(on_disk)]
+    if paths.sidecar.exists():
+        assert json.loads(paths.sidecar.read_text())["committed"] <= len(on_disk)

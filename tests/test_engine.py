@@ -469,6 +469,20 @@ def test_bytes_after_a_sized_body_end_the_connection_s_reuse():
     assert first == second == b"x" * 300_000 and connections == 2
 
 
+def test_a_second_response_sent_with_the_first_is_never_part_of_its_body():
+    """A server answering twice in one write (a response nobody asked for yet): the first body is its
+    ``Content-Length`` bytes, and the connection is not reused for what follows."""
+    async def main():
+        async with Raw(lambda n, srv: ok(b"hello") + ok(b"WORLD")) as srv:
+            engine = make_engine()
+            first = await body(await engine.open(srv.url(), {}))
+            second = await body(await engine.open(srv.url(), {}))
+            await engine.aclose()
+            return first, second, srv.connections
+
+    assert run(main()) == (b"hello", b"hello", 2)
+
+
 def test_https_with_the_run_s_ca_bundle(tmp_path):
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()

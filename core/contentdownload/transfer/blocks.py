@@ -70,6 +70,7 @@ class Stage:
     def __init__(self, step: Callable[[Any, Done | None], None], threaded: bool, name: str, depth: int = DEPTH):
         self.step = step
         self.error: BaseException | None = None
+        self.failed = False  # once a step failed, no later block goes through it (its error raised or not)
         self.thread: threading.Thread | None = None
         if threaded:
             self.queue: queue.Queue[tuple[Any, Done | None, bool] | None] = queue.Queue()
@@ -91,11 +92,11 @@ class Stage:
         while (item := get()) is not None:
             block, done, slot = item
             try:
-                if self.error is None:
+                if not self.failed:
                     self.step(block, done)
                     done = None  # the step called it or handed it on
             except BaseException as exc:  # raised in the feeding thread by raise_error
-                self.error = exc
+                self.error, self.failed = exc, True
             finally:
                 if done is not None:
                     done()

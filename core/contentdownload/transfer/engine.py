@@ -259,6 +259,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- httptools callbacks ------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response behind the first, unasked: not this body's, and the connection is lost
+            raise EngineProtocolError("a response after the end of the one asked for")
+
     def on_status(self, status: bytes) -> None:
         self.reason_bytes += status
 
