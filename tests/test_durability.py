@@ -59,6 +59,7 @@ def test_each_durability_level_fsyncs_what_it_says(server, tmp_path):
 def test_the_committer_commits_what_waits_together_in_one_batch():
     committed: list[list[int]] = []
     committer = durability.Committer(lambda items: committed.append(list(items)) or items, max_batch=4, window=60.0)
+    committer.batches.append(2)  # jobs have finished together before: the window is open
     results: list[int] = []
     threads = [threading.Thread(target=lambda i=i: results.append(committer.submit(i))) for i in range(4)]
     for t in threads:
@@ -66,21 +67,51 @@ def test_the_committer_commits_what_waits_together_in_one_batch():
     for t in threads:
         t.join()
     assert len(committed) == 1 and sorted(committed[0]) == [0, 1, 2, 3]  # a full batch goes at once, not after the window
-    assert sorted(results) == [0, 1, 2, 3] and committer.batches == [4]
+    assert sorted(results) == [0, 1, 2, 3] and committer.batches == [2, 4]
 
 
 def test_a_part_store_batch_stays_open_for_its_window_after_its_first_item(monkeypatch, tmp_path):
     """An item arriving after the staging folder's committer took the first one still joins its batch within the window."""
     committed: list[list[str]] = []
     monkeypatch.setattr(durability, "BATCH_WINDOW_S", 1.0)
-    committer = durability.committer((tmp_path, "window"), lambda items: committed.append(list(items)) or items)
+    release = threading.Event()
+
+    def commit(items):
+        release.wait()  # the first batch ("x") is held until two more wait behind it
+        committed.append(list(items))
+        return items
+
+    committer = durability.committer((tmp_path, "window"), commit)
+    submitters = [threading.Thread(target=committer.submit, args=(item,)) for item in ("x", "y", "z")]
+    submitters[0].start()
+    _until(lambda: committer._thread is not None and not committer._queue.qsize())
+    for t in submitters[1:]:
+        t.start()
+    _until(lambda: committer._queue.qsize() == 2)
+    release.set()
+    for t in submitters:
+        t.join()
+    assert committed == [["x"], ["y", "z"]]  # no window yet: "x" alone, then what waited
     first = threading.Thread(target=committer.submit, args=("a",))
     first.start()
-    while committer._thread is None or committer._queue.qsize():  # until the committer has taken "a"
-        time.sleep(0.001)
+    _until(lambda: not committer._queue.qsize())  # the committer has taken "a"
     assert committer.submit("b") == "b"
     first.join()
-    assert committed == [["a", "b"]] and committer.batches == [2]
+    assert committed[2:] == [["a", "b"]] and committer.batches == [1, 2, 2]
+
+
+def test_a_lone_item_is_committed_without_waiting_for_the_window():
+    """One job at a time (``--workers 1``) pays no window: it opens only once batches hold more than one item."""
+    committer = durability.Committer(lambda items: items, window=3600.0)
+    done = threading.Thread(target=lambda: [committer.submit(i) for i in range(3)])
+    done.start()
+    done.join(timeout=60)
+    assert not done.is_alive() and committer.batches == [1, 1, 1]
+
+
+def _until(condition) -> None:
+    while not condition():
+        time.sleep(0.001)
 
 
 def test_an_error_in_a_batch_reaches_every_job_of_it():

@@ -9,8 +9,8 @@ What each survives:
   the rename, then the folder durable, then the record), but the renames of jobs that
   finish together are done by one committer per staging folder, which fsyncs each
   folder once for the whole batch instead of once per file (group commit: a batch is
-  whatever waits while the previous one is written, or arrives within
-  :data:`BATCH_WINDOW_S` of its first, up to :data:`MAX_BATCH`). The
+  whatever waits while the previous one is written, or, once batches hold more than one
+  file, arrives within :data:`BATCH_WINDOW_S` of its first, up to :data:`MAX_BATCH`). The
   parts themselves are fsynced by the workers, in parallel.
 - ``none``: nothing is fsynced (parts, sidecars, folders), and no early writeback is
   asked for (it only prepares the final fsync). Survives a crash of the
@@ -126,7 +126,8 @@ class Committer:
 
     :meth:`submit` blocks until its item's batch is committed and returns its result (or
     raises what the batch raised). A batch is every item waiting when the committer is
-    free, and what arrives within ``window`` seconds (default 0) of its first item, up to ``max_batch``.
+    free, and what arrives within ``window`` seconds (default 0) of its first item, up to ``max_batch``,
+    once the last batch held more than one item (jobs finish together: it is worth waiting for more).
     ``counted``: its batch sizes are among :func:`commit_batches` (the part store's committers).
     """
 
@@ -151,8 +152,9 @@ class Committer:
         return slot.result
 
     def _take(self) -> list[_Slot]:
+        """The next batch; the window opens only after a batch of more than one (a lone job, one at a time, never waits)."""
         batch = [self._queue.get()]
-        closes = time.monotonic() + self.window
+        closes = time.monotonic() + (self.window if self.batches and self.batches[-1] > 1 else 0.0)
         while len(batch) < self.max_batch:
             left = closes - time.monotonic()
             try:
