@@ -35,8 +35,13 @@ _QUERY_SAFE = _PATH_SAFE | frozenset("?")
 _HEX = re.compile(rb"[0-9A-Fa-f]{2}")
 
 
-_PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
-_PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?]*")
+def _only(safe: frozenset[str]) -> re.Pattern:
+    """A pattern matching text made of ``safe`` characters only."""
+    return re.compile("[" + re.escape("".join(sorted(safe))) + "]*")
+
+
+#: The components :func:`_normalised` leaves as they are, by their set of safe characters.
+_PLAIN = {_PATH_SAFE: _only(_PATH_SAFE), _QUERY_SAFE: _only(_QUERY_SAFE)}
 
 
 def _normalise_component(text: str, safe: frozenset[str]) -> str:
@@ -56,9 +61,9 @@ def _normalise_component(text: str, safe: frozenset[str]) -> str:
     return "".join(out)
 
 
-def _normalised(text: str, safe: frozenset[str], plain: re.Pattern) -> str:
+def _normalised(text: str, safe: frozenset[str]) -> str:
     """:func:`_normalise_component`, with no work for a component of safe characters only (the usual one)."""
-    return text if plain.fullmatch(text) else _normalise_component(text, safe)
+    return text if _PLAIN[safe].fullmatch(text) else _normalise_component(text, safe)
 
 
 @functools.lru_cache(maxsize=4096)  # a job list names few hosts; IDNA encoding costs as much as the rest of a URL
@@ -112,8 +117,8 @@ def _canonical_parts(url: str) -> tuple[str, str, str, str, str]:
     if parts.username is not None:
         userinfo = parts.username + (f":{parts.password}" if parts.password is not None else "")
         netloc = f"{userinfo}@{netloc}"
-    path = _without_dot_segments(_normalised(parts.path or "/", _PATH_SAFE, _PLAIN_PATH))
-    query = _normalised(parts.query, _QUERY_SAFE, _PLAIN_QUERY)
+    path = _without_dot_segments(_normalised(parts.path or "/", _PATH_SAFE))
+    query = _normalised(parts.query, _QUERY_SAFE)
     return scheme, netloc, path, query, ""
 
 
