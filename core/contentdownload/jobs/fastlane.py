@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, Sequence, TYPE_CHECKING
@@ -189,17 +190,15 @@ class FastLane:
         """Hold ``item``'s epoch lock: taken on the loop when it is free at once (nothing to fence at a first claim), else in a thread."""
         lock = self.worker.first_part_lock(item)
         if lock is not None:
-            try:
-                yield
-            finally:
-                lock.release(remove=True)
-            return
-        part_claim = self.worker.part_claim(item)
-        await self.in_thread(part_claim.__enter__)
+            release = functools.partial(lock.release, remove=True)
+        else:
+            part_claim = self.worker.part_claim(item)
+            await self.in_thread(part_claim.__enter__)
+            release = functools.partial(part_claim.__exit__, None, None, None)
         try:
             yield
         finally:
-            part_claim.__exit__(None, None, None)
+            release()
 
     async def _first_attempt(self, job_run: Any, url: str) -> Any:
         slots = self.worker.host_gate(url)
