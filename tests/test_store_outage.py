@@ -43,7 +43,20 @@ def private_pg(tmp_path):
     pg.stop()
 
 
-def _work(url: str, done: list, errors: list, started: threading.Event) -> None:
+class Outage:
+    """Whether the outage is under way: while it is, each worker keeps calling the store on the
+    job it holds, so that some store call meets the outage however fast the jobs run."""
+
+    def __init__(self) -> None:
+        self.begun = threading.Event()
+        self.over = threading.Event()
+
+    def hold(self, store, key: str, epoch: int) -> None:
+        while self.begun.is_set() and not self.over.wait(0.01):
+            store.heartbeat(key, epoch, 30)
+
+
+def _work(url: str, done: list, errors: list, started: threading.Event, outage: Outage) -> None:
     """One worker: claim, heartbeat, record an operation and finish jobs until none is left."""
     store = open_store(url, retry_s=60)
     try:
@@ -52,6 +65,7 @@ def _work(url: str, done: list, errors: list, started: threading.Event) -> None:
             if claim is None:
                 return
             store.heartbeat(claim.key, claim.epoch, 30)
+            outage.hold(store, claim.key, claim.epoch)
             store.op_begin(f"op-{claim.key}", claim.key, "transfer", claim.epoch)
             store.op_done(f"op-{claim.key}", {"n": 1})
             store.finish(claim.key, claim.epoch, path=f"/out/{claim.key}", size=1, sha256="ab" * 32)
@@ -70,12 +84,17 @@ def _run_through(url: str, outage, caplog) -> list:
     done: list = []
     errors: list = []
     started = threading.Event()
-    threads = [threading.Thread(target=_work, args=(url, done, errors, started)) for _ in range(3)]
+    during = Outage()
+    threads = [threading.Thread(target=_work, args=(url, done, errors, started, during)) for _ in range(3)]
     for t in threads:
         t.start()
     assert started.wait(60)
     caplog.set_level("WARNING", logger="contentdownload.store")
-    outage()
+    during.begun.set()
+    try:
+        outage()
+    finally:
+        during.over.set()
     for t in threads:
         t.join(120)
     assert not errors, errors
