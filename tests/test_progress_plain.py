@@ -43,3 +43,11 @@ def test_eta_counts_the_active_remainders_and_the_files_not_started():
     sink(400)
     assert progress._eta(100.0) == (600 + 2 * 1000) / 100.0  # two files to go, at the mean known size
     progress.close()
+
+
+def test_byte_counts_are_written_as_tqdm_writes_them():
+    from tqdm import tqdm
+
+    values = [0, 1, 9.994, 9.995, 99.94, 99.95, 999, 999.4, 999.5, 1000, 12_345, 999_499, 999_500,
+              1 << 20, 5 * 10**9, 10**15, 10**18, 10**21, 10**24, 10**27]
+    assert [progress_module.human_bytes(v) for v in values] == [tqdm.format_sizeof(v, "B", 1000) for v in values]

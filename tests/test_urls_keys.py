@@ -129,3 +129,25 @@ def test_parameters_that_sign_nothing_stay_in_the_identity(a, b):
 def test_the_identity_keeps_no_secret():
     assert "pw" not in identity_url("https://alice:pw@h/a.pdf?X-Amz-Signature=topsecret&X-Amz-Credential=AKIA")
     assert "topsecret" not in identity_url("https://h/a.pdf?X-Amz-Signature=topsecret")
+
+
+@pytest.mark.parametrize("host", [
+    "example.com", "EXAMPLE.com.", "127.0.0.1", "a-b.c-d", "ab--cd.example", "xn--nxasmq6b.com",
+    "-lead.example", "trail-.example", "a_b.example", "a" * 63 + ".com", "a" * 64 + ".com",
+    ".".join(["a" * 60] * 5), "bücher.example", "ＥＸＡＭＰＬＥ.com", "faß.de",
+])
+def test_a_host_is_written_as_idna_writes_it_whether_or_not_it_is_plain(host):
+    import idna
+
+    try:
+        expected = idna.encode(host.rstrip(".").lower(), uts46=True).decode("ascii")
+    except idna.IDNAError:
+        try:
+            expected = host.rstrip(".").lower().encode("idna").decode("ascii")
+        except UnicodeError:
+            expected = None
+    try:
+        written = canonical_url(f"http://{host}/").split("/")[2]
+    except UsageError:
+        written = None
+    assert written == expected

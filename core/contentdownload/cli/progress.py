@@ -33,10 +33,17 @@ SMOOTHING = 0.3
 
 
 def human_bytes(n: float) -> str:
-    """A byte count for people, as tqdm writes it: ``512B``, ``1.50MB`` (powers of 1000)."""
-    from tqdm import tqdm
+    """A byte count for people, as tqdm's live lines write it: ``512B``, ``1.50MB`` (powers of 1000).
 
-    return tqdm.format_sizeof(n, "B", 1000)
+    Written out rather than taken from tqdm so that a run's summary line does not import tqdm,
+    which only a terminal's live lines need.
+    """
+    for unit in ("", "k", "M", "G", "T", "P", "E", "Z"):
+        if abs(n) < 999.5:
+            digits = 2 if abs(n) < 9.995 else 1 if abs(n) < 99.95 else 0
+            return f"{n:.{digits}f}{unit}B"
+        n /= 1000
+    return f"{n:.1f}YB"
 
 
 def human_seconds(seconds: float | None) -> str:

@@ -21,8 +21,6 @@ import re
 from typing import Iterable
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import idna
-
 from contentdownload.errors import UsageError
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -33,6 +31,10 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _PATH_SAFE = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
 _QUERY_SAFE = _PATH_SAFE | frozenset("?")
 _HEX = re.compile(rb"[0-9A-Fa-f]{2}")
+# A host IDNA leaves as it is: ASCII letters, digits and inner hyphens, labels of 1 to 63, no
+# "--" in the 3rd and 4th places (where "xn--" and other reserved prefixes stand).
+_PLAIN_LABEL = r"(?![a-z0-9]{2}--)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_PLAIN_HOST = re.compile(rf"{_PLAIN_LABEL}(?:\.{_PLAIN_LABEL})*")
 
 
 def _only(safe: frozenset[str]) -> re.Pattern:
@@ -69,8 +71,10 @@ def _normalised(text: str, safe: frozenset[str]) -> str:
 @functools.lru_cache(maxsize=4096)  # a job list names few hosts; IDNA encoding costs as much as the rest of a URL
 def _ascii_host(host: str) -> str:
     host = host.rstrip(".").lower()
-    if not host or host.startswith("["):
+    if not host or host.startswith("[") or (len(host) <= 253 and _PLAIN_HOST.fullmatch(host)):
         return host
+    import idna  # only a host that is not plain ASCII needs its 160 ms of Unicode tables
+
     try:
         return idna.encode(host, uts46=True).decode("ascii")
     except idna.IDNAError:
