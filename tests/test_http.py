@@ -12,17 +12,9 @@ import requests
 
 from contentdownload import __version__
 from contentdownload.errors import Cancelled, ContentDownloadError, UnsafeRedirectError
-from contentdownload.transfer.http import (
-    ContentRange,
-    HttpClient,
-    PatientRetry,
-    decodable,
-    is_strong_etag,
-    parse_content_range,
-    parse_retry_after,
-    failure_detail,
-    request_failure,
-)
+from contentdownload.transfer.headers import ContentRange, decodable, is_strong_etag, parse_content_range, parse_retry_after
+from contentdownload.transfer.http import HttpClient, failure_detail, request_failure
+from contentdownload.transfer.sessions import PatientRetry
 from contentdownload.testing.server import Fault, LoopbackServer
 
 
@@ -263,3 +255,36 @@ def test_failures_are_named_for_what_happened(server):
         assert _get_failure(http, url) == ("retry", "connection_reset")
         server.add_fault("/named.bin", Fault.cut_after(1000))
         assert _get_failure(http, url) == ("retry", "connection_lost")
+
+
+def test_the_engine_sends_the_header_fields_requests_sends(server):
+    """What the event-loop engine sends comes from the client, not from a requests session it no longer builds."""
+    from contentdownload.transfer.engine import new_event_loop
+
+    server.add_file("/a", b"x" * 10)
+    client = HttpClient(headers={"X-Token": "t", "user-agent": "mine/1", "ACCEPT": "application/pdf"})
+    client.get(server.url("/a")).close()
+    by_requests = server.requests[-1].headers
+
+    async def engine_request():
+        engine = client.new_engine(per_host=1)
+        exchange = await engine.open(server.url("/a"), client.request_headers())
+        exchange.abandon()
+        await engine.aclose()
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(engine_request())
+    finally:
+        loop.close()
+    by_engine = server.requests[-1].headers
+    assert len(server.requests) == 2
+    assert {k.lower(): v for k, v in by_engine.items()} == {k.lower(): v for k, v in by_requests.items()}
+    assert by_engine["User-Agent"] == "mine/1" and by_engine["Accept"] == "application/pdf"
+
+
+def test_a_plugin_importing_the_transport_error_tuple_still_gets_it():
+    from contentdownload.transfer.status import TRANSPORT_ERRORS, transport_errors
+
+    assert TRANSPORT_ERRORS == transport_errors()
+    assert issubclass(requests.exceptions.ChunkedEncodingError, TRANSPORT_ERRORS)

@@ -21,8 +21,9 @@ runpy.run_module("contentdownload", run_name="__main__")
 """
 
 #: Imported only by what needs them: a terminal's live lines, the suggestion in an error
-#: message, and host names that are not plain ASCII.
-NOT_AT_START = ("tqdm", "difflib", "idna.uts46data")
+#: message, host names that are not plain ASCII, and the synchronous transport (``requests``
+#: and urllib3, which the event-loop engine's run never uses unless a proxy or a retry asks).
+NOT_AT_START = ("tqdm", "difflib", "idna.uts46data", "requests", "urllib3", "charset_normalizer")
 
 
 def _modules_of_a_run(server, tmp_path) -> set[str]:

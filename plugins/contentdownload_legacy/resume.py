@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
 from contentdownload.transfer.files import file_matches
-from contentdownload.transfer.http import conditional_headers
+from contentdownload.transfer.headers import conditional_headers
 from contentdownload.transfer.parts import PartStore
 from contentdownload.records.log import get_logger
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from contentdownload import StreamContext, StreamResult, hookimpl
 from contentdownload.errors import UnsafePathError
-from contentdownload.transfer.http import content_encoding, content_length, decodable
+from contentdownload.transfer.headers import content_encoding, content_length, decodable
 from contentdownload.transfer.parts import PartStore
-from contentdownload.transfer.status import TRANSPORT_ERRORS, Attempt
+from contentdownload.transfer.status import Attempt, transport_errors
 
 _DROPPED_HEADERS = frozenset({"range", "if-range"})
 
@@ -49,5 +49,5 @@ def stream_io(ctx: StreamContext) -> StreamResult:
         except UnsafePathError as exc:
             return attempt.result("failed", exc.reason)
         outcome = part.receive(attempt.body_reader(response, decode=True), effects=ctx.effects, progress=ctx.progress,
-                               max_bytes=max_bytes, errors=TRANSPORT_ERRORS, block_size=max(4096, ctx.options.chunk_size))
+                               max_bytes=max_bytes, errors=transport_errors(), block_size=max(4096, ctx.options.chunk_size))
         return attempt.body_result(part, outcome, response, offset=0, expected_body=None if encoded else announced)

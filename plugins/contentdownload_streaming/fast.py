@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 from contentdownload import StreamContext, StreamResult, hookimpl
 from contentdownload.errors import DiskError, TooSlowError, TransportError, UnsafePathError
 from contentdownload.transfer.engine import Engine, Exchange
-from contentdownload.transfer.http import PAUSE_STATUSES, content_encoding, content_length, parse_retry_after
+from contentdownload.transfer.headers import PAUSE_STATUSES, content_encoding, content_length, parse_retry_after
 from contentdownload.transfer.parts import BodyOutcome, Part
-from contentdownload.transfer.status import TRANSPORT_ERRORS, classify
+from contentdownload.transfer.status import classify
 
 from . import stream
 
@@ -54,7 +54,7 @@ class _Fast:
     async def run(self) -> StreamResult | None:
         ctx, attempt = self.ctx, self.attempt
         connect, read = ctx.options.timeout
-        headers = {**ctx.http.session().headers, **attempt.headers}
+        headers = {**ctx.http.request_headers(), **attempt.headers}
         try:
             exchange = await self.engine.open(ctx.url, headers, timeout=(attempt.guard.timeout(connect, body=False),
                                                                          attempt.guard.timeout(read, body=False)),
@@ -128,7 +128,7 @@ class _Fast:
                         part.checkpoint(background=True)
                         since = 0
                 part.flush()  # the writer thread's last writes (a full disk is raised here)
-            except TRANSPORT_ERRORS as exc:
+            except OSError as exc:  # the engine's errors (TransportError), a speed limit's, or the part's disk
                 disk = DiskError.of(exc)
                 if disk is not None:  # the part's disk, not the connection: the run stops, nothing is asked again
                     raise disk from exc

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from contentdownload import ResumeContext, ResumeDecision, hookimpl
 from contentdownload.transfer.files import file_matches
-from contentdownload.transfer.http import conditional_headers, http_date, is_strong_etag
+from contentdownload.transfer.headers import conditional_headers, http_date, is_strong_etag
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import PriorRecord, StagePaths
 from contentdownload.clock import boot_id

@@ -33,19 +33,21 @@ connection, short body, cancellation) leaves the part and an up-to-date sidecar 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import requests
 
 from contentdownload import StreamContext, StreamResult, hookimpl
 from contentdownload.errors import UnsafePathError
-from contentdownload.transfer.http import ACCEPT_ENCODING, content_encoding, content_length, decodable, parse_content_range
+from contentdownload.transfer.headers import ACCEPT_ENCODING, content_encoding, content_length, decodable, parse_content_range
 from contentdownload.records.log import get_logger
 from contentdownload.transfer.parts import PartStore, Sidecar, url_identity
-from contentdownload.transfer.status import TRANSPORT_ERRORS, Attempt
+from contentdownload.transfer.status import Attempt, transport_errors
 from contentdownload.transfer.urls import redact_url
 from contentdownload.transfer.validators import Validators, partial_problem, resume_start
+
+if TYPE_CHECKING:  # pragma: no cover
+    import requests
 
 log = get_logger("contentdownload.streaming")
 
@@ -205,7 +207,7 @@ class _Transfer:
         try:
             outcome = part.receive(reader, effects=ctx.effects, progress=ctx.progress, max_bytes=options.max_bytes,
                                    checkpoint_every=max(chunk, int(options.checkpoint_bytes)), block_size=chunk,
-                                   heartbeat=ctx.lease.heartbeat, errors=TRANSPORT_ERRORS)
+                                   heartbeat=ctx.lease.heartbeat, errors=transport_errors())
         except BaseException:
             part.abandon()  # cancelled, lease lost, disk full...: leave a part the next attempt can trust
             raise

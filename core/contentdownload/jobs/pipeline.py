@@ -31,11 +31,11 @@ import time
 from typing import Any, Awaitable, Callable, ContextManager, Mapping, TYPE_CHECKING
 
 import attrs
-from urllib3.util.retry import RequestHistory, Retry
 
 from contentdownload.machinery.dispatch import Answer, StageFailed
 from contentdownload.errors import Cancelled, NoPluginAnsweredError
-from contentdownload.transfer.http import DEFAULT_MAX_RETRY_AFTER, HttpClient, content_length, parse_content_range
+from contentdownload.transfer.headers import DEFAULT_MAX_RETRY_AFTER, content_length, parse_content_range
+from contentdownload.transfer.http import HttpClient
 from contentdownload.records.log import get_logger
 from contentdownload.hooks.model import (
     NO_LEASE,
@@ -82,6 +82,8 @@ def backoff_delay(retry_number: int, backoff_factor: float, retry_after: float |
     then ``backoff_factor * 2 ** (n - 1)``), or the server's ``Retry-After`` when
     longer, all capped at ``cap``.
     """
+    from urllib3.util.retry import RequestHistory, Retry  # a retry's wait: the run's first one pays the import
+
     history = tuple(RequestHistory("GET", None, None, None, None) for _ in range(max(0, retry_number)))
     backoff = Retry(total=None, backoff_factor=backoff_factor, backoff_max=cap, history=history).get_backoff_time()
     if retry_after is not None:

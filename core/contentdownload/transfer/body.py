@@ -20,16 +20,17 @@ urllib3's ``read1`` (chunked framing, content decoding).
 
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import socket
 import time
-from typing import Any, Callable
-
-import requests
-import urllib3
+from typing import TYPE_CHECKING, Any, Callable
 
 from contentdownload.errors import TooSlowError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import requests
 
 Clock = Callable[[], float]
 
@@ -39,7 +40,15 @@ FILL_WINDOW_S = 0.25
 #: The buffer of the connection's reader (``socket.makefile`` buffers this much). A ``readinto1`` larger than it
 #: reads the socket even when the buffer holds bytes, and a timeout there loses them; see ``BodyReader._read_direct``.
 _READER_BUFFER = io.DEFAULT_BUFFER_SIZE
-_TIMEOUTS = (TimeoutError, socket.timeout, urllib3.exceptions.ReadTimeoutError, requests.exceptions.Timeout)
+
+
+@functools.cache
+def _read_timeouts() -> tuple[type[BaseException], ...]:
+    """What a read that waited too long raises, through http.client, urllib3 or requests."""
+    import requests  # a body read through requests has already imported it
+    import urllib3
+
+    return (TimeoutError, socket.timeout, urllib3.exceptions.ReadTimeoutError, requests.exceptions.Timeout)
 
 
 class SpeedGuard:
@@ -120,6 +129,7 @@ class BodyReader:
     def __init__(self, response: requests.Response, *, guard: SpeedGuard, read_timeout: float | None, decode: bool = False):
         self.raw, self.guard, self.read_timeout, self.decode = response.raw, guard, read_timeout, decode
         self.direct = _plain_reader(self.raw, decode)
+        self._timeouts = _read_timeouts()
         self._timeout: float | None = -1.0
         self._buffered = True  # the connection's reader may hold body bytes (read with the headers, or by a small read)
         self._pending: BaseException | None = None
@@ -158,7 +168,7 @@ class BodyReader:
         self._set_timeout()
         try:
             return self._read_direct(view) if self.direct is not None else self._read_urllib3(view)
-        except _TIMEOUTS as exc:
+        except self._timeouts as exc:
             self.guard.check()  # the deadline that ended the read was the guard's: too slow
             raise exc
 
@@ -183,6 +193,8 @@ class BodyReader:
             self._buffered = size < _READER_BUFFER  # a smaller read may leave some bytes in it
             n = self.direct.readinto1(view[:size])
             if not n:
+                import urllib3
+
                 raise urllib3.exceptions.ProtocolError("Connection broken: IncompleteRead",
                                                        urllib3.exceptions.IncompleteRead(raw._fp_bytes_read, left))
             fp.length -= n

@@ -1,6 +1,7 @@
-"""The worker's HTTP client, and the small pieces of RFC 9110 the transfer stages share.
+"""The worker's HTTP client, and how a transport failure is named.
 
-:class:`HttpClient` wraps ``requests``:
+:class:`HttpClient` wraps ``requests`` (imported when a thread first sends through it, so a
+run the event-loop engine carries never loads it):
 
 - one :class:`requests.Session` per thread (connection pooling without sharing a session
   across threads);
@@ -27,50 +28,33 @@ URLs are logged only through :func:`~contentdownload.transfer.urls.redact_url`.
 from __future__ import annotations
 
 import contextlib
-import email.utils
-import http.client
 import http.cookiejar
+import os
 import re
 import socket
 import ssl
 import threading
 import time
+import urllib.request
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
-from urllib.parse import urljoin, urlsplit
-
-import attrs
-import requests
-import requests.adapters
-import urllib3
-import urllib3.response
-from urllib3.exceptions import InvalidHeader
-from urllib3.util.retry import Retry
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+from urllib.parse import urlsplit
 
 from contentdownload.version import __version__
 from contentdownload.errors import TooSlowError, UnsafeRedirectError
 from contentdownload.records.log import get_logger
 from contentdownload.transfer.digests import WANT_REPR_DIGEST
+from contentdownload.transfer.headers import ACCEPT_ENCODING, DEFAULT_MAX_RETRY_AFTER, RETRY_STATUSES
 from contentdownload.transfer.polite import ByteRate, HostPacer
-from contentdownload.transfer.urls import redact_url
+from contentdownload.transfer.urls import ALLOWED_SCHEMES, redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
+    import requests
+
     from contentdownload.transfer.engine import Engine
+    from contentdownload.transfer.sessions import PatientRetry
 
 log = get_logger(__name__)
-
-#: Schemes a request or a redirect may use.
-SAFE_SCHEMES = frozenset({"http", "https"})
-#: Statuses the client retries before the body (and that a stage reports as ``retry``).
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-#: ``Accept-Encoding`` of every request. Documents are already compressed, and a content coding
-#: breaks ranges, byte counts and revalidation (Apache's ``-gzip`` ETags), so none is asked for;
-#: a server that compresses anyway is still decoded (:data:`DECODABLE_ENCODINGS`).
-ACCEPT_ENCODING = "identity"
-#: Content codings urllib3 can decode here (brotli and zstd only when their libraries are installed).
-DECODABLE_ENCODINGS = frozenset(c.lower() for c in urllib3.response.BaseHTTPResponse.CONTENT_DECODERS)
-#: Default cap on a server's ``Retry-After``, in seconds.
-DEFAULT_MAX_RETRY_AFTER = 120.0
 
 #: A callable the client calls while it waits before a retry (see :meth:`HttpClient.waiting`).
 WaitCallback = Callable[[], None]
@@ -79,135 +63,6 @@ WaitCallback = Callable[[], None]
 def default_user_agent() -> str:
     """``contentdownload/<version>``."""
     return f"contentdownload/{__version__}"
-
-
-# -- RFC 9110 helpers -----------------------------------------------------------------
-
-
-_RETRY_AFTER = Retry(0)  # parse_retry_after uses no state of the instance
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date); ``None`` if absent or malformed.
-
-    urllib3's :meth:`Retry.parse_retry_after <urllib3.util.retry.Retry.parse_retry_after>`:
-    a date in the past gives ``0.0``.
-    """
-    if value is None:
-        return None
-    try:
-        return float(_RETRY_AFTER.parse_retry_after(value))
-    except InvalidHeader:
-        return None
-
-
-@attrs.frozen
-class ContentRange:
-    """A parsed ``Content-Range: bytes START-END/TOTAL`` (or ``bytes */TOTAL`` for a 416).
-
-    ``start`` and ``end`` are ``None`` for the unsatisfied form; ``total`` is ``None``
-    when the server sent ``*`` (length unknown).
-    """
-
-    start: int | None
-    end: int | None
-    total: int | None
-
-    @property
-    def length(self) -> int | None:
-        """Bytes in the range (``end - start + 1``), or ``None`` for the unsatisfied form."""
-        if self.start is None or self.end is None:
-            return None
-        return self.end - self.start + 1
-
-
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
-
-
-def parse_content_range(value: str | None) -> ContentRange | None:
-    """Parse a ``Content-Range`` header; ``None`` when absent or malformed (including ``end < start``)."""
-    if not value:
-        return None
-    match = _CONTENT_RANGE.match(value)
-    if match is None:
-        return None
-    first, last, total = match.groups()
-    total_n = None if total == "*" else int(total)
-    if first is None:
-        return None if total_n is None else ContentRange(None, None, total_n)
-    start, end = int(first), int(last)
-    if end < start or (total_n is not None and end >= total_n):
-        return None
-    return ContentRange(start, end, total_n)
-
-
-def is_strong_etag(tag: str | None) -> bool:
-    """Whether ``tag`` is a strong entity tag (``"..."``, not ``W/"..."``): only those may go in ``If-Range``."""
-    if not tag:
-        return False
-    tag = tag.strip()
-    return not tag.startswith("W/") and len(tag) >= 2 and tag[0] == '"' and tag[-1] == '"'
-
-
-#: Suffixes servers append to an ETag for a compressed variant (Apache mod_deflate, mod_brotli).
-_CODING_SUFFIXES = ("-gzip", "-br", "-zstd", "-deflate")
-
-
-def revalidation_etags(tag: str) -> str:
-    """An ``If-None-Match`` value for a recorded ``tag``: the tag and its identity form.
-
-    A file recorded from a compressed answer carries the coding's ETag (Apache's
-    ``"abc-gzip"``) that the server's identity answer never matches; naming both forms
-    lets an unchanged file get its ``304`` (the comparison is weak, RFC 9110 section 13.1.2).
-    """
-    tags = [tag.strip()]
-    for suffix in _CODING_SUFFIXES:
-        if tags[0].endswith(f'{suffix}"'):
-            tags.append(tags[0][: -len(suffix) - 1] + '"')
-    return ", ".join(tags)
-
-
-def conditional_headers(etag: str | None, last_modified: str | None) -> tuple[tuple[str, str], ...]:
-    """The headers that ask whether a finished file changed: ``If-None-Match``, ``If-Modified-Since``."""
-    headers = []
-    if etag and etag.strip():
-        headers.append(("If-None-Match", revalidation_etags(etag)))
-    if http_date(last_modified):
-        headers.append(("If-Modified-Since", http_date(last_modified)))
-    return tuple(headers)
-
-
-def http_date(value: str | None) -> str | None:
-    """``value`` when it is a valid HTTP date (as ``Last-Modified`` must be), else ``None``."""
-    if not value:
-        return None
-    try:
-        parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return value.strip() if parsed is not None and parsed.tzinfo is not None else None
-
-
-def content_length(response: requests.Response) -> int | None:
-    """The response's ``Content-Length`` as an int, ``None`` when absent or not a single non-negative number."""
-    value = response.headers.get("Content-Length")
-    if value is None:
-        return None
-    value = value.strip()
-    return int(value) if value.isdigit() else None
-
-
-def content_encoding(response: requests.Response) -> str | None:
-    """The response's content coding, lower-cased, ``None`` for ``identity`` or none."""
-    value = (response.headers.get("Content-Encoding") or "").strip().lower()
-    return None if value in ("", "identity") else value
-
-
-def decodable(encoding: str | None) -> bool:
-    """Whether a ``Content-Encoding`` value (possibly a list such as ``gzip, deflate``) can be decoded here."""
-    if not encoding:
-        return True
-    return all(part.strip().lower() in DECODABLE_ENCODINGS for part in encoding.split(",") if part.strip())
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -231,6 +86,11 @@ def request_failure(exc: BaseException) -> tuple[str, str]:
     ``connection_reset``, ``connection_lost``, ``protocol_error``, ``tls_error``, and
     ``too_slow`` or ``max_time`` for a broken speed limit (:class:`~contentdownload.errors.TooSlowError`) ...
     """
+    import http.client
+
+    import requests  # a failure of the engine's run names its cause here too: it comes once, on the first one
+    import urllib3
+
     chain = _causes(exc)
     kinds = tuple(type(e) for e in chain)
 
@@ -286,125 +146,14 @@ _URL_IN_TEXT = re.compile(r"https?://\S+")
 _PATH_IN_TEXT = re.compile(r"(url: )\S+")
 
 
-# -- retries --------------------------------------------------------------------------
-
-
-#: Statuses whose ``Retry-After`` pauses every request to the host.
-PAUSE_STATUSES = frozenset({429, 503})
-
-
-class PatientRetry(Retry):
-    """urllib3's ``Retry`` with a cap on ``Retry-After``, waits through a callback, and the host's pacer.
-
-    ``max_retry_after`` caps what a server may ask for (and backoff). ``waiter(seconds)``
-    does the waiting (default :func:`time.sleep`); :class:`HttpClient` passes one that
-    slices the wait and calls the thread's wait callback between slices. ``on_retry()`` is
-    called for every request sent again. ``pacer`` (a :class:`HostPacer`) is told of a
-    ``429``/``503`` with ``Retry-After`` (every worker pauses on that host), and a request
-    sent again waits for its turn there like any other.
-    """
-
-    def __init__(self, *args: Any, max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
-                 waiter: Callable[[float], None] | None = None, on_retry: Callable[[], None] | None = None,
-                 pacer: HostPacer | None = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.max_retry_after = float(max_retry_after)
-        self.waiter = waiter or time.sleep
-        self.on_retry, self.pacer = on_retry, pacer
-        self.host: str | None = None  # the host of the request to send again (set by increment)
-
-    def new(self, **kw: Any) -> "PatientRetry":
-        """A copy with ``kw`` changed, keeping the cap, the waiter, the callbacks and the host."""
-        new = super().new(**kw)
-        new.max_retry_after = self.max_retry_after
-        new.waiter = self.waiter
-        new.on_retry, new.pacer, new.host = self.on_retry, self.pacer, self.host
-        return new
-
-    def increment(self, method: str | None = None, url: str | None = None, response: Any = None, error: Exception | None = None,
-                  _pool: Any = None, _stacktrace: Any = None) -> "PatientRetry":
-        """urllib3's count of one more try (``MaxRetryError`` when none is left); notes the host's pause first."""
-        host = getattr(_pool, "host", None)
-        if self.pacer is not None and response is not None and response.status in PAUSE_STATUSES:
-            delay = self.get_retry_after(response)
-            if delay is not None:
-                self.pacer.pause(host, delay)
-        new = super().increment(method, url, response, error, _pool, _stacktrace)
-        new.host = host
-        if self.on_retry is not None:
-            self.on_retry()
-        return new
-
-    def get_retry_after(self, response: Any) -> float | None:
-        """``Retry-After`` in seconds, capped at ``max_retry_after``; ``None`` when absent or malformed."""
-        try:
-            value = super().get_retry_after(response)
-        except InvalidHeader:
-            return None
-        return None if value is None else min(float(value), self.max_retry_after)
-
-    def sleep(self, response: Any = None) -> None:
-        """Wait before the next try: the server's ``Retry-After`` when it sent one, else the backoff."""
-        delay = self.get_retry_after(response) if (self.respect_retry_after_header and response is not None) else None
-        if delay is None:
-            delay = min(self.get_backoff_time(), self.max_retry_after)
-        status = getattr(response, "status", None)
-        log.info("http_retry", status=status, delay_s=round(delay, 3), retry=len(self.history))
-        if delay > 0:
-            self.waiter(delay)
-        if self.pacer is not None:
-            self.pacer.wait_turn(self.host)
-
-
-class PoliteAdapter(requests.adapters.HTTPAdapter):
-    """requests' adapter whose every request (redirects included) first waits for its turn at the host's pacer."""
-
-    def __init__(self, pacer: HostPacer, **kwargs: Any):
-        self.pacer = pacer
-        super().__init__(**kwargs)
-
-    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        self.pacer.wait_turn(urlsplit(request.url or "").hostname)
-        return super().send(request, *args, **kwargs)
-
-
-# -- sessions -------------------------------------------------------------------------
-
-
-class SafeSession(requests.Session):
-    """A session that follows redirects only to http(s) targets.
-
-    Authorization is stripped on a change of host, port or scheme by requests itself
-    (``rebuild_auth``/``should_strip_auth``); this class adds the scheme check.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._environment: dict[tuple, dict] = {}
-
-    def merge_environment_settings(self, url: str, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict:
-        """requests' merge of ``HTTP(S)_PROXY``/``NO_PROXY`` and the CA variables, read once per origin instead of per request."""
-        parts = urlsplit(url)
-        key = (parts.scheme, parts.netloc.rpartition("@")[2].lower(), tuple(sorted((proxies or {}).items())), stream, verify, cert)
-        found = self._environment.get(key)
-        if found is None:
-            found = self._environment[key] = super().merge_environment_settings(url, proxies, stream, verify, cert)
-        return dict(found, proxies=dict(found["proxies"]))
-
-    def get_redirect_target(self, resp: requests.Response) -> str | None:
-        """The redirect target, or raise :class:`UnsafeRedirectError` when it is not http(s)."""
-        location = super().get_redirect_target(resp)
-        if location is None:
-            return None
-        target = urljoin(resp.url, location.strip()) if not location.startswith("//") else f"{urlsplit(resp.url).scheme}:{location}"
-        scheme = urlsplit(target).scheme.lower()
-        if scheme not in SAFE_SCHEMES:
-            shown = redact_url(target)
-            resp.close()
-            log.warning("refused a redirect to a non-http(s) URL", url=redact_url(resp.url), location=shown)
-            raise UnsafeRedirectError(f"refused redirect from {redact_url(resp.url)} to {shown}: only http and https are followed", shown)
-        log.debug("following a redirect", url=redact_url(resp.url), location=redact_url(target), status=resp.status_code)
-        return location
+def _netrc_exists() -> bool:
+    """Whether a netrc file is where ``requests.utils.get_netrc_auth`` looks: ``$NETRC``, else ``~/.netrc`` or ``~/_netrc``."""
+    named = os.environ.get("NETRC")
+    places = (named,) if named is not None else ("~/.netrc", "~/_netrc")
+    try:
+        return any(os.path.exists(os.path.expanduser(place)) for place in places)
+    except KeyError:  # no home directory to expand (requests gives up the same way)
+        return False
 
 
 class HttpClient:
@@ -476,7 +225,7 @@ class HttpClient:
             return None
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
-        if scheme not in SAFE_SCHEMES or "@" in parts.netloc or self.pacer.paused(parts.hostname):
+        if scheme not in ALLOWED_SCHEMES or "@" in parts.netloc or self.pacer.paused(parts.hostname):
             return None
         origin = (scheme, parts.netloc.lower())
         plain = self._engine_origins.get(origin)
@@ -485,7 +234,16 @@ class HttpClient:
         return self.engine if plain else None
 
     def _plain_origin(self, url: str) -> bool:
-        """Whether requests would send ``url`` straight to its origin: no proxy, no netrc credentials."""
+        """Whether requests would send ``url`` straight to its origin: no proxy, no netrc credentials.
+
+        requests is asked only when it could say no: a proxy is configured or in the
+        environment (``urllib.request.getproxies``, which requests reads too), or a netrc
+        file exists where requests looks for one.
+        """
+        if not (self.proxies or urllib.request.getproxies() or _netrc_exists()):
+            return True
+        import requests.utils
+
         if requests.utils.select_proxy(url, self.proxies) or requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url)):
             return False
         return requests.utils.get_netrc_auth(url) is None
@@ -507,6 +265,8 @@ class HttpClient:
         return RETRY_STATUSES if self.retries > 0 else frozenset()
 
     def _retry(self) -> PatientRetry:
+        from contentdownload.transfer.sessions import PatientRetry
+
         return PatientRetry(
             total=self.retries,
             connect=self.retries,
@@ -536,17 +296,30 @@ class HttpClient:
         """
         return getattr(self._local, "retries", 0)
 
+    def request_headers(self) -> dict[str, str]:
+        """The headers every request carries, as this client's sessions send them; the engine sends the same.
+
+        requests' own defaults (``Accept``, ``Connection``), the product's, then the configured
+        ``headers`` (each replacing a field of the same name in any spelling).
+        """
+        headers = {"User-Agent": self.user_agent, "Accept-Encoding": ACCEPT_ENCODING, "Accept": "*/*", "Connection": "keep-alive",
+                   "Want-Repr-Digest": WANT_REPR_DIGEST}  # RFC 9530: offer one if you can
+        for name, value in self.headers.items():
+            for same in [known for known in headers if known.lower() == name.lower()]:
+                del headers[same]
+            headers[name] = value
+        return headers
+
     def session(self) -> requests.Session:
         """This thread's session (created on first use)."""
         session = getattr(self._local, "session", None)
         if session is None:
+            from contentdownload.transfer.sessions import PoliteAdapter, SafeSession
+
             session = SafeSession()
             session.max_redirects = self.max_redirects
             session.verify = self.verify
-            session.headers["User-Agent"] = self.user_agent
-            session.headers["Accept-Encoding"] = ACCEPT_ENCODING
-            session.headers["Want-Repr-Digest"] = WANT_REPR_DIGEST  # RFC 9530: offer one if you can
-            session.headers.update(self.headers)
+            session.headers.update(self.request_headers())
             if self.cookies is not None:
                 session.cookies.update(self.cookies)
             adapter = PoliteAdapter(self.pacer, pool_connections=4, pool_maxsize=self.pool_maxsize, max_retries=self._retry())
@@ -573,7 +346,9 @@ class HttpClient:
         :func:`request_failure` to turn either into a result).
         """
         scheme = urlsplit(url).scheme.lower()
-        if scheme not in SAFE_SCHEMES:
+        if scheme not in ALLOWED_SCHEMES:
+            import requests
+
             raise requests.exceptions.InvalidSchema(f"unsupported URL scheme {scheme or '(none)'!r}: only http and https")
         response = self.session().get(url, headers=dict(headers or {}), timeout=timeout or self.timeout, stream=stream,
                                       allow_redirects=True, verify=self.verify, proxies=self.proxies or None)

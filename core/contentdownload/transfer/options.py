@@ -15,9 +15,6 @@ import ssl
 from pathlib import Path
 from typing import Any, Mapping
 
-import requests.cookies
-import urllib3
-
 from contentdownload.errors import UsageError
 from contentdownload.records.log import get_logger
 
@@ -74,6 +71,8 @@ def cookie_jar(settings: Any) -> http.cookiejar.CookieJar | None:
     """The cookies of ``cookie_jar`` (a Netscape cookie file) and ``cookies`` (``name=value`` for every host)."""
     if not settings.cookie_jar and not settings.cookies:
         return None
+    import requests.cookies  # cookies go through requests: the engine never carries a run that has them
+
     jar = requests.cookies.RequestsCookieJar()
     if settings.cookie_jar:
         netscape = http.cookiejar.MozillaCookieJar()
@@ -99,6 +98,8 @@ def client_options(settings: Any, environ: Mapping[str, str]) -> dict[str, Any]:
     verify = tls_verify(settings, environ)
     if verify is False:
         # The CLI prints INSECURE_WARNING once instead of urllib3's warning on every request.
+        import urllib3
+
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         log.info("tls_verification_off")
     return {

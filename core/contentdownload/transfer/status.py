@@ -11,30 +11,50 @@ for a ``206`` to a ranged request), check a ``416`` to a ranged request
 
 from __future__ import annotations
 
+import functools
 import http.client
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
-import requests
-import urllib3
 
 from contentdownload.errors import NOT_PLUGIN_FAULTS, TooSlowError
 from contentdownload.transfer.body import BodyReader, Clock, SpeedGuard
 from contentdownload.hooks.model import StagePaths, StreamContext, StreamResult
 from contentdownload.transfer.digests import content_digests, representation_digests, server_digests
-from contentdownload.transfer.http import RETRY_STATUSES, content_encoding, content_length, failure_detail, parse_retry_after, request_failure
+from contentdownload.transfer.headers import RETRY_STATUSES, content_encoding, content_length, parse_retry_after
+from contentdownload.transfer.http import failure_detail, request_failure
 from contentdownload.records.log import get_logger
 from contentdownload.transfer.urls import redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
+    import requests
+
     from contentdownload.transfer.parts import BodyOutcome, Part, PartStore
 
 log = get_logger(__name__)
 
 Action = Literal["full", "partial", "range_not_satisfiable", "not_modified", "retry", "failed"]
-#: Errors that end a request or a body read (mapped to a reason by ``request_failure``).
-TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, http.client.HTTPException, OSError)
+
+
+@functools.cache
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Errors that end a request or a body read of the synchronous client (mapped to a reason by ``request_failure``).
+
+    A function, so that importing this module loads neither requests nor urllib3: the
+    event-loop engine's errors are all :class:`OSError`.
+    """
+    import requests
+    import urllib3
+
+    return (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, http.client.HTTPException, OSError)
+
+
+def __getattr__(name: str) -> Any:
+    """``TRANSPORT_ERRORS``, the tuple :func:`transport_errors` gives, for plugins written before the function."""
+    if name == "TRANSPORT_ERRORS":
+        return transport_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -106,7 +126,7 @@ class Attempt:
             response = ctx.http.get(ctx.url, self.headers, timeout=timeout)
         except NOT_PLUGIN_FAULTS:  # a lease lost or the store or the disk failing while waiting: no transport error
             raise
-        except (*TRANSPORT_ERRORS, ValueError) as exc:
+        except (*transport_errors(), ValueError) as exc:
             status, reason = request_failure(self._over_max_time(exc))
             log.info("request failed", url=redact_url(ctx.url), reason=reason, detail=failure_detail(exc))
             return self.result(status, reason)

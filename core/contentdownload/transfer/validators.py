@@ -22,7 +22,7 @@ from typing import Mapping
 
 import attrs
 
-from contentdownload.transfer.http import http_date, is_strong_etag, parse_content_range
+from contentdownload.transfer.headers import http_date, is_strong_etag, parse_content_range
 
 #: Bytes re-read before the committed offset on every resume (less when the part is shorter).
 OVERLAP = 64 * 1024
