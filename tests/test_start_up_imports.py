@@ -21,9 +21,10 @@ runpy.run_module("contentdownload", run_name="__main__")
 """
 
 #: Imported only by what needs them: a terminal's live lines, the suggestion in an error
-#: message, host names that are not plain ASCII, and the synchronous transport (``requests``
-#: and urllib3, which the event-loop engine's run never uses unless a proxy or a retry asks).
-NOT_AT_START = ("tqdm", "difflib", "idna.uts46data", "requests", "urllib3", "charset_normalizer")
+#: message, host names that are not plain ASCII, a server's structured digest field, and the
+#: synchronous transport (``requests`` and urllib3, which the event-loop engine's run never
+#: uses unless a proxy or a retry asks).
+NOT_AT_START = ("tqdm", "difflib", "idna.uts46data", "http_sfv", "requests", "urllib3", "charset_normalizer")
 
 
 def _modules_of_a_run(server, tmp_path) -> set[str]:

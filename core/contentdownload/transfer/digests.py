@@ -24,7 +24,6 @@ import hashlib
 from typing import Iterable, Mapping
 
 import attrs
-import http_sfv
 
 #: What to send so a server that can offers a representation digest (RFC 9530 section 4).
 WANT_REPR_DIGEST = "sha-256=10"
@@ -68,6 +67,8 @@ def server_digests(headers: Mapping[str, str]) -> tuple[ServerDigest, ...]:
 def _sfv_digests(value: str | None, source: str, scope: str) -> list[ServerDigest]:
     if not value:
         return []
+    import http_sfv  # only a server that sends a structured digest field pays its import
+
     field = http_sfv.Dictionary()
     try:
         field.parse(value.encode("latin-1"))

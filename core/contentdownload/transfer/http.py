@@ -28,7 +28,6 @@ URLs are logged only through :func:`~contentdownload.transfer.urls.redact_url`.
 from __future__ import annotations
 
 import contextlib
-import http.cookiejar
 import os
 import re
 import socket
@@ -49,6 +48,8 @@ from contentdownload.transfer.polite import ByteRate, HostPacer
 from contentdownload.transfer.urls import ALLOWED_SCHEMES, redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
+    import http.cookiejar
+
     import requests
 
     from contentdownload.transfer.engine import Engine
