@@ -135,6 +135,11 @@ class Lease:
     def heartbeat(self) -> None:
         """Extend the lease; raise LeaseLostError when it was taken over."""
 
+    def due(self) -> bool:
+        """Whether :meth:`heartbeat` may ask the store now, so a caller that must not wait runs it elsewhere
+        (the event loop: in a thread). A lease that cannot tell says ``True``."""
+        return True
+
     def assert_held(self) -> None:
         """Raise LeaseLostError when this worker no longer holds the job."""
 

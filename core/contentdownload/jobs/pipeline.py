@@ -25,6 +25,7 @@ protocol steps (``412``, ``416``, a rejected ``Content-Range``) are retried here
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -215,6 +216,46 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise Cancelled("the run was interrupted; the part is kept for a later resume")
 
 
+def _retrieved(future: "asyncio.Future[Any]") -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class HeartbeatOffLoop:
+    """The lease's heartbeat for a transfer on the event loop: the loop never waits on the job store.
+
+    On the loop, a due beat runs through ``to_thread`` (one at a time) and what it raised (the
+    lease lost, the store given up on) is raised by the next call, so the transfer still stops;
+    a beat that is not due costs no thread. Off the loop (an attempt handed over to a thread)
+    it is the lease's own heartbeat, which may wait.
+    """
+
+    def __init__(self, lease: Lease, to_thread: Callable[..., Awaitable[Any]]):
+        self.lease, self.to_thread = lease, to_thread
+        self._beat: Awaitable[Any] | None = None
+
+    def __call__(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.lease.heartbeat()
+            return
+        beat = self._beat
+        if beat is not None:
+            if not beat.done():
+                return
+            self._beat = None
+            beat.result()
+        if self.lease.due():
+            self._beat = asyncio.ensure_future(self.to_thread(self.lease.heartbeat))
+            self._beat.add_done_callback(_retrieved)  # a beat still under way when the attempt ends warns of nothing
+
+    async def settled(self) -> None:
+        """Wait for the beat under way, if any (what it raised is kept for the next call)."""
+        if self._beat is not None:
+            await asyncio.wait([self._beat])
+
+
 class _JobRun:
     """The state of one ``Pipeline.run`` call."""
 
@@ -252,14 +293,14 @@ class _JobRun:
     def paths(self, url: str) -> StagePaths:
         return self.paths_for_url if isinstance(self.paths_for_url, StagePaths) else self.paths_for_url(url)
 
-    def progress(self) -> Callable[[int], None] | None:
+    def progress(self, heartbeat: Callable[[], None] | None = None) -> Callable[[int], None] | None:
         """The per-chunk callback: stop on Ctrl-C, keep the lease alive, hold ``--limit-rate``, report bytes.
 
         The lease heartbeat runs on every chunk (the lease itself limits it to one store
         write per third of its TTL), so a slow transfer never loses its job between
         checkpoints, whatever the plugin's checkpoint spacing.
         """
-        cancel, heartbeat = self.cancel, self.lease.heartbeat
+        cancel, heartbeat = self.cancel, heartbeat or self.lease.heartbeat
         pace = self.p.http.received if isinstance(self.p.http, HttpClient) and self.p.http.byte_rate else None
         sinks = tuple(f for f in (pace, self.user_progress) if f is not None)  # --limit-rate, then the progress display
 
@@ -345,10 +386,10 @@ class _JobRun:
                 return outcome
             stream = None
 
-    def decide(self, cand: _Candidate, paths: StagePaths) -> Any:
+    def decide(self, cand: _Candidate, paths: StagePaths, heartbeat: Callable[[], None] | None = None) -> Any:
         """Count a new attempt and dispatch ``resume_decision``: the decision, or a ``failed`` result when no plugin answered."""
         _check_cancel(self.cancel)
-        self.lease.heartbeat()
+        (heartbeat or self.lease.heartbeat)()
         cand.attempts += 1
         self.attempts += 1
         rctx = ResumeContext(job=self.job, job_key=self.job_key, url=cand.url, paths=paths, options=self.options,
@@ -417,10 +458,11 @@ class _JobRun:
         cand.retries_used += 1
         return True
 
-    def stream_context(self, cand: _Candidate, paths: StagePaths, decision: Any) -> StreamContext:
+    def stream_context(self, cand: _Candidate, paths: StagePaths, decision: Any,
+                       heartbeat: Callable[[], None] | None = None) -> StreamContext:
         return StreamContext(job=self.job, job_key=self.job_key, url=cand.url, paths=paths, decision=decision,
                              http=self.p.http, options=self.options, record=self.record, lease=self.lease,
-                             effects=Effects(), progress=self.progress())
+                             effects=Effects(), progress=self.progress(heartbeat))
 
     def in_client(self, fn: Callable[[StreamContext], Any]) -> Callable[[StreamContext], Any]:
         """``fn(ctx)`` (a ``stream_io``) with this job's retry-wait and response callbacks in force in the calling thread,
@@ -457,10 +499,11 @@ class _JobRun:
         """
         cand = _Candidate(self.job.urls[0])
         paths = self.paths(cand.url)
-        decision = self.decide(cand, paths)
+        heartbeat = HeartbeatOffLoop(self.lease, to_thread)
+        decision = self.decide(cand, paths, heartbeat)
         if isinstance(decision, JobResult):
             return decision
-        sctx = self.stream_context(cand, paths, decision)
+        sctx = self.stream_context(cand, paths, decision, heartbeat)
 
         def in_thread(fn: Callable[[StreamContext], Any], ctx: StreamContext) -> Awaitable[Any]:
             _check_cancel(self.cancel)  # handed over after Ctrl-C aborted the loop's request: no new one

@@ -139,6 +139,9 @@ class StoreLease(Lease):
             self.store.heartbeat(self.key, self.epoch, self.ttl)
             self._next = time.monotonic() + self.ttl / 3
 
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
     def assert_held(self) -> None:
         with self._lock:
             self.store.heartbeat(self.key, self.epoch, self.ttl)
