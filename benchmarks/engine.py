@@ -139,7 +139,6 @@ class _StreamIoAsync:
         self.runtime = Runtime(config=EMPTY, environ={})
         self.selection = self.runtime.policy.select("stream_io")
         self.http = HttpClient()
-        self.http.session()  # the headers stream_io would send come from the loop thread's session
         self.decision = ResumeDecision(mode="fresh", reason="benchmark")
 
     def __call__(self, urls: list[str], tasks: int, work: Path) -> None:

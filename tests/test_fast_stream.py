@@ -332,3 +332,18 @@ def test_a_host_paused_by_retry_after_goes_through_requests(server):
         assert http.engine_for(server.url("/x.bin")) is http.engine
         http.pacer.pause(server.host, 30)
         assert http.engine_for(server.url("/x.bin")) is None
+
+
+def test_a_store_given_up_on_during_the_body_stops_the_run_not_the_attempt(tmp_path, loop, runtime, server):
+    """The store's error (an OSError too) raised by the block's progress call is not a transport error to retry."""
+    from contentdownload.errors import StoreUnavailableError
+
+    server.add_file("/big", b"x" * (256 << 10))
+    with HttpClient(timeout=OPTIONS.timeout, retries=0) as http:
+        side = Side(tmp_path / "a", http)
+
+        def progress(n):
+            raise StoreUnavailableError("the job store is away")
+
+        with pytest.raises(StoreUnavailableError):
+            Async(loop, runtime, side).run(side.context(server.url("/big"), "big", progress=progress))

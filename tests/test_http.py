@@ -216,6 +216,12 @@ def test_parse_retry_after_seconds_and_dates():
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
 
 
+def test_a_huge_retry_after_is_capped_as_urllib3_caps_it():
+    assert parse_retry_after("9" * 400) == 21600.0  # no OverflowError: six hours at most
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT") == 21600.0
+    assert parse_retry_after("21599") == 21599.0
+
+
 def test_parse_content_range():
     assert parse_content_range("bytes 100-199/1000") == ContentRange(100, 199, 1000)
     assert parse_content_range("bytes 100-199/1000").length == 100
@@ -288,3 +294,12 @@ def test_a_plugin_importing_the_transport_error_tuple_still_gets_it():
 
     assert TRANSPORT_ERRORS == transport_errors()
     assert issubclass(requests.exceptions.ChunkedEncodingError, TRANSPORT_ERRORS)
+
+
+def test_a_plugin_importing_header_helpers_from_the_client_module_still_gets_them():
+    from contentdownload.transfer import headers
+    from contentdownload.transfer.http import content_length, parse_content_range  # where they were documented before
+
+    assert content_length is headers.content_length and parse_content_range is headers.parse_content_range
+    with pytest.raises(ImportError):
+        from contentdownload.transfer.http import no_such_helper  # noqa: F401

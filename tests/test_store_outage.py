@@ -51,23 +51,23 @@ class Outage:
     def __init__(self) -> None:
         self.begun = threading.Event()
         self.over = threading.Event()
-        self.calls: list[tuple[float, float]] = []  # (start, end) of each store call of the workers
+        self.calls: list[tuple[float, float]] = []  # (start, end) of each store call of the workers, wall clock
 
     def call(self, fn, *args):
         """``fn(*args)``, a store call, with its start and end noted."""
-        start = time.monotonic()
+        start = time.time()  # the server's clock too (the same machine): see _restarted_at
         try:
             return fn(*args)
         finally:
-            self.calls.append((start, time.monotonic()))
+            self.calls.append((start, time.time()))
 
     def hold(self, store, key: str, epoch: int) -> None:
         while self.begun.is_set() and not self.over.wait(0.01):
             self.call(store.heartbeat, key, epoch, 30)
 
-    def met(self, start: float, end: float) -> bool:
-        """Whether a store call was under way at some moment between ``start`` and ``end``."""
-        return any(began < end and ended > start for began, ended in self.calls)
+    def met(self, moments: list[float]) -> bool:
+        """Whether a store call was under way at one of ``moments`` (when the server was away)."""
+        return any(began < moment < ended for began, ended in self.calls for moment in moments)
 
 
 def _work(url: str, done: list, errors: list, started: threading.Event, outage: Outage) -> None:
@@ -105,11 +105,9 @@ def _run_through(url: str, outage, caplog) -> list:
     assert started.wait(60)
     caplog.set_level("WARNING", logger="contentdownload.store")
     during.begun.set()
-    began = time.monotonic()
     try:
-        outage()
+        away = outage()
     finally:
-        ended = time.monotonic()
         during.over.set()
     for t in threads:
         t.join(120)
@@ -117,7 +115,7 @@ def _run_through(url: str, outage, caplog) -> list:
     # The outage was met: a store call was under way while the server was away, and returned. It
     # waited either in the store's own retries (logged) or in the pool, which replaces the
     # connections the outage broke while callers wait for one.
-    assert during.met(began, ended), (began, ended, len(during.calls))
+    assert during.met(away), (away, len(during.calls))
     retries = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
     print(f"{len(retries)} logged retries; {len(during.calls)} store calls")
     records = list(store.records())
@@ -129,16 +127,29 @@ def _run_through(url: str, outage, caplog) -> list:
 
 def test_a_fast_restart_in_the_middle_of_a_run(private_pg, caplog):
     url = private_pg.create_database()
-    _run_through(url, lambda: private_pg.ctl("restart", "-m", "fast"), caplog)
+
+    def outage() -> list[float]:
+        private_pg.ctl("restart", "-m", "fast")
+        return [_restarted_at(url)]  # the server was away until then
+
+    _run_through(url, outage, caplog)
+
+
+def _restarted_at(url: str) -> float:
+    """When the server last started, on the machine's wall clock."""
+    with psycopg.connect(url) as conn:
+        return float(conn.execute("SELECT extract(epoch FROM pg_postmaster_start_time())").fetchone()[0])
 
 
 def test_a_server_stopped_then_started(private_pg, caplog):
     url = private_pg.create_database()
 
-    def outage() -> None:
+    def outage() -> list[float]:
         private_pg.ctl("stop", "-m", "fast")
+        stopped = time.time()
         threading.Event().wait(5)  # the outage itself: the server is down for 5 s
         private_pg.ctl("start", "-o", f"-p {private_pg.port} -k {private_pg.socket_dir}")
+        return [stopped]
 
     _run_through(url, outage, caplog)
 
@@ -146,13 +157,16 @@ def test_a_server_stopped_then_started(private_pg, caplog):
 def test_backends_terminated_repeatedly(fresh_postgres_dsn, caplog):  # noqa: F811
     stop = threading.Event()
 
-    def outage() -> None:
+    def outage() -> list[float]:
+        killed: list[float] = []  # the moments the workers' backends were gone
         with psycopg.connect(fresh_postgres_dsn, autocommit=True) as admin:
             for _ in range(20):
                 admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                               "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                killed.append(time.time())
                 if stop.wait(0.2):
-                    return
+                    break
+        return killed
 
     _run_through(fresh_postgres_dsn, outage, caplog)
 

@@ -23,7 +23,7 @@ from typing import Any, Awaitable
 from urllib.parse import urlsplit
 
 from contentdownload import StreamContext, StreamResult, hookimpl
-from contentdownload.errors import DiskError, TooSlowError, TransportError, UnsafePathError
+from contentdownload.errors import NOT_PLUGIN_FAULTS, DiskError, TooSlowError, TransportError, UnsafePathError
 from contentdownload.transfer.engine import Engine, Exchange
 from contentdownload.transfer.headers import PAUSE_STATUSES, content_encoding, content_length, parse_retry_after
 from contentdownload.transfer.parts import BodyOutcome, Part
@@ -128,6 +128,8 @@ class _Fast:
                         part.checkpoint(background=True)
                         since = 0
                 part.flush()  # the writer thread's last writes (a full disk is raised here)
+            except NOT_PLUGIN_FAULTS:  # the store given up on (an OSError too), raised by a block's heartbeat: the run's, not the attempt's
+                raise
             except OSError as exc:  # the engine's errors (TransportError), a speed limit's, or the part's disk
                 disk = DiskError.of(exc)
                 if disk is not None:  # the part's disk, not the connection: the run stops, nothing is asked again

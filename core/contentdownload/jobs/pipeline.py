@@ -494,7 +494,7 @@ class _JobRun:
     async def first_attempt(self, to_thread: Callable[..., Awaitable[Any]]) -> "FirstAttempt | JobResult":
         """The first attempt on the first candidate, ``stream_io`` on the event loop (see ``Dispatcher.call_stream_async``).
 
-        ``to_thread(fn, ctx)`` runs a synchronous ``stream_io`` in a worker thread. Returns the
+        ``to_thread(fn, *args)`` runs ``fn(*args)`` in a worker thread: a synchronous ``stream_io``, a due lease heartbeat. Returns the
         attempt for :meth:`run` to go on from, or the job's ``failed`` result.
         """
         cand = _Candidate(self.job.urls[0])

@@ -28,6 +28,8 @@ PAUSE_STATUSES = frozenset({429, 503})
 ACCEPT_ENCODING = "identity"
 #: Default cap on a server's ``Retry-After``, in seconds.
 DEFAULT_MAX_RETRY_AFTER = 120.0
+#: The most :func:`parse_retry_after` gives (urllib3's ``Retry.DEFAULT_RETRY_AFTER_MAX``: six hours).
+RETRY_AFTER_MAX = 21600
 
 
 class HeaderFields(Mapping[str, str]):
@@ -67,16 +69,18 @@ def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP date); ``None`` if absent or malformed.
 
     As urllib3's ``Retry.parse_retry_after`` reads it (the synchronous client's retries use
-    that one): a date in the past gives ``0.0``.
+    that one): a date in the past gives ``0.0``, and nothing gives more than :data:`RETRY_AFTER_MAX`.
     """
     if value is None:
         return None
     if _DELAY_SECONDS.match(value):
-        return float(int(value))
-    date = email.utils.parsedate_tz(value)
-    if date is None:
-        return None
-    return float(max(email.utils.mktime_tz(date) - time.time(), 0))
+        seconds: float = int(value)
+    else:
+        date = email.utils.parsedate_tz(value)
+        if date is None:
+            return None
+        seconds = email.utils.mktime_tz(date) - time.time()
+    return float(min(max(seconds, 0), RETRY_AFTER_MAX))
 
 
 @attrs.frozen

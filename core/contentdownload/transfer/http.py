@@ -147,14 +147,20 @@ _URL_IN_TEXT = re.compile(r"https?://\S+")
 _PATH_IN_TEXT = re.compile(r"(url: )\S+")
 
 
+def __getattr__(name: str) -> object:
+    """The header helpers that lived here before :mod:`contentdownload.transfer.headers`, for plugins written against them."""
+    from contentdownload.transfer import headers
+
+    if not name.startswith("_") and hasattr(headers, name):
+        return getattr(headers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _netrc_exists() -> bool:
     """Whether a netrc file is where ``requests.utils.get_netrc_auth`` looks: ``$NETRC``, else ``~/.netrc`` or ``~/_netrc``."""
     named = os.environ.get("NETRC")
     places = (named,) if named is not None else ("~/.netrc", "~/_netrc")
-    try:
-        return any(os.path.exists(os.path.expanduser(place)) for place in places)
-    except KeyError:  # no home directory to expand (requests gives up the same way)
-        return False
+    return any(os.path.exists(os.path.expanduser(place)) for place in places)
 
 
 class HttpClient:
