@@ -100,8 +100,7 @@ class Async:
 
     def __init__(self, loop, runtime, side: Side):
         self.loop, self.runtime, self.side = loop, runtime, side
-        side.http.engine = Engine(per_host=4, connect_timeout=5.0, read_timeout=OPTIONS.timeout[1], ssl_context=None,
-                                  default_headers={})
+        side.http.engine = side.http.new_engine(per_host=4)  # as the lane builds it: the client's timeouts and headers
 
     def run(self, ctx: StreamContext):
         selection = self.runtime.policy.select("stream_io")

@@ -54,10 +54,9 @@ class _Fast:
     async def run(self) -> StreamResult | None:
         ctx, attempt = self.ctx, self.attempt
         connect, read = ctx.options.timeout
-        headers = {**ctx.http.request_headers(), **attempt.headers}
         try:
-            exchange = await self.engine.open(ctx.url, headers, timeout=(attempt.guard.timeout(connect, body=False),
-                                                                         attempt.guard.timeout(read, body=False)),
+            exchange = await self.engine.open(ctx.url, attempt.headers, timeout=(attempt.guard.timeout(connect, body=False),
+                                                                                 attempt.guard.timeout(read, body=False)),
                                               block_size=ctx.options.chunk_size)
         except (TransportError, ValueError):
             return None  # nothing written: the dispatcher hands the decision to stream_io, in a thread

@@ -304,7 +304,7 @@ class HttpClient:
         return getattr(self._local, "retries", 0)
 
     def request_headers(self) -> dict[str, str]:
-        """The headers every request carries, as this client's sessions send them; the engine sends the same.
+        """The headers every request carries: its sessions' headers, and its engine's defaults (:meth:`new_engine`).
 
         requests' own defaults (``Accept``, ``Connection``), the product's, then the configured
         ``headers`` (each replacing a field of the same name in any spelling).
@@ -367,12 +367,12 @@ class HttpClient:
         return response
 
     def new_engine(self, *, per_host: int) -> "Engine":
-        """An event-loop engine for :attr:`engine`, with this client's timeouts and TLS trust; create it on the loop that uses it."""
+        """An event-loop engine for :attr:`engine`, with this client's timeouts, TLS trust and headers; create it on the loop that uses it."""
         from contentdownload.transfer.engine import Engine
         from contentdownload.transfer.options import ssl_context
 
         return Engine(per_host=per_host, connect_timeout=self.timeout[0], read_timeout=self.timeout[1],
-                      ssl_context=ssl_context(self.verify), default_headers={})
+                      ssl_context=ssl_context(self.verify), default_headers=self.request_headers())
 
     def abort(self) -> None:
         """Shut down the connection of every response still being read, from any thread, the engine's too.
