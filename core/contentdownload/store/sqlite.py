@@ -17,6 +17,7 @@ these columns, or where the system does not tell its boot id) is measured on the
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sqlite3
 import threading
@@ -30,6 +31,10 @@ from contentdownload.store.base import PLANNED_SQL, SqlJobStore, UnknownJobError
 from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TABLES, TRANSITION_ERROR, columns, check_transition_table, pending, version_table
 
 BUSY_TIMEOUT_S = 30.0
+#: Seconds between tries while another process of this machine has the store's write turn.
+TURN_POLL_S = 0.0005
+#: The poll once a turn has been waited for this long (a long transaction, or a stopped process).
+TURN_SLOW_POLL_S, TURN_SLOW_AFTER_S = 0.005, 0.05
 
 
 def disk_error(exc: sqlite3.Error, folder: Path) -> DiskError | None:
@@ -103,6 +108,62 @@ class _Writer:
         self.pid = 0
 
 
+class _WriteTurns:
+    """The store's write turn among this machine's processes: an exclusive ``flock`` on ``DB-writer`` beside the database.
+
+    SQLite's busy handler waits for the write lock by sleeping 1, 2, 5, 10, ... 100 ms, so
+    with several processes writing, its sleeps, not the writes, set the pace. Writers of
+    different processes take turns here instead, trying again every :data:`TURN_POLL_S`.
+    After ``timeout`` seconds the writer goes on to SQLite's own lock and its busy timeout,
+    so a stopped process holding the turn slows the others down, never blocks them. Where
+    the file cannot be opened (a read-only folder), writers go straight to SQLite's lock.
+    """
+
+    def __init__(self, path: Path, timeout: float):
+        self.path, self.timeout = path, timeout
+        self._fd: int | None = None
+        self._pid = 0
+
+    @contextmanager
+    def taken(self) -> Iterator[None]:
+        """Hold the turn (callers of one process take turns on a lock of their own first)."""
+        fd = self._file()
+        got = fd is not None and self._wait(fd)
+        try:
+            yield
+        finally:
+            if got:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _file(self) -> int | None:
+        if self._pid != os.getpid():  # a forked child opens its own: a lock on the parent's open file would be shared
+            self._fd, self._pid = None, os.getpid()
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError:
+                pass
+        return self._fd
+
+    def _wait(self, fd: int) -> bool:
+        started = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if waited >= self.timeout:
+                    return False
+                time.sleep(TURN_POLL_S if waited < TURN_SLOW_AFTER_S else TURN_SLOW_POLL_S)
+            except OSError:
+                return False
+
+    def close(self) -> None:
+        fd, self._fd, self._pid = self._fd, None, 0
+        if fd is not None:
+            os.close(fd)
+
+
 class SQLiteStore(SqlJobStore):
     """A job store in one SQLite file (WAL). Safe for many threads and processes on one machine."""
 
@@ -120,11 +181,14 @@ class SQLiteStore(SqlJobStore):
     def _ttl(self, ttl: float) -> tuple[float, ...]:
         return (float(ttl), float(ttl))  # the wall-clock end (for people to read) and the steady one
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S, **retry: Any):
+    def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S, turn_timeout: float | None = None, **retry: Any):
+        """``busy_timeout``: how long SQLite waits for its write lock; ``turn_timeout`` (default: the same) how long a
+        writer waits for its turn among this machine's processes first (see :class:`_WriteTurns`)."""
         super().__init__(**retry)
         self.path = Path(path)
         self.url = f"sqlite://{self.path}" if self.path.is_absolute() else f"sqlite:{self.path}"
         self.busy_timeout = busy_timeout
+        self._turns = _WriteTurns(self.path.with_name(self.path.name + "-writer"), busy_timeout if turn_timeout is None else turn_timeout)
         self._local = _Local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
@@ -224,11 +288,12 @@ class SQLiteStore(SqlJobStore):
 
         SQLite's busy handler waits for a lock by sleeping 1, 2, 5, 10, 25... ms; with
         several worker threads that sleep, not the work, would set the pace. Threads of
-        one process take turns here instead; other processes still meet the busy timeout.
+        one process take turns here instead, and processes on the write turn's file
+        (:class:`_WriteTurns`).
         """
         if not write or self._open_batch() is not None:  # a batch holds the lock already
             return super()._run(fn, write=write, keys=keys, durable=durable)
-        with self._write_lock:
+        with self._write_lock, self._turns.taken():
             self._local.writing = True
             try:
                 return super()._run(fn, write=True, keys=keys, durable=durable)
@@ -260,6 +325,7 @@ class SQLiteStore(SqlJobStore):
 
     def close(self) -> None:
         self._closed = True
+        self._turns.close()
         with self._all_lock:
             conns, self._all = self._all, []
         for conn in conns:
