@@ -157,7 +157,7 @@ class _StreamIoAsync:
                     paths = StagePaths.for_key(out / key, staging, key, root=out)
                     ctx = StreamContext(job=Job(urls=(url,)), job_key=JobKey(key=key, scheme="bench"), url=url, paths=paths,
                                         decision=self.decision, http=self.http)
-                    answer = await self.runtime.dispatcher.call_stream_async(self.selection, ctx, to_thread=asyncio.to_thread)
+                    answer = await self.runtime.dispatcher.call_async(self.selection, ctx, to_thread=asyncio.to_thread)
                     if answer.result.status != "complete":
                         raise RuntimeError(f"{url}: {answer.result.reason}")
                     paths.part.unlink()

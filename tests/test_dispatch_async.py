@@ -1,4 +1,4 @@
-"""``Dispatcher.call_stream_async``: the stream_io chain asked on the event loop, with call's fallbacks and telemetry."""
+"""``Dispatcher.call_async``: a stage's chain asked on the event loop, with call's fallbacks and telemetry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from contentdownload import hookimpl
-from contentdownload.hooks.model import Effects, Job, JobKey, ResumeDecision, StagePaths, StreamContext, StreamResult
+from contentdownload.hooks.model import (Effects, FinalizeContext, FinalizeResult, Job, JobKey, ResumeDecision, StagePaths,
+                                         StreamContext, StreamResult)
 from contentdownload.machinery.config import EMPTY
 from contentdownload.machinery.dispatch import StageFailed
 from contentdownload.machinery.policy import Selection
@@ -89,7 +90,7 @@ def ask(runtime: Runtime, chain: tuple[str, ...], ctx: StreamContext):
 
     async def main():
         threading.current_thread().name = "the-loop"
-        return await runtime.dispatcher.call_stream_async(selection, ctx, to_thread=to_thread)
+        return await runtime.dispatcher.call_async(selection, ctx, to_thread=to_thread)
 
     name = threading.current_thread().name
     try:
@@ -137,7 +138,7 @@ def test_a_raising_async_impl_after_writing_is_a_stage_failure(tmp_path):
     assert raised.value.plugin == "broken" and raised.value.effects.bytes_written == 10
 
 
-def test_a_third_party_plugin_with_only_stream_io_works_through_call_stream_async(tmp_path, third_party):
+def test_a_third_party_plugin_with_only_stream_io_works_through_call_async(tmp_path, third_party):
     third_party("acme-sync", {"acme_sync": SYNC_ONLY})
     runtime = Runtime(config=EMPTY, environ={})
     assert runtime.plugins.infos["acme_sync"].status == "active"
@@ -147,10 +148,10 @@ def test_a_third_party_plugin_with_only_stream_io_works_through_call_stream_asyn
     assert counts(runtime, "acme_sync")["answered"] == 1
 
 
-def test_call_stream_async_asks_only_the_stream_io_chain(tmp_path):
+def test_call_async_asks_only_a_stage_with_an_asynchronous_form(tmp_path):
     runtime = plugins()
     with pytest.raises(ValueError):
-        asyncio.run(runtime.dispatcher.call_stream_async(Selection(hook="finalize", chain=("legacy",), source="cli", detail="t"),
+        asyncio.run(runtime.dispatcher.call_async(Selection(hook="resume_decision", chain=("legacy",), source="cli", detail="t"),
                                                          context(tmp_path), to_thread=asyncio.to_thread))
 
 
@@ -158,3 +159,58 @@ def test_a_coroutine_function_may_implement_stream_io_async_but_an_async_generat
     runtime = Runtime(config=EMPTY, environ={}, extra_plugins={"gen": AsyncGenerator(), "broken": AsyncRaises()})
     assert runtime.plugins.infos["broken"].status == "active"
     assert runtime.plugins.infos["gen"].status == "failed" and "generator" in runtime.plugins.infos["gen"].error
+
+
+class FinalizeInstead:
+    """``finalize_async`` declines (``None``): its own ``finalize`` answers, in a thread."""
+
+    @hookimpl
+    def finalize_async(self, ctx):
+        return None
+
+    @hookimpl
+    def finalize(self, ctx):
+        return FinalizeResult(ok=False, reason="sync:" + threading.current_thread().name)
+
+
+class FinalizeRaises:
+    """``finalize_async`` raises, before (or after, ``renamed``) its rename."""
+
+    def __init__(self, renamed: bool = False):
+        self.renamed = renamed
+
+    @hookimpl
+    async def finalize_async(self, ctx):
+        if self.renamed:
+            ctx.effects.mark_renamed()
+        raise RuntimeError("exploded")
+
+
+def finalize_context(tmp_path: Path) -> FinalizeContext:
+    stream = StreamResult(status="complete", url="http://h/x", total_size=1, sha256="0" * 64)
+    paths = StagePaths.for_key(tmp_path / "out" / "x", tmp_path / "staging", "k" * 64, root=tmp_path / "out")
+    return FinalizeContext(job=Job(urls=("http://h/x",)), job_key=JobKey(key="k" * 64, scheme="t"), paths=paths, stream=stream,
+                           effects=Effects())
+
+
+def ask_finalize(runtime: Runtime, chain: tuple[str, ...], ctx: FinalizeContext):
+    selection = Selection(hook="finalize", chain=chain, source="cli", detail="test")
+    return asyncio.run(runtime.dispatcher.call_async(selection, ctx, to_thread=asyncio.to_thread))
+
+
+def test_finalize_async_declining_runs_that_plugin_s_own_finalize_in_a_thread(tmp_path):
+    runtime = plugins(slow=FinalizeInstead())
+    answer = ask_finalize(runtime, ("slow", "legacy"), finalize_context(tmp_path))
+    assert answer.plugin == "slow" and not answer.fallback
+    assert answer.result.reason.startswith("sync:") and answer.result.reason != f"sync:{threading.current_thread().name}"
+    assert runtime.telemetry.snapshot()["finalize"]["plugins"]["slow"]["answered"] == 1
+
+
+def test_finalize_async_raising_before_the_rename_falls_back_after_it_fails_the_stage(tmp_path):
+    runtime = plugins(broken=FinalizeRaises(), slow=FinalizeInstead())
+    answer = ask_finalize(runtime, ("broken", "slow"), finalize_context(tmp_path))
+    assert answer.plugin == "slow" and answer.fallback
+    runtime = plugins(broken=FinalizeRaises(renamed=True), slow=FinalizeInstead())
+    with pytest.raises(StageFailed) as raised:
+        ask_finalize(runtime, ("broken", "slow"), finalize_context(tmp_path))
+    assert raised.value.hook == "finalize" and raised.value.plugin == "broken"

@@ -31,6 +31,7 @@ resume_decision = _wrap("resume_decision")
 stream_io = _wrap("stream_io")
 stream_io_async = _wrap("stream_io_async")
 finalize = _wrap("finalize")
+finalize_async = _wrap("finalize_async")
 """
 
 FUTURE = """
@@ -82,12 +83,14 @@ def test_tracer_wrapper_sees_every_call_and_changes_no_result(server, tmp_path):
     assert traced == plain and len(plain) == 3
     assert all(outcome == "downloaded" for outcome, *_ in plain.values())
     calls = [line.split() for line in trace.read_text().splitlines()]
-    for hook, result in (("job_key", "JobKey"), ("resume_decision", "ResumeDecision"), ("finalize", "FinalizeResult")):
+    for hook, result in (("job_key", "JobKey"), ("resume_decision", "ResumeDecision")):
         assert [c[2] for c in calls if c[0] == hook] == [result] * 3, hook
-    # On the event-loop lane a transfer is asked of stream_io_async first (its result: the coroutine); every
-    # transfer it hands over (none of these three) would be a stream_io call too.
-    assert [c[2] for c in calls if c[0] == "stream_io_async"] == ["coroutine"] * 3
-    assert [c[2] for c in calls if c[0] == "stream_io"] == []
+    # On the event-loop lane a transfer is asked of stream_io_async first, and a complete one's promotion of
+    # finalize_async (their results: the coroutines); every one handed over to a thread (none of these three)
+    # would be a stream_io or finalize call too.
+    for hook in ("stream_io", "finalize"):
+        assert [c[2] for c in calls if c[0] == f"{hook}_async"] == ["coroutine"] * 3, hook
+        assert [c[2] for c in calls if c[0] == hook] == [], hook
     # A plugin that only wraps a hook is listed with its hooks but never asked as a chain member.
     listed = {p["name"]: p for p in json.loads(run_cli("plugins", "list", "--json", env=_env(root), cwd=tmp_path).stdout)["plugins"]}
     assert listed["acme_tracer"]["status"] == "active" and set(listed["acme_tracer"]["hooks"]) == {*HOOKS, *ASYNC_HOOKS}

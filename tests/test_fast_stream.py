@@ -1,7 +1,7 @@
 """The streaming plugin's ``stream_io_async`` over real loopback sockets, against its synchronous ``stream_io``.
 
 Every hostile case of the test server goes once through the event-loop engine
-(:meth:`Dispatcher.call_stream_async`) and once through ``stream_io`` on an identical
+(:meth:`Dispatcher.call_async`) and once through ``stream_io`` on an identical
 fresh job; both then go through the streaming ``finalize``. Outcome, reason, size,
 SHA-256 and the files left in staging and at the final path must be the same.
 """
@@ -96,7 +96,7 @@ def runtime():
 
 
 class Async:
-    """The event-loop side: an engine on the client, the stream_io chain asked through ``call_stream_async``."""
+    """The event-loop side: an engine on the client, the stream_io chain asked through ``call_async``."""
 
     def __init__(self, loop, runtime, side: Side):
         self.loop, self.runtime, self.side = loop, runtime, side
@@ -105,7 +105,7 @@ class Async:
     def run(self, ctx: StreamContext):
         selection = self.runtime.policy.select("stream_io")
         to_thread = lambda fn, arg: self.loop.run_in_executor(None, fn, arg)  # noqa: E731
-        return self.loop.run_until_complete(self.runtime.dispatcher.call_stream_async(selection, ctx, to_thread=to_thread))
+        return self.loop.run_until_complete(self.runtime.dispatcher.call_async(selection, ctx, to_thread=to_thread))
 
 
 def both(tmp_path, loop, runtime, server, url: str, name: str, arm=lambda: None, **context):

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 HOOKS: tuple[str, ...] = ("job_key", "resume_decision", "stream_io", "finalize")
 #: Optional asynchronous forms of a stage, by the stage they stand for (same chain, same policy, same telemetry).
-ASYNC_HOOKS: dict[str, str] = {"stream_io_async": "stream_io"}
+ASYNC_HOOKS: dict[str, str] = {"stream_io_async": "stream_io", "finalize_async": "finalize"}
 
 ResumeMode = Literal["fresh", "resume", "revalidate", "discard"]
 RESUME_MODES: tuple[str, ...] = ("fresh", "resume", "revalidate", "discard")

@@ -1,4 +1,4 @@
-"""The four pipeline hooks, and the optional asynchronous form of ``stream_io``.
+"""The four pipeline hooks, and the optional asynchronous forms of ``stream_io`` and ``finalize``.
 
 All four are ``firstresult`` hooks, but pluggy's own call order never decides who
 answers: the policy (:mod:`contentdownload.machinery.policy`) names a chain of plugins per job
@@ -105,7 +105,7 @@ def stream_io_async(ctx: "StreamContext") -> "Awaitable[StreamResult] | None":
 
     Returns: an awaitable (a coroutine) of a :class:`~contentdownload.hooks.model.StreamResult`,
     with the same meaning as ``stream_io``'s. The dispatcher's
-    :meth:`~contentdownload.machinery.dispatch.Dispatcher.call_stream_async` asks the
+    :meth:`~contentdownload.machinery.dispatch.Dispatcher.call_async` asks the
     ``stream_io`` chain in order and awaits it; a plugin without this hook has its
     ``stream_io`` run in a thread, so synchronous plugins keep working unchanged.
 
@@ -137,4 +137,27 @@ def finalize(ctx: "FinalizeContext") -> "FinalizeResult | None":
     promote after ``ctx.lease.assert_held()`` raised; leave partial content at the final
     path at any moment. It must call ``ctx.effects.mark_renamed()`` right after the
     rename: from then on a raise never falls back.
+    """
+
+
+@hookspec(firstresult=True)
+def finalize_async(ctx: "FinalizeContext") -> "Awaitable[FinalizeResult] | None":
+    """``finalize`` on the process's event loop, for plugins that can promote without holding a thread (optional).
+
+    Receives: the same :class:`~contentdownload.hooks.model.FinalizeContext` as ``finalize``.
+
+    Returns: an awaitable (a coroutine) of a :class:`~contentdownload.hooks.model.FinalizeResult`,
+    with the same meaning as ``finalize``'s. The event-loop lane asks the ``finalize`` chain
+    through :meth:`~contentdownload.machinery.dispatch.Dispatcher.call_async`: a plugin without
+    this hook has its ``finalize`` run in a thread, so synchronous plugins keep working
+    unchanged. The built-in ``streaming`` plugin awaits
+    :meth:`~contentdownload.transfer.parts.PartStore.promote_async`, which promotes the parts
+    finishing together in one batch.
+
+    ``None``: this plugin's synchronous ``finalize`` does it (run in a thread), not the next plugin.
+    The awaitable may also end with ``None`` as long as nothing was renamed.
+
+    May not: block the event loop (checks, fsyncs and renames run in the loop's executor), or
+    anything ``finalize`` may not do. The same fallback rules as ``finalize``: a raise falls
+    back only before ``ctx.effects.mark_renamed()``.
     """

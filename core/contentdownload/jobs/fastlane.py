@@ -7,9 +7,10 @@
     per job, a task on the loop:
       resume_decision              the policy's chain, as in the pipeline
       stream_io                    a plugin's stream_io_async on the loop, or its stream_io in a thread
-      finalize                     in a thread: the part store checks and fsyncs the part; the staging
-                                   folder's committer renames the parts finishing together and fsyncs
-                                   each folder once (--durability batch)
+      finalize                     a plugin's finalize_async on the loop, or its finalize in a thread: the
+                                   finalize intents of the jobs finishing together in one transaction, then
+                                   (--durability batch) the staging folder's committer checks their parts,
+                                   fsyncs them together, renames them and fsyncs each folder once
     records                        a batch of results: manifest rows with one fsync, then the store
                                    records (finished states, ledger ops) in one transaction
 
@@ -183,7 +184,8 @@ class FastLane:
                 if attempt.stream.status != "complete" or len(item.job.urls) > 1:
                     # retries, backoff, or a refused body's next candidate: more transfers, within the slot
                     return await self.in_thread(job_run.run, attempt)
-            return await self.in_thread(job_run.run, attempt)  # finalize, outside the transfer slot
+            # finalize, outside the transfer slot, on the loop: intents and promotions in batches
+            return await job_run.finish_first(attempt, self.in_thread, functools.partial(self.worker.intend, item))
 
     @contextlib.asynccontextmanager
     async def _part_held(self, item: WorkItem) -> AsyncIterator[None]:

@@ -415,13 +415,7 @@ class _JobRun:
 
     def after(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> Any:
         """What an attempt's ``stream`` leads to: the job's result, ``None`` (next candidate) or ``_AGAIN`` (after the wait)."""
-        self.last = stream
-        self.bytes_downloaded += stream.bytes_written
-        if stream.status in ("complete", "retry"):
-            if stream.resumed_from > 0:
-                cand.resumed_from = stream.resumed_from
-            elif stream.bytes_written > 0 or stream.status == "complete":
-                cand.resumed_from = 0  # the transfer started over from byte 0
+        self.account(cand, stream)
         if stream.status == "complete":
             return self.finish(cand, paths, stream)
         if stream.status == "not_modified":
@@ -440,6 +434,16 @@ class _JobRun:
                  attempt=cand.attempts, committed=stream.total_size)
         self.p.wait(delay, self.lease, self.cancel)
         return _AGAIN
+
+    def account(self, cand: _Candidate, stream: StreamResult) -> None:
+        """Count an attempt's bytes, and where the candidate's chain of transfers now starts."""
+        self.last = stream
+        self.bytes_downloaded += stream.bytes_written
+        if stream.status in ("complete", "retry"):
+            if stream.resumed_from > 0:
+                cand.resumed_from = stream.resumed_from
+            elif stream.bytes_written > 0 or stream.status == "complete":
+                cand.resumed_from = 0  # the transfer started over from byte 0
 
     def may_retry(self, cand: _Candidate, stream: StreamResult) -> bool:
         """Whether another attempt is allowed after ``stream`` (a ``retry``); counts it."""
@@ -492,7 +496,7 @@ class _JobRun:
         return answer.result
 
     async def first_attempt(self, to_thread: Callable[..., Awaitable[Any]]) -> "FirstAttempt | JobResult":
-        """The first attempt on the first candidate, ``stream_io`` on the event loop (see ``Dispatcher.call_stream_async``).
+        """The first attempt on the first candidate, ``stream_io`` on the event loop (see ``Dispatcher.call_async``).
 
         ``to_thread(fn, *args)`` runs ``fn(*args)`` in a worker thread: a synchronous ``stream_io``, a due lease heartbeat. Returns the
         attempt for :meth:`run` to go on from, or the job's ``failed`` result.
@@ -510,7 +514,7 @@ class _JobRun:
             return to_thread(self.in_client(fn), ctx)
 
         try:
-            answer = await self.dispatcher.call_stream_async(self.selections["stream_io"], sctx, to_thread=in_thread)
+            answer = await self.dispatcher.call_async(self.selections["stream_io"], sctx, to_thread=in_thread)
         except (StageFailed, NoPluginAnsweredError) as exc:
             stream = self.stream_failed(exc, cand, sctx)
             return FirstAttempt(cand=cand, stream=stream) if stream is not None else self.failed("no_plugin", cand.url)
@@ -531,19 +535,49 @@ class _JobRun:
                             bytes_written=effects.bytes_written, resumed_from=sctx.decision.offset)
 
     def finish(self, cand: _Candidate, paths: StagePaths, stream: StreamResult) -> JobResult | None:
+        """Dispatch ``finalize`` for a complete ``stream``: the job's result, or ``None`` when the part was refused (next candidate)."""
         if self.before_finalize is not None:
             self.before_finalize(stream)
-        fctx = FinalizeContext(job=self.job, job_key=self.job_key, paths=paths, stream=stream, lease=self.lease, effects=Effects(),
-                               options=self.options)
         try:
-            answer = self.dispatcher.call(self.selections["finalize"], fctx)
-        except NoPluginAnsweredError as exc:
+            answer = self.dispatcher.call(self.selections["finalize"], self.finalize_context(paths, stream))
+        except (NoPluginAnsweredError, StageFailed) as exc:
+            return self.finalize_failed(exc, cand)
+        return self.finalized(cand, answer)
+
+    async def finish_first(self, first: FirstAttempt, to_thread: Callable[..., Awaitable[Any]],
+                           before_finalize: Callable[[StreamResult], Awaitable[None]]) -> JobResult:
+        """The job's result from its complete first attempt, ``finalize`` on the event loop (see ``Dispatcher.call_async``).
+
+        For a job with one candidate URL: a refused part ends it. ``before_finalize(stream)`` is
+        awaited first, in place of the run's own (the lane records the finalize intents of the jobs
+        finishing together in one transaction); ``to_thread(fn, ctx)`` runs a synchronous ``finalize``.
+        """
+        cand, stream = first.cand, first.stream
+        self.account(cand, stream)
+        paths = self.paths(cand.url)
+        await before_finalize(stream)
+        try:
+            answer = await self.dispatcher.call_async(self.selections["finalize"], self.finalize_context(paths, stream), to_thread=to_thread)
+        except (NoPluginAnsweredError, StageFailed) as exc:
+            return self.finalize_failed(exc, cand)
+        return self.finalized(cand, answer) or self.failed(self.failure or "failed", self.failure_url)
+
+    def finalize_context(self, paths: StagePaths, stream: StreamResult) -> FinalizeContext:
+        return FinalizeContext(job=self.job, job_key=self.job_key, paths=paths, stream=stream, lease=self.lease, effects=Effects(),
+                               options=self.options)
+
+    def finalize_failed(self, exc: Exception, cand: _Candidate) -> JobResult:
+        """The ``failed`` result of a ``finalize`` no plugin answered, or that raised after the rename."""
+        if isinstance(exc, NoPluginAnsweredError):
             log.error("no plugin answered finalize", error=str(exc), job_key=self.job_key.key)
             return self.failed("no_plugin", cand.url)
-        except StageFailed as exc:
-            log.error("finalize failed after the rename", plugin=exc.plugin, error=repr(exc.error))
-            self.plugins["finalize"], self.fallbacks["finalize"] = exc.plugin, False
-            return self.failed("stage_failed", cand.url)
+        assert isinstance(exc, StageFailed)
+        log.error("finalize failed after the rename", plugin=exc.plugin, error=repr(exc.error))
+        self.plugins["finalize"], self.fallbacks["finalize"] = exc.plugin, False
+        return self.failed("stage_failed", cand.url)
+
+    def finalized(self, cand: _Candidate, answer: Answer) -> JobResult | None:
+        """The result ``finalize``'s ``answer`` gives the job (``None``: the part was refused, the next candidate is tried)."""
         self.note("finalize", answer)
         done = answer.result
         self.detected_type = done.detected_type or self.detected_type

@@ -221,6 +221,7 @@ class JobWorker:
         self.on_results = on_results
         # finalize intents of jobs finishing together, recorded in one transaction (group commit)
         self._intents = durability.Committer(self._record_intents, window=durability.BATCH_WINDOW_S)
+        self._loop_intents = durability.LoopCommitter(self._record_intents)  # the same, for jobs on the event-loop lane
 
     # -- crash recovery -------------------------------------------------------------
 
@@ -296,6 +297,11 @@ class JobWorker:
         lease = StoreLease(self.store, item.key.key, item.epoch or 0, self.owner, self.lease_ttl)
         paths = self.ws.stage_paths(item.relative_path, item.key.key, epoch=item.epoch)
         return self._unsafe_paths(item, paths) or self._job_run(item, paths, lease)
+
+    async def intend(self, item: WorkItem, stream: Any) -> None:
+        """Record ``item``'s finalize intent from the event loop, in one transaction with the jobs finishing together."""
+        if self.leasing:
+            await self._loop_intents.submit((item.key.key, item.epoch, stream))
 
     def part_claim(self, item: WorkItem) -> Any:
         """The context holding ``item``'s epoch of its part (:meth:`PartStore.claim`)."""

@@ -21,11 +21,14 @@ import attrs
 from contentdownload.errors import NOT_PLUGIN_FAULTS, ContentDownloadError, DiskError, NoPluginAnsweredError
 from contentdownload.machinery.loader import PluginSet
 from contentdownload.records.log import get_logger
-from contentdownload.hooks.model import HOOK_RESULT_TYPES
+from contentdownload.hooks.model import ASYNC_HOOKS, HOOK_RESULT_TYPES
 from contentdownload.machinery.policy import Selection
 from contentdownload.machinery.telemetry import Telemetry
 
 log = get_logger(__name__)
+
+#: The asynchronous form of each stage that has one.
+ASYNC_FORMS: dict[str, str] = {stage: form for form, stage in ASYNC_HOOKS.items()}
 
 
 class StageFailed(ContentDownloadError, RuntimeError):
@@ -79,18 +82,21 @@ class Dispatcher:
         asking.close()
         raise RuntimeError(f"a synchronous call of {selection.hook} was suspended")
 
-    async def call_stream_async(self, selection: Selection, ctx: Any, *,
-                                to_thread: Callable[[Callable[[Any], Any], Any], Awaitable[Any]]) -> Answer:
-        """:meth:`call` for ``stream_io`` on the running event loop, with the same fallbacks and telemetry.
+    async def call_async(self, selection: Selection, ctx: Any, *,
+                         to_thread: Callable[[Callable[[Any], Any], Any], Awaitable[Any]]) -> Answer:
+        """:meth:`call` on the running event loop for a stage with an asynchronous form (``stream_io``, ``finalize``),
+        with the same fallbacks and telemetry.
 
-        Each plugin of the chain in order: its ``stream_io_async`` awaited when it returns an
-        awaitable; otherwise (``None``, or no such hook), or when the awaitable ends with
-        ``None`` having written nothing, its ``stream_io`` through ``await to_thread(fn, ctx)``
+        Each plugin of the chain in order: its asynchronous form (``stream_io_async``,
+        ``finalize_async``) awaited when it returns an awaitable; otherwise (``None``, or no
+        such hook), or when the awaitable ends with ``None`` having changed nothing (no body
+        byte written, nothing renamed), its synchronous hook through ``await to_thread(fn, ctx)``
         (the caller's executor).
         """
-        if selection.hook != "stream_io":
-            raise ValueError(f"call_stream_async asks the stream_io chain, not {selection.hook}")
-        return await self._ask(selection, ctx, lambda name: self._stream_call(name, to_thread))
+        form = ASYNC_FORMS.get(selection.hook)
+        if form is None:
+            raise ValueError(f"{selection.hook} has no asynchronous form: use call")
+        return await self._ask(selection, ctx, lambda name: self._async_call(selection.hook, form, name, to_thread))
 
     def _sync_call(self, hook: str, name: str) -> Callable[..., Awaitable[Any]] | None:
         """Plugin ``name``'s pluggy caller for ``hook`` as a coroutine function (``None``: it does not implement the hook)."""
@@ -100,19 +106,20 @@ class Dispatcher:
             self._sync_calls[key] = None if caller is None else _as_coroutine(caller)
         return self._sync_calls[key]
 
-    def _stream_call(self, name: str, to_thread: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]] | None:
-        """How plugin ``name`` carries out ``stream_io`` on the event loop (``None``: it implements neither form)."""
-        asynchronous = self.plugins.caller("stream_io_async", name)
-        synchronous = self.plugins.caller("stream_io", name)
+    def _async_call(self, hook: str, form: str, name: str,
+                    to_thread: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]] | None:
+        """How plugin ``name`` carries out ``hook`` on the event loop (``None``: it implements neither form)."""
+        asynchronous = self.plugins.caller(form, name)
+        synchronous = self.plugins.caller(hook, name)
         if asynchronous is None and synchronous is None:
             return None
 
         async def call(ctx: Any) -> Any:
             awaitable = asynchronous(ctx=ctx) if asynchronous is not None else None
             result = await awaitable if awaitable is not None else None
-            if result is not None or synchronous is None or ctx.effects.bytes_written:
+            if result is not None or synchronous is None or not fallback_safe(hook, ctx):
                 return result
-            return await to_thread(lambda c: synchronous(ctx=c), ctx)  # declined, or handed over before writing
+            return await to_thread(lambda c: synchronous(ctx=c), ctx)  # declined, or handed over having changed nothing
 
         return call
 

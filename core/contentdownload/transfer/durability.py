@@ -26,12 +26,15 @@ function per process (:func:`set_fsync`, which is how the tests count fsyncs).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import os
 import queue
 import threading
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -45,6 +48,8 @@ MAX_BATCH = 256
 #: more to join: a job's record waits this much longer, a batch of jobs finishing within it
 #: shares one lease check, one folder fsync and one store transaction.
 BATCH_WINDOW_S = 0.005
+#: The most parts made durable at once by one batch (a disk takes parallel flushes faster than serial ones).
+SYNC_THREADS = 4
 
 
 _fsync: Callable[[int], None] | None = None  # None: os.fsync, looked up at each call
@@ -79,6 +84,15 @@ class Durability:
         """Make the file ``fd`` durable (nothing at level ``none``)."""
         if self.syncs:
             _sync(fd)
+
+    def sync_all(self, fds: Sequence[int]) -> None:
+        """Make the files ``fds`` durable, up to :data:`SYNC_THREADS` at once (nothing at level ``none``)."""
+        if not self.syncs:
+            return
+        if len(fds) == 1:
+            _sync(fds[0])
+            return
+        list(_sync_pool().map(_sync, fds))
 
     def sync_folder(self, path: Path) -> None:
         """Make the names in the folder ``path`` durable (a no-op where a folder cannot be fsynced)."""
@@ -181,9 +195,70 @@ class Committer:
                     slot.done.set()
 
 
+class LoopCommitter:
+    """:class:`Committer` for callers on one event loop: ``await submit(item)`` holds no thread while it waits.
+
+    A batch is every item submitted while the previous batch was committed (group commit), up
+    to ``max_batch``; ``commit(items)`` runs in the loop's default executor, so the loop never
+    waits on the disk or the store. What the batch raised is raised to each of its callers.
+    """
+
+    def __init__(self, commit: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = MAX_BATCH, counted: bool = False):
+        self.commit, self.max_batch, self.counted = commit, max_batch, counted
+        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self.batches: list[int] = []
+
+    async def submit(self, item: Any) -> Any:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                self._count(len(batch))
+                try:
+                    results = await loop.run_in_executor(None, contextvars.copy_context().run, self.commit, [item for item, _ in batch])
+                except Exception as exc:  # every caller of the batch sees what went wrong; the next batch goes on
+                    _fail_all(batch, exc)
+                    continue
+                except BaseException as exc:  # cancelled: the loop is going away
+                    _fail_all(batch, exc)
+                    raise
+                for (_, done), result in zip(batch, results):
+                    if not done.done():
+                        done.set_result(result)
+        finally:
+            self._draining = None
+            _fail_all(self._pending, asyncio.CancelledError())  # left only when cancelled
+            self._pending = []
+
+    def _count(self, size: int) -> None:
+        self.batches.append(size)
+        if self.counted:
+            _all_batches.append(size)
+
+
+def _fail_all(batch: Sequence[tuple[Any, "asyncio.Future[Any]"]], exc: BaseException) -> None:
+    for _, done in batch:
+        if done.done():
+            continue
+        if isinstance(exc, asyncio.CancelledError):
+            done.cancel()
+        else:
+            done.set_exception(exc)
+
+
 _committers: dict[Any, Committer] = {}
+_loop_committers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, LoopCommitter]]" = weakref.WeakKeyDictionary()
 _all_batches: list[int] = []  # every committer's batch sizes, in the order committed
 _committers_lock = threading.Lock()
+_fsync_pool: ThreadPoolExecutor | None = None
 
 
 def committer(key: Any, commit: Callable[[Sequence[Any]], Sequence[Any]]) -> Committer:
@@ -195,16 +270,34 @@ def committer(key: Any, commit: Callable[[Sequence[Any]], Sequence[Any]]) -> Com
         return found
 
 
+def loop_committer(key: Any, commit: Callable[[Sequence[Any]], Sequence[Any]]) -> LoopCommitter:
+    """The committer of ``key`` (a staging folder) on the running event loop."""
+    found = _loop_committers.setdefault(asyncio.get_running_loop(), {})
+    if key not in found:
+        found[key] = LoopCommitter(commit, counted=True)
+    return found[key]
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    global _fsync_pool
+    with _committers_lock:
+        if _fsync_pool is None:
+            _fsync_pool = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="contentdownload-fsync")
+        return _fsync_pool
+
+
 def commit_batches() -> list[int]:
     """The size of every batch the committers of this process committed, oldest first."""
     return list(_all_batches)
 
 
 def _forget_committers() -> None:
-    global _committers_lock
+    global _committers_lock, _fsync_pool
     _committers.clear()  # a forked child has none of its parent's threads, nor their batches
+    _loop_committers.clear()
     _all_batches.clear()
     _committers_lock = threading.Lock()
+    _fsync_pool = None
 
 
 if hasattr(os, "register_at_fork"):

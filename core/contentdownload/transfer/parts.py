@@ -28,7 +28,9 @@ Invariants (why a final path never holds a partial or stale file):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import errno
 import hashlib
 import json
@@ -37,7 +39,7 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import attrs
 
@@ -934,18 +936,48 @@ class PartStore:
             raise promotion.error
         return promotion.result(self.durable and level.syncs)
 
+    async def promote_async(self, request: PromoteRequest) -> FinalizeResult:
+        """:meth:`promote` for a caller on an event loop: no thread is held while the part waits for its batch.
+
+        At durability ``batch`` (durable mode) the checks, the fsyncs and the renames of the
+        parts finishing together are done by the staging folder's committer on this loop, in
+        one executor call per batch (:meth:`promote_many`'s way); at any other level
+        :meth:`promote` runs in the loop's executor. Raises what :meth:`promote` raises.
+        """
+        level = durability.current()
+        loop = asyncio.get_running_loop()
+        if not (self.durable and level.level == "batch"):
+            return await loop.run_in_executor(None, contextvars.copy_context().run, self.promote, request)
+        committer = durability.loop_committer((self.staging, self.root), lambda requests: self._promote_all(requests, level))
+        promotion = await committer.submit(request)
+        if promotion.error is not None:
+            raise promotion.error
+        return promotion.result(level.syncs)
+
     def promote_many(self, requests: Iterable[PromoteRequest]) -> list[FinalizeResult]:
         """Promote many parts: check each, make them durable together, rename each, fsync each folder once.
 
         One result per request, in order; a part whose lease was lost gets ``lease_lost``.
         """
-        durable = self.durable and durability.current().syncs
+        level = durability.current()
+        durable = self.durable and level.syncs
         return [p.result(durable) if p.error is None else FinalizeResult(ok=False, size=p.size, sha256=p.sha256, reason="lease_lost")
-                for p in self._promote_all(list(requests))]
+                for p in self._promote_all(list(requests), level)]
 
-    def _promote_all(self, requests: list[PromoteRequest]) -> list[_Promotion]:
-        promotions = [self._verify(request) for request in requests]
-        self._commit([p for p in promotions if not p.reason], durability.current())
+    def _promote_all(self, requests: Sequence[PromoteRequest], level: durability.Durability) -> list[_Promotion]:
+        """Check every part, fsync the good ones together (durable mode), then :meth:`_commit` them."""
+        checked: list[tuple[_Promotion, int | None]] = []
+        try:
+            for request in requests:
+                checked.append(self._check(request))
+            if self.durable:
+                level.sync_all([fd for _, fd in checked if fd is not None])
+        finally:
+            for _, fd in checked:
+                if fd is not None:
+                    os.close(fd)
+        promotions = [promotion for promotion, _ in checked]
+        self._commit([p for p in promotions if not p.reason], level)
         return promotions
 
     def _commit(self, ready: list[_Promotion], level: durability.Durability) -> list[_Promotion]:
@@ -969,16 +1001,28 @@ class PartStore:
         return ready
 
     def _verify(self, request: PromoteRequest) -> _Promotion:
-        """Size, SHA-256, server digests and content type against the transfer and the job; a mismatch discards the part. Durable: fsync."""
+        """:meth:`_check` the part and, in durable mode, fsync it."""
+        promotion, fd = self._check(request)
+        if fd is not None:
+            try:
+                if self.durable:
+                    durability.current().sync(fd)
+            finally:
+                os.close(fd)
+        return promotion
+
+    def _check(self, request: PromoteRequest) -> tuple[_Promotion, int | None]:
+        """Size, SHA-256, server digests and content type against the transfer and the job: the promotion and,
+        when they match, the part still open (the caller closes it); a mismatch discards the part."""
         paths, promotion = request.paths, _Promotion(request)
         try:
             fd = _open_nofollow(paths.part, os.O_RDONLY)
         except FileNotFoundError:
             promotion.reason = "part_missing"
-            return promotion
+            return promotion, None
         except UnsafePathError as exc:
             promotion.reason = exc.reason
-            return promotion
+            return promotion, None
         try:
             st = os.fstat(fd)
             promotion.size, promotion.mtime_ns = st.st_size, st.st_mtime_ns
@@ -986,14 +1030,15 @@ class PartStore:
             if not promotion.reason:
                 promotion.sha256 = request.sha256 or _sha256_of(fd)
                 promotion.reason = _content_problem(fd, request, promotion)
-            if not promotion.reason and self.durable:
-                durability.current().sync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
-        if promotion.reason:
-            self.discard(paths)
-            log.warning("part not promoted", final=str(paths.final), reason=promotion.reason, size=promotion.size, sha256=promotion.sha256)
-        return promotion
+            raise
+        if not promotion.reason:
+            return promotion, fd
+        os.close(fd)
+        self.discard(paths)
+        log.warning("part not promoted", final=str(paths.final), reason=promotion.reason, size=promotion.size, sha256=promotion.sha256)
+        return promotion, None
 
     @staticmethod
     def _size_problem(request: PromoteRequest, size: int) -> str:
