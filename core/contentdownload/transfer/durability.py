@@ -190,7 +190,7 @@ class Committer:
             finally:
                 self.batches.append(len(batch))
                 if self.counted:
-                    _all_batches.append(len(batch))
+                    count_batch(len(batch))
                 for slot in batch:
                     slot.done.set()
 
@@ -203,8 +203,8 @@ class LoopCommitter:
     waits on the disk or the store. What the batch raised is raised to each of its callers.
     """
 
-    def __init__(self, commit: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = MAX_BATCH, counted: bool = False):
-        self.commit, self.max_batch, self.counted = commit, max_batch, counted
+    def __init__(self, commit: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = MAX_BATCH):
+        self.commit, self.max_batch = commit, max_batch
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
         self._draining: asyncio.Task[None] | None = None
         self.batches: list[int] = []
@@ -221,7 +221,7 @@ class LoopCommitter:
         try:
             while self._pending:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                self._count(len(batch))
+                self.batches.append(len(batch))
                 try:
                     results = await loop.run_in_executor(None, contextvars.copy_context().run, self.commit, [item for item, _ in batch])
                 except Exception as exc:  # every caller of the batch sees what went wrong; the next batch goes on
@@ -237,12 +237,6 @@ class LoopCommitter:
             self._draining = None
             _fail_all(self._pending, asyncio.CancelledError())  # left only when cancelled
             self._pending = []
-
-    def _count(self, size: int) -> None:
-        self.batches.append(size)
-        if self.counted:
-            _all_batches.append(size)
-
 
 def _fail_all(batch: Sequence[tuple[Any, "asyncio.Future[Any]"]], exc: BaseException) -> None:
     for _, done in batch:
@@ -274,7 +268,7 @@ def loop_committer(key: Any, commit: Callable[[Sequence[Any]], Sequence[Any]]) -
     """The committer of ``key`` (a staging folder) on the running event loop."""
     found = _loop_committers.setdefault(asyncio.get_running_loop(), {})
     if key not in found:
-        found[key] = LoopCommitter(commit, counted=True)
+        found[key] = LoopCommitter(commit)
     return found[key]
 
 
@@ -284,6 +278,11 @@ def _sync_pool() -> ThreadPoolExecutor:
         if _fsync_pool is None:
             _fsync_pool = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="contentdownload-fsync")
         return _fsync_pool
+
+
+def count_batch(size: int) -> None:
+    """Count a batch of ``size`` parts promoted together (among :func:`commit_batches`)."""
+    _all_batches.append(size)
 
 
 def commit_batches() -> list[int]:

@@ -948,7 +948,7 @@ class PartStore:
         loop = asyncio.get_running_loop()
         if not (self.durable and level.level == "batch"):
             return await loop.run_in_executor(None, contextvars.copy_context().run, self.promote, request)
-        committer = durability.loop_committer((self.staging, self.root), lambda requests: self._promote_all(requests, level))
+        committer = durability.loop_committer((self.staging, self.root), lambda requests: self._promote_all(requests, level, counted=True))
         promotion = await committer.submit(request)
         if promotion.error is not None:
             raise promotion.error
@@ -964,8 +964,10 @@ class PartStore:
         return [p.result(durable) if p.error is None else FinalizeResult(ok=False, size=p.size, sha256=p.sha256, reason="lease_lost")
                 for p in self._promote_all(list(requests), level)]
 
-    def _promote_all(self, requests: Sequence[PromoteRequest], level: durability.Durability) -> list[_Promotion]:
-        """Check every part, fsync the good ones together (durable mode), then :meth:`_commit` them."""
+    def _promote_all(self, requests: Sequence[PromoteRequest], level: durability.Durability, *,
+                     counted: bool = False) -> list[_Promotion]:
+        """Check every part, fsync the good ones together (durable mode), then :meth:`_commit` them
+        (``counted``: as a batch of the committers, :func:`~contentdownload.transfer.durability.commit_batches`)."""
         checked: list[tuple[_Promotion, int | None]] = []
         try:
             for request in requests:
@@ -977,7 +979,10 @@ class PartStore:
                 if fd is not None:
                     os.close(fd)
         promotions = [promotion for promotion, _ in checked]
-        self._commit([p for p in promotions if not p.reason], level)
+        ready = [p for p in promotions if not p.reason]
+        if counted and ready:
+            durability.count_batch(len(ready))
+        self._commit(ready, level)
         return promotions
 
     def _commit(self, ready: list[_Promotion], level: durability.Durability) -> list[_Promotion]:
