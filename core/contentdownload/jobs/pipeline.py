@@ -37,7 +37,7 @@ from contentdownload.machinery.dispatch import Answer, StageFailed
 from contentdownload.errors import Cancelled, NoPluginAnsweredError
 from contentdownload.transfer.headers import DEFAULT_MAX_RETRY_AFTER, content_length, parse_content_range
 from contentdownload.transfer.http import HttpClient
-from contentdownload.records.log import get_logger
+from contentdownload.records.log import debug_line, get_logger
 from contentdownload.hooks.model import (
     NO_LEASE,
     Effects,
@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from contentdownload.machinery.runtime import Runtime
 
 log = get_logger(__name__)
+log_debug = debug_line(__name__)  # per-job lines
 
 __all__ = ["Pipeline", "check_same_filesystem", "backoff_delay", "PROTOCOL_STEPS"]
 
@@ -403,7 +404,7 @@ class _JobRun:
         decision = answer.result
         self.decisions.append(decision.mode)
         plain = decision.mode == "fresh" and decision.reason == "no_part"  # every new job's: DEBUG, cheap on large runs
-        (log.debug if plain else log.info)(
+        (log_debug if plain else log.info)(
             "streaming_resume_decision",
             plugin=answer.plugin, fallback=answer.fallback, mode=decision.mode, reason=decision.reason,
             url=redact_url(cand.url), offset=decision.offset, attempt=rctx.attempt, job_key=self.job_key.key,

@@ -29,13 +29,14 @@ from contentdownload.errors import Cancelled, LeaseLostError, UnsafePathError
 from contentdownload.transfer.files import file_matches, sha256_file
 from contentdownload.jobs import ledger
 from contentdownload.transfer.urls import redact_url
-from contentdownload.records.log import get_logger
+from contentdownload.records.log import debug_line, get_logger
 from contentdownload.hooks.model import NO_LEASE, Job, JobKey, JobResult, Lease, PriorRecord, TransferOptions
 from contentdownload.jobs.workspace import Workspace
 from contentdownload.transfer import durability
 from contentdownload.transfer.parts import PartStore, PromoteRequest
 
 log = get_logger(__name__)
+log_debug = debug_line(__name__)  # per-job lines
 
 #: Failure reasons a rerun does not retry on its own (``--retry-failed`` does).
 PERMANENT_REASONS = ("http_4", "sha256_mismatch", "size_mismatch", "too_large", "unsafe_redirect", "bad_input", "no_plugin")
@@ -48,7 +49,7 @@ def is_permanent(reason: str) -> bool:
 
 def log_outcome(result: JobResult) -> None:
     """One ``job_outcome`` line per job: a failure at INFO, anything else at DEBUG (cheap on large runs)."""
-    level = log.info if result.outcome == "failed" else log.debug
+    level = log.info if result.outcome == "failed" else log_debug
     level("job_outcome", outcome=result.outcome, reason=result.reason, http_status=result.http_status, attempts=result.attempts,
           url=result.url, line=result.job.line, job_key=result.job_key, path=str(result.path) if result.path else None,
           size=result.size, bytes_downloaded=result.bytes_downloaded)

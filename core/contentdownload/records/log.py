@@ -14,6 +14,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -40,6 +41,11 @@ class EventCounter:
             self.counts[str(event.get("event"))] += 1
         return event
 
+    def count(self, name: str) -> None:
+        """Count an event that was not logged (see :func:`debug_line`)."""
+        with self._lock:
+            self.counts[name] += 1
+
     def get(self, name: str) -> int:
         with self._lock:
             return self.counts[name]
@@ -65,9 +71,26 @@ if not structlog.is_configured():
 
 def get_logger(name: str = LOGGER_NAME) -> structlog.stdlib.BoundLogger:
     """A structlog logger under the ``contentdownload`` stdlib logger."""
-    if not name.startswith(LOGGER_NAME):
-        name = f"{LOGGER_NAME}.{name}"
-    return structlog.get_logger(name)
+    return structlog.get_logger(_full_name(name))
+
+
+def _full_name(name: str) -> str:
+    return name if name.startswith(LOGGER_NAME) else f"{LOGGER_NAME}.{name}"
+
+
+def debug_line(name: str) -> Any:
+    """``debug(event, **fields)`` for logger ``name``'s per-job DEBUG lines: the structlog call is made only while
+    its standard library logger takes DEBUG; otherwise the event is only counted (:data:`EVENTS`), at a
+    fraction of the cost of a line the level filter drops."""
+    logger, stdlib = get_logger(name), logging.getLogger(_full_name(name))
+
+    def debug(event: str, **fields: Any) -> None:
+        if stdlib.isEnabledFor(logging.DEBUG):
+            logger.debug(event, **fields)
+        else:
+            EVENTS.count(event)
+
+    return debug
 
 
 class _NoFollowFileHandler(logging.FileHandler):

@@ -159,6 +159,7 @@ def conditional_headers(etag: str | None, last_modified: str | None) -> tuple[tu
     return tuple(headers)
 
 
+@functools.lru_cache(maxsize=1024)  # responses of one server repeat their dates: parsed once
 def http_date(value: str | None) -> str | None:
     """``value`` when it is a valid HTTP date (as ``Last-Modified`` must be), else ``None``."""
     if not value:

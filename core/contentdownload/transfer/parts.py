@@ -46,7 +46,7 @@ import attrs
 from contentdownload.clock import boot_id
 from contentdownload.errors import Cancelled, DiskError, LeaseLostError, StagingError, UnsafePathError, UsageError
 from contentdownload.hooks.model import NO_LEASE, Effects, FinalizeContext, FinalizeResult, Job, Lease, StagePaths, lost_leases
-from contentdownload.records.log import get_logger
+from contentdownload.records.log import debug_line, get_logger
 from contentdownload.transfer import content, durability
 from contentdownload.transfer.blocks import BufferPool, Hasher, Stage, start_writeback, write_all
 from contentdownload.transfer.digests import BodyHasher, ServerDigest
@@ -55,6 +55,7 @@ from contentdownload.transfer.urls import identity_url, redact_url
 from contentdownload.transfer.validators import Overlap, OverlapMismatch, resume_start
 
 log = get_logger("contentdownload.parts")
+log_debug = debug_line("contentdownload.parts")  # per-job lines
 
 Mode = Literal["durable", "plain"]
 MODES: tuple[str, ...] = ("durable", "plain")
@@ -1002,7 +1003,7 @@ class PartStore:
         for promotion in ready:
             if not promotion.reason:
                 _drop_sidecar(promotion.request.paths.sidecar)
-                log.debug("promoted", final=str(promotion.request.paths.final), size=promotion.size, sha256=promotion.sha256)
+                log_debug("promoted", final=str(promotion.request.paths.final), size=promotion.size, sha256=promotion.sha256)
         return ready
 
     def _verify(self, request: PromoteRequest) -> _Promotion:

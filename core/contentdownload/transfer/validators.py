@@ -18,6 +18,7 @@ same size within the same second, and some servers ignore ``If-Range``. So:
 from __future__ import annotations
 
 import email.utils
+import functools
 from typing import Mapping
 
 import attrs
@@ -61,6 +62,7 @@ def is_strong_date(last_modified: str | None, date: str | None) -> bool:
     return lm is not None and sent is not None and sent - lm >= 1
 
 
+@functools.lru_cache(maxsize=1024)  # responses of one server repeat their dates: parsed once
 def _timestamp(value: str | None) -> float | None:
     if not value:
         return None
