@@ -86,6 +86,24 @@ def test_a_batch_of_64_results_is_64_rows_one_fsync_and_two_transactions(tmp_pat
     store.close()
 
 
+def test_the_jobs_records_join_the_transaction_of_their_rows_ops_done(tmp_path, fsyncs):
+    store = planned_store(tmp_path / "jobs.db")
+    claims = [store.claim_key(key(i), "me", 60.0) for i in range(N)]
+    writer = ManifestWriter(tmp_path / "manifest.jsonl")
+    manifest = ledger.ManifestLedger(store, writer, "run-1", tmp_path)
+    begun = write_transactions(store)
+
+    def records():
+        for i, claim in enumerate(claims):
+            store.finish(key(i), claim.epoch, path=str(tmp_path / f"{i}.pdf"), size=10, sha256=f"{i:064x}")
+
+    manifest.write_many([result(i, tmp_path) for i in range(N)], leasing=True, then=records)
+    assert begun == ["BEGIN IMMEDIATE"] * 2  # the ops begun; then the ops done with the records
+    assert {store.get(key(i)).state for i in range(N)} == {"finalized"}
+    writer.close()
+    store.close()
+
+
 def test_rows_on_disk_or_done_are_not_written_again_and_one_key_gets_one_row(tmp_path, fsyncs):
     store = planned_store(tmp_path / "jobs.db", 4)
     writer = ManifestWriter(tmp_path / "manifest.jsonl")

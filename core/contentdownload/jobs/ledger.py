@@ -135,9 +135,10 @@ class ManifestLedger:
     def write(self, result: JobResult, *, leasing: bool) -> None:
         self.write_many([result], leasing=leasing)
 
-    def write_many(self, results: Sequence[JobResult], *, leasing: bool) -> None:
+    def write_many(self, results: Sequence[JobResult], *, leasing: bool, then: Callable[[], Any] | None = None) -> None:
         """The rows of ``results`` that are due, with one fsync: the ledger's ``op_begin`` s in one
-        transaction, then the rows, then their ``op_done`` s in another. A result whose row is
+        transaction, then the rows, then their ``op_done`` s in another, with ``then()`` (more store
+        calls: the jobs' records) when given. A result whose row is
         recorded done is skipped; one whose row is on disk but not yet recorded (a crash came
         between) is recorded without writing it again; two results of one ledger key get one row.
         """
@@ -152,7 +153,7 @@ class ManifestLedger:
         statuses = self.store.op_begin_many([(op, r.job_key, "manifest", 0) for op, r in begun])
         due = [(op, r, status != "failed" and self._rows_on_disk(op)) for (op, r), status in zip(begun, statuses) if status != "done"]
         self.manifest.write_many(rows + [result_row(r, self.run_id, self.out) for _, r, on_disk in due if not on_disk])
-        in_one_transaction(self.store, [partial(self._done, op, r, on_disk) for op, r, on_disk in due])
+        in_one_transaction(self.store, [partial(self._done, op, r, on_disk) for op, r, on_disk in due] + ([then] if then else []))
 
     def _done(self, op: str, result: JobResult, reconciled: bool) -> None:
         """Record the row of ``op`` written (``reconciled``: it was on disk before, from a run that crashed)."""

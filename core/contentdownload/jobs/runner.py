@@ -304,7 +304,7 @@ class Run:
             host_gate=HostSlots(self._per_host),
             progress=lambda item: self._progress.job(item.key.key, item.relative_path, item.job.size),
             on_result=lambda result: self._emit(result, self.leasing),
-            on_results=lambda results: self._emit_many(results, self.leasing),
+            on_results=lambda results, then: self._emit_many(results, self.leasing, then),
         )
 
     def _lane(self, worker: JobWorker, plan: Plan, store: Any, http: HttpClient) -> None:
@@ -625,9 +625,10 @@ class Run:
                 log_outcome(result)
             self._emit_many(page, leasing)
 
-    def _emit_many(self, results: Sequence[JobResult], leasing: bool) -> None:
-        """Record a batch of outcomes: their manifest rows with one fsync, each counted as :meth:`_emit` does."""
-        self._ledger.write_many(results, leasing=leasing)
+    def _emit_many(self, results: Sequence[JobResult], leasing: bool, then: Callable[[], Any] | None = None) -> None:
+        """Record a batch of outcomes: their manifest rows with one fsync (``then()`` in the transaction that
+        records the rows written), each counted as :meth:`_emit` does."""
+        self._ledger.write_many(results, leasing=leasing, then=then)
         with self._lock:
             for result in results:
                 self._count(result)

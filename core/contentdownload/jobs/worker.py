@@ -187,7 +187,8 @@ class JobWorker:
     ``progress(item)``, when given, returns the job's byte sink: called with the size of each
     body block, and its ``expect(size, start)`` (when it has one) with each response's sizes.
     ``on_result(result)`` gets each job's result before its store record (the manifest row);
-    ``on_results(results)`` does the same for a batch (:meth:`record_many`).
+    ``on_results(results, then)`` does the same for a batch (:meth:`record_many`), calling ``then()`` (the store
+    records) in the transaction that records the rows written.
     """
 
     def __init__(
@@ -205,7 +206,7 @@ class JobWorker:
         host_gate: Callable[[str], Any] | None = None,
         progress: Callable[["WorkItem"], Any] | None = None,
         on_result: Callable[[JobResult], None] | None = None,
-        on_results: Callable[[Sequence[JobResult]], None] | None = None,
+        on_results: Callable[[Sequence[JobResult], Callable[[], Any]], None] | None = None,
     ):
         self.runtime = runtime
         self.pipeline = pipeline
@@ -313,16 +314,19 @@ class JobWorker:
         return PartStore(self.ws.staging, root=self.ws.out).claim_first(item.key.key, item.epoch or 0)
 
     def record_many(self, done: Sequence[tuple[WorkItem, JobResult]]) -> None:
-        """Hand on and record a batch of results: their manifest rows first (one fsync), then their store records (one transaction).
+        """Hand on and record a batch of results: their manifest rows first (one fsync), then their store records (in one
+        transaction with the rows' ledger ops done).
 
         A job whose lease was taken over meanwhile is left to its new owner (as a worker
         thread's job is); the others are recorded.
         """
         for _, result in done:
             log_outcome(result)
-        if self.on_results is not None:
-            self.on_results([result for _, result in done])
-        self.store.batched(lambda: [self._record_held(item, result) for item, result in done])
+        records = lambda: [self._record_held(item, result) for item, result in done]  # noqa: E731
+        if self.on_results is not None:  # the store records join the transaction of the rows' ledger ops
+            self.on_results([result for _, result in done], records)
+        else:
+            self.store.batched(records)
 
     def _record_held(self, item: WorkItem, result: JobResult) -> None:
         try:
