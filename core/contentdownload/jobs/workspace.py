@@ -103,12 +103,13 @@ class Workspace:
 
         Symlinks are not resolved: the part store refuses to write through one at promotion.
         """
-        candidate = Path(os.path.abspath(self.out / relative))
-        if candidate.parent != self.out and self.out not in candidate.parents:
+        candidate = os.path.abspath(os.path.join(self.out, relative))  # strings: a job's paths are checked on the event loop
+        if not _below(candidate, os.fspath(self.out)):
             raise UsageError(f"refusing a path outside the output folder: {relative!r}")
-        if self.hidden in (candidate, *candidate.parents):
+        hidden = os.fspath(self.hidden)
+        if candidate == hidden or _below(candidate, hidden):
             raise UsageError(f"refusing a path inside the product's own folder: {relative!r}")
-        return candidate
+        return Path(candidate)
 
     def stage_paths(self, relative: str, key: str, epoch: int | None = None) -> StagePaths:
         """Final, part and sidecar paths of a job; with leases, each epoch has its own part."""
@@ -125,3 +126,8 @@ class Workspace:
 
     def relative(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.out).as_posix()
+
+
+def _below(path: str, folder: str) -> bool:
+    """Whether the normalised absolute ``path`` lies inside ``folder`` (not ``folder`` itself)."""
+    return path != folder and path.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
