@@ -167,3 +167,42 @@ def test_a_loop_committer_cancelled_with_its_loop_cancels_its_waiters():
 
     results = _on_a_loop(main)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
+
+
+def test_a_part_whose_check_raises_fails_alone_in_its_batch(tmp_path, counted_fsyncs):
+    store, root = _store(tmp_path)
+    good = [_request(store, root, f"g{i}.bin", os.urandom(700)) for i in range(3)]
+    broken = _request(store, root, "broken.bin", b"b" * 700, size=701)
+    broken.paths.part.unlink()
+    broken.paths.part.mkdir()  # its check refuses the size, and discarding the part then raises
+
+    async def promote_all():
+        return await asyncio.gather(*(store.promote_async(r) for r in (*good, broken)), return_exceptions=True)
+
+    *promoted, raised = _on_a_loop(promote_all)
+    assert isinstance(raised, IsADirectoryError)
+    assert all(r.ok for r in promoted) and [r.path.name for r in promoted] == ["g0.bin", "g1.bin", "g2.bin"]
+    assert counted_fsyncs == {"file": 3, "folder": 1}
+
+
+def test_an_fsync_that_fails_fails_its_part_alone(tmp_path):
+    store, root = _store(tmp_path)
+    requests = [_request(store, root, f"f{i}.bin", os.urandom(400)) for i in range(4)]
+    failing = os.stat(requests[2].paths.part).st_ino
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == failing:
+            raise OSError(5, "Input/output error")
+        os.fsync(fd)
+
+    previous = durability.set_fsync(fsync)
+    try:
+        async def promote_all():
+            return await asyncio.gather(*(store.promote_async(r) for r in requests), return_exceptions=True)
+
+        results = _on_a_loop(promote_all)
+    finally:
+        durability.set_fsync(previous)
+    assert isinstance(results[2], OSError) and results[2].errno == 5
+    assert [r.ok for i, r in enumerate(results) if i != 2] == [True] * 3
+    assert requests[2].paths.part.exists() and not (root / "f2.bin").exists()  # never promoted undurable

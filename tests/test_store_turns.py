@@ -12,6 +12,9 @@ import textwrap
 import threading
 import time
 
+import pytest
+
+from contentdownload.errors import StoreError
 from contentdownload.store.base import PlannedJob
 from contentdownload.store.sqlite import SQLiteStore
 from helpers import cli_env
@@ -133,3 +136,57 @@ def test_a_stopped_process_holding_the_turn_only_delays_the_others(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _open_fds() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+def test_a_store_closed_during_a_write_gives_the_turn_back_when_the_write_ends(tmp_path):
+    db = tmp_path / "jobs.db"
+    store = SQLiteStore(db)
+    holding, release, outcome = threading.Event(), threading.Event(), []
+
+    def hold():
+        store.plan([PlannedJob(key="held", scheme="t")])
+        holding.set()
+        release.wait()
+
+    def write():
+        try:
+            store.batched(hold)
+            outcome.append("ok")
+        except Exception as exc:  # a closed store may refuse what comes after; the turn must not be what fails
+            outcome.append(repr(exc))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    holding.wait()
+    store.close()
+    turn = str(tmp_path / "jobs.db-writer")
+    assert turn in _open_fds()  # the writer still holds its turn
+    release.set()
+    writer.join()
+    assert "Bad file descriptor" not in outcome[0]
+    assert turn not in _open_fds()
+    fd = os.open(turn, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # given back: free
+    finally:
+        os.close(fd)
+    with pytest.raises(StoreError):
+        store.plan([PlannedJob(key="late", scheme="t")])
+    assert turn not in _open_fds()  # a write on a closed store opens no turn file
+
+
+def test_a_store_opened_through_a_symlink_takes_its_turns_beside_the_real_file(tmp_path, monkeypatch):
+    real = tmp_path / "data" / "jobs.db"
+    real.parent.mkdir()
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "jobs.db").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    for path in ("links/jobs.db", real):
+        store = SQLiteStore(path)
+        store.plan([PlannedJob(key=str(path), scheme="t")])
+        store.close()
+    assert (tmp_path / "data" / "jobs.db-writer").is_file() and not (tmp_path / "links" / "jobs.db-writer").exists()

@@ -33,6 +33,8 @@ from contentdownload.store.schema import SCHEMA_VERSION, SQLITE, TABLES, TRANSIT
 BUSY_TIMEOUT_S = 30.0
 #: Seconds between tries while another process of this machine has the store's write turn.
 TURN_POLL_S = 0.0005
+#: How long a writer waits for its turn before it goes on to SQLite's own lock (at most the busy timeout).
+TURN_TIMEOUT_S = 5.0
 #: The poll once a turn has been waited for this long (a long transaction, or a stopped process).
 TURN_SLOW_POLL_S, TURN_SLOW_AFTER_S = 0.005, 0.05
 
@@ -123,21 +125,33 @@ class _WriteTurns:
         self.path, self.timeout = path, timeout
         self._fd: int | None = None
         self._pid = 0
+        self._in_use = False  # a writer is between taking and giving back the turn (one at a time: the store's write lock)
+        self._closed = False
+        self._guard = threading.Lock()
 
     @contextmanager
     def taken(self) -> Iterator[None]:
         """Hold the turn (callers of one process take turns on a lock of their own first)."""
-        fd = self._file()
+        with self._guard:
+            fd = self._file()
+            self._in_use = fd is not None
         got = fd is not None and self._wait(fd)
         try:
             yield
         finally:
             if got:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+            with self._guard:
+                self._in_use = False
+                if self._closed:  # the store was closed meanwhile: the file is closed once the turn is given back
+                    self._close_fd()
 
     def _file(self) -> int | None:
+        if self._closed:
+            return None
         if self._pid != os.getpid():  # a forked child opens its own: a lock on the parent's open file would be shared
-            self._fd, self._pid = None, os.getpid()
+            self._close_fd()
+            self._pid = os.getpid()
             try:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError:
@@ -159,7 +173,14 @@ class _WriteTurns:
                 return False
 
     def close(self) -> None:
-        fd, self._fd, self._pid = self._fd, None, 0
+        """No more turns; the file is closed now, or by the writer holding the turn when it gives it back."""
+        with self._guard:
+            self._closed = True
+            if not self._in_use:
+                self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
 
@@ -182,13 +203,16 @@ class SQLiteStore(SqlJobStore):
         return (float(ttl), float(ttl))  # the wall-clock end (for people to read) and the steady one
 
     def __init__(self, path: str | Path, *, busy_timeout: float = BUSY_TIMEOUT_S, turn_timeout: float | None = None, **retry: Any):
-        """``busy_timeout``: how long SQLite waits for its write lock; ``turn_timeout`` (default: the same) how long a
-        writer waits for its turn among this machine's processes first (see :class:`_WriteTurns`)."""
+        """``busy_timeout``: how long SQLite waits for its write lock; ``turn_timeout`` (default: :data:`TURN_TIMEOUT_S`,
+        at most the busy timeout) how long a writer waits for its turn among this machine's processes first
+        (see :class:`_WriteTurns`)."""
         super().__init__(**retry)
         self.path = Path(path)
         self.url = f"sqlite://{self.path}" if self.path.is_absolute() else f"sqlite:{self.path}"
         self.busy_timeout = busy_timeout
-        self._turns = _WriteTurns(self.path.with_name(self.path.name + "-writer"), busy_timeout if turn_timeout is None else turn_timeout)
+        real = Path(os.path.realpath(self.path))  # beside the file SQLite opens, whatever symlink or relative path names it
+        self._turns = _WriteTurns(real.with_name(real.name + "-writer"),
+                                  min(busy_timeout, TURN_TIMEOUT_S) if turn_timeout is None else turn_timeout)
         self._local = _Local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()

@@ -66,6 +66,14 @@ def _sync(fd: int) -> None:
     (_fsync or os.fsync)(fd)
 
 
+def _sync_one(fd: int) -> OSError | None:
+    try:
+        _sync(fd)
+    except OSError as exc:
+        return exc
+    return None
+
+
 @attrs.frozen
 class Durability:
     """A level: whether and how the part store makes files durable."""
@@ -85,14 +93,14 @@ class Durability:
         if self.syncs:
             _sync(fd)
 
-    def sync_all(self, fds: Sequence[int]) -> None:
-        """Make the files ``fds`` durable, up to :data:`SYNC_THREADS` at once (nothing at level ``none``)."""
-        if not self.syncs:
-            return
+    def sync_all(self, fds: Sequence[int]) -> list[OSError | None]:
+        """Make the files ``fds`` durable, up to :data:`SYNC_THREADS` at once (nothing at level ``none``):
+        for each, what its fsync raised (``None``: durable)."""
+        if not self.syncs or not fds:
+            return [None] * len(fds)
         if len(fds) == 1:
-            _sync(fds[0])
-            return
-        list(_sync_pool().map(_sync, fds))
+            return [_sync_one(fds[0])]
+        return list(_sync_pool().map(_sync_one, fds))
 
     def sync_folder(self, path: Path) -> None:
         """Make the names in the folder ``path`` durable (a no-op where a folder cannot be fsynced)."""

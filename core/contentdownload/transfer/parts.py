@@ -958,33 +958,50 @@ class PartStore:
     def promote_many(self, requests: Iterable[PromoteRequest]) -> list[FinalizeResult]:
         """Promote many parts: check each, make them durable together, rename each, fsync each folder once.
 
-        One result per request, in order; a part whose lease was lost gets ``lease_lost``.
+        One result per request, in order; a part whose lease was lost gets ``lease_lost``. What a part's
+        check or fsync raised is raised once the others are promoted.
         """
         level = durability.current()
         durable = self.durable and level.syncs
+        promotions = self._promote_all(list(requests), level)
+        failed = next((p.error for p in promotions if p.error is not None and p.reason != "lease_lost"), None)
+        if failed is not None:
+            raise failed
         return [p.result(durable) if p.error is None else FinalizeResult(ok=False, size=p.size, sha256=p.sha256, reason="lease_lost")
-                for p in self._promote_all(list(requests), level)]
+                for p in promotions]
 
     def _promote_all(self, requests: Sequence[PromoteRequest], level: durability.Durability, *,
                      counted: bool = False) -> list[_Promotion]:
         """Check every part, fsync the good ones together (durable mode), then :meth:`_commit` them
-        (``counted``: as a batch of the committers, :func:`~contentdownload.transfer.durability.commit_batches`)."""
-        checked: list[tuple[_Promotion, int | None]] = []
+        (``counted``: as a batch of the committers, :func:`~contentdownload.transfer.durability.commit_batches`).
+
+        What one part's check or fsync raised is that promotion's ``error``; the others go on.
+        """
+        checked = [self._check_one(request) for request in requests]
         try:
-            for request in requests:
-                checked.append(self._check(request))
+            opened = [(promotion, fd) for promotion, fd in checked if fd is not None]
             if self.durable:
-                level.sync_all([fd for _, fd in checked if fd is not None])
+                for (promotion, _), error in zip(opened, level.sync_all([fd for _, fd in opened])):
+                    promotion.error = error
         finally:
             for _, fd in checked:
                 if fd is not None:
                     os.close(fd)
         promotions = [promotion for promotion, _ in checked]
-        ready = [p for p in promotions if not p.reason]
+        ready = [p for p in promotions if not p.reason and p.error is None]
         if counted and ready:
             durability.count_batch(len(ready))
         self._commit(ready, level)
         return promotions
+
+    def _check_one(self, request: PromoteRequest) -> tuple[_Promotion, int | None]:
+        """:meth:`_check`, what it raised kept as the promotion's ``error``."""
+        try:
+            return self._check(request)
+        except Exception as exc:
+            promotion = _Promotion(request)
+            promotion.error = exc
+            return promotion, None
 
     def _commit(self, ready: list[_Promotion], level: durability.Durability) -> list[_Promotion]:
         """Rename each verified part (fenced), fsync each folder once (durable mode), drop the sidecars.
