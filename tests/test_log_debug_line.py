@@ -33,3 +33,17 @@ def test_a_debug_line_is_logged_at_debug_and_counted_either_way():
     finally:
         logger.removeHandler(kept)
         logger.setLevel(level)
+
+
+def test_under_another_structlog_configuration_a_debug_line_is_logged_as_any_line():
+    from structlog.testing import capture_logs
+
+    logger = logging.getLogger("contentdownload.test_debug_line")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with capture_logs() as captured:
+            debug_line("contentdownload.test_debug_line")("a_captured_line", job_key="k3")
+    finally:
+        logger.setLevel(level)
+    assert [(e["event"], e["job_key"], e["log_level"]) for e in captured] == [("a_captured_line", "k3", "debug")]

@@ -79,18 +79,24 @@ def _full_name(name: str) -> str:
 
 
 def debug_line(name: str) -> Any:
-    """``debug(event, **fields)`` for logger ``name``'s per-job DEBUG lines: the structlog call is made only while
-    its standard library logger takes DEBUG; otherwise the event is only counted (:data:`EVENTS`), at a
-    fraction of the cost of a line the level filter drops."""
+    """``debug(event, **fields)`` for logger ``name``'s per-job DEBUG lines. Under contentdownload's own structlog
+    configuration, while the standard library logger does not take DEBUG, the event is only counted
+    (:data:`EVENTS`), at a fraction of the cost of a line the level filter drops; under any other
+    configuration (a host program's, ``structlog.testing.capture_logs``) it is logged as any line is."""
     logger, stdlib = get_logger(name), logging.getLogger(_full_name(name))
 
     def debug(event: str, **fields: Any) -> None:
-        if stdlib.isEnabledFor(logging.DEBUG):
+        if stdlib.isEnabledFor(logging.DEBUG) or not _counts_then_filters(structlog.get_config()["processors"]):
             logger.debug(event, **fields)
         else:
             EVENTS.count(event)
 
     return debug
+
+
+def _counts_then_filters(processors: list) -> bool:
+    """Whether a chain starts as contentdownload's does (EVENTS, then the level filter): a line below the level is only counted."""
+    return len(processors) >= 2 and processors[0] is EVENTS and processors[1] is structlog.stdlib.filter_by_level
 
 
 class _NoFollowFileHandler(logging.FileHandler):
