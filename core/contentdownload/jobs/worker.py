@@ -322,11 +322,13 @@ class JobWorker:
         """
         for _, result in done:
             log_outcome(result)
-        records = lambda: [self._record_held(item, result) for item, result in done]  # noqa: E731
-        if self.on_results is not None:  # the store records join the transaction of the rows' ledger ops
+        def records() -> None:  # one transaction, or a part of the one recording the rows' ledger ops (a nested batch joins it)
+            self.store.batched(lambda: [self._record_held(item, result) for item, result in done])
+
+        if self.on_results is not None:
             self.on_results([result for _, result in done], records)
         else:
-            self.store.batched(records)
+            records()
 
     def _record_held(self, item: WorkItem, result: JobResult) -> None:
         try:
