@@ -206,3 +206,27 @@ def test_an_fsync_that_fails_fails_its_part_alone(tmp_path):
     assert isinstance(results[2], OSError) and results[2].errno == 5
     assert [r.ok for i, r in enumerate(results) if i != 2] == [True] * 3
     assert requests[2].paths.part.exists() and not (root / "f2.bin").exists()  # never promoted undurable
+
+
+def test_items_handed_over_without_waiting_are_committed_in_batches_before_drain_returns():
+    committed: list[list[int]] = []
+    in_first, release = threading.Event(), threading.Event()
+
+    def commit(items):
+        if items == [0]:
+            in_first.set()
+            release.wait()
+        committed.append(list(items))
+        return [None] * len(items)
+
+    async def main():
+        committer = durability.LoopCommitter(commit, max_batch=4)
+        committer.add(0)
+        await asyncio.get_running_loop().run_in_executor(None, in_first.wait)
+        for i in range(1, 7):
+            committer.add(i)
+        release.set()
+        await committer.drain()
+        return committer.batches
+
+    assert _on_a_loop(main) == [1, 4, 2] and committed == [[0], [1, 2, 3, 4], [5, 6]]

@@ -63,7 +63,7 @@ class FastLane:
         self.run, self.worker, self.plan, self.store, self.http = run, worker, plan, store, http
         self.settings = run.settings
         self.job_seconds = 0.0  # moving average of a job's time on the lane (sizes the claims)
-        self.records = _Records(self)
+        self.records = durability.LoopCommitter(self.record, max_batch=RECORD_BATCH)  # one batch written while the next gathers
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class FastLane:
             await self.in_thread(self.run._job_stopped, item, self.store, exc)
             self.run._notify_job_end()
             return
-        self.records.add(item, result)
+        self.records.add((item, result))
 
     async def _first_claim(self, item: WorkItem) -> JobResult:
         job_run = self.worker.start_first_claim(item)
@@ -232,7 +232,7 @@ class FastLane:
 
     # -- records ----------------------------------------------------------------------
 
-    def record(self, batch: Sequence[tuple[WorkItem, JobResult]]) -> None:
+    def record(self, batch: Sequence[tuple[WorkItem, JobResult]]) -> list[None]:
         """Record a batch of results (rows, then store records); in a thread. A failure stops the run as a job's would."""
         try:
             self.worker.record_many(batch)
@@ -245,34 +245,9 @@ class FastLane:
         finally:
             for _ in batch:
                 self.run._notify_job_end()
+        return [None] * len(batch)
 
 
 def _fresh(item: WorkItem) -> bool:
     """Whether a first claim can take the loop's road: nothing recorded to revalidate or adopt."""
     return item.record is None and not item.revalidate and not item.adopt_from
-
-
-class _Records:
-    """Results waiting for their records: one batch is written while the next gathers (group commit)."""
-
-    def __init__(self, lane: FastLane):
-        self.lane = lane
-        self.pending: list[tuple[WorkItem, JobResult]] = []
-        self.writing: "asyncio.Task[None] | None" = None
-
-    def add(self, item: WorkItem, result: JobResult) -> None:
-        self.pending.append((item, result))
-        if self.writing is None:
-            self.writing = asyncio.ensure_future(self._write())
-
-    async def _write(self) -> None:
-        try:
-            while self.pending:
-                batch, self.pending = self.pending[:RECORD_BATCH], self.pending[RECORD_BATCH:]
-                await self.lane.in_thread(self.lane.record, batch)
-        finally:
-            self.writing = None
-
-    async def drain(self) -> None:
-        while self.writing is not None:
-            await self.writing

@@ -14,7 +14,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -78,7 +78,7 @@ def _full_name(name: str) -> str:
     return name if name.startswith(LOGGER_NAME) else f"{LOGGER_NAME}.{name}"
 
 
-def debug_line(name: str) -> Any:
+def debug_line(name: str) -> Callable[..., None]:
     """``debug(event, **fields)`` for logger ``name``'s per-job DEBUG lines. Under contentdownload's own structlog
     configuration, while the standard library logger does not take DEBUG, the event is only counted
     (:data:`EVENTS`), at a fraction of the cost of a line the level filter drops; under any other

@@ -208,21 +208,35 @@ class LoopCommitter:
 
     A batch is every item submitted while the previous batch was committed (group commit), up
     to ``max_batch``; ``commit(items)`` runs in the loop's default executor, so the loop never
-    waits on the disk or the store. What the batch raised is raised to each of its callers.
+    waits on the disk or the store. What the batch raised is raised to each of its callers
+    that waits (:meth:`submit`); an item handed over with :meth:`add` is nobody's to wait for.
     """
 
     def __init__(self, commit: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = MAX_BATCH):
         self.commit, self.max_batch = commit, max_batch
-        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Any, asyncio.Future[Any] | None]] = []
         self._draining: asyncio.Task[None] | None = None
         self.batches: list[int] = []
 
     async def submit(self, item: Any) -> Any:
+        """``item``'s result, once its batch is committed."""
         done = asyncio.get_running_loop().create_future()
+        self._enqueue(item, done)
+        return await done
+
+    def add(self, item: Any) -> None:
+        """Hand ``item`` over without waiting for its batch (``commit`` deals with its own failures)."""
+        self._enqueue(item, None)
+
+    async def drain(self) -> None:
+        """Wait until every item handed over is committed."""
+        while self._draining is not None:
+            await self._draining
+
+    def _enqueue(self, item: Any, done: "asyncio.Future[Any] | None") -> None:
         self._pending.append((item, done))
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
-        return await done
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -239,16 +253,17 @@ class LoopCommitter:
                     _fail_all(batch, exc)
                     raise
                 for (_, done), result in zip(batch, results):
-                    if not done.done():
+                    if done is not None and not done.done():
                         done.set_result(result)
         finally:
             self._draining = None
             _fail_all(self._pending, asyncio.CancelledError())  # left only when cancelled
             self._pending = []
 
-def _fail_all(batch: Sequence[tuple[Any, "asyncio.Future[Any]"]], exc: BaseException) -> None:
+
+def _fail_all(batch: Sequence[tuple[Any, "asyncio.Future[Any] | None"]], exc: BaseException) -> None:
     for _, done in batch:
-        if done.done():
+        if done is None or done.done():
             continue
         if isinstance(exc, asyncio.CancelledError):
             done.cancel()
